@@ -1,0 +1,50 @@
+"""The command line: LightningCLI for fit/validate/test/predict, plus the project's own tools.
+
+`blt-lightning fit --config configs/entropy/tiny.yaml` trains; any value can be overridden
+(`--trainer.max_steps 100`), several `--config` files compose, `--print_config` shows the result.
+The model and the DataModule are chosen by class path in the YAML (subclass mode), so one CLI serves
+every stage; the data's `seq_len` is linked into the model rather than repeated.
+"""
+
+import sys
+
+import jsonargparse
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from . import prepare
+
+# Attribute docstrings of config dataclasses become the CLI's help.
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+TOOLS = {"prepare": prepare.main}
+
+
+class BLTLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", default="run", help="Name of the TensorBoard run (and its folder) under default_root_dir.")
+        parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
+
+    def instantiate_trainer(self, **kwargs):
+        # Unless a logger is configured, log to TensorBoard under default_root_dir, so that every output of
+        # a run (shards, checkpoints, config.yaml, events) lives under the one directory the user chose.
+        if self._get(self.config_init, "trainer", default={}).get("logger") is None:
+            root = self._get(self.config, "trainer.default_root_dir") or "."
+            kwargs["logger"] = TensorBoardLogger(root, name=self._get(self.config, "run_name"), default_hp_metric=False)
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in TOOLS:
+        return TOOLS[args[0]](args[1:])
+    BLTLightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        args=argv,
+        parser_kwargs={"epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
+    )

@@ -1,0 +1,374 @@
+"""ByteShardDataModule: webdataset shards of documents, streamed and packed into rows of byte ids.
+
+Data flow: shards (local paths, brace patterns, `pipe:` commands, http URLs) -> documents -> ids
+(BOS + bytes + EOS) -> rows of `seq_len + 1` ids -> batches. Consecutive rows overlap by one id, so
+every id after the first is a target exactly once.
+
+Who reads what: each (rank, DataLoader worker) pair is one *reader*; reader k of n reads shards k,
+k+n, k+2n, ... and no other. Rank and world size come from Lightning (`distributed_sampler_kwargs`),
+never from environment variables. Everything a worker runs is a module-level function or a plain
+picklable object, so spawned workers work.
+
+- Training: each reader cycles through its shards forever (a new shard order per pass, seeded by
+  `seed`, epoch and reader), packs documents across shard ends and shuffles rows in a buffer. An
+  epoch is exactly `batches_per_epoch` batches on every rank, so no rank waits at the end of an epoch.
+- Validation and test: the same fixed bytes every run, in the same order. Rows restart at every shard,
+  so rows (and so bpb) do not depend on how many ranks or workers there are; the last row of a shard
+  and the last batch of a reader are padded. With a manifest (which gives shard sizes), ranks that
+  would run fewer batches get all-padding batches (which count zero bytes), so every rank runs the
+  same number of forward passes: collective ops inside the model (FSDP) cannot hang.
+"""
+
+import itertools
+import json
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import braceexpand
+import lightning as L
+import torch
+import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .prepare import MANIFEST, PrepareOptions, expand_inputs, prepare
+from .vocab import PAD, document_ids, encode
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline a worker runs: module-level functions only.
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    documents: int | None = None  # known when the shard comes from a manifest
+    bytes: int | None = None
+
+    def rows(self, seq_len: int) -> int:
+        """Rows the eval stream makes of this shard (needs the manifest's counts)."""
+        ids = self.bytes + 2 * self.documents
+        return math.ceil((ids - 1) / seq_len)
+
+
+def current_reader(rank: int, world_size: int) -> tuple[int, int]:
+    """(index, count) of the reader this process is: one per DataLoader worker of each rank."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world_size * workers
+
+
+def shard_documents(url: str) -> Iterator[bytes]:
+    """The documents of one shard, in order, as raw bytes."""
+    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+        if "bin" not in sample:
+            raise ValueError(f"{url}: sample {sample.get('__key__')!r} has no .bin member")
+        yield sample["bin"]
+
+
+def pack_rows(docs: Iterable[tuple[int, bytes]], seq_len: int, pad_last: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Rows of `seq_len + 1` ids cut from the documents' ids laid end to end, overlapping by one id.
+
+    Documents come tagged (with their shard); each row comes with the tag of the document it ends in.
+    With `pad_last`, what is left at the end becomes a last row padded with PAD.
+    """
+    pending, tag = torch.empty(0, dtype=torch.long), -1
+    for tag, data in docs:
+        pending = torch.cat([pending, encode(data)])
+        full = (len(pending) - 1) // seq_len
+        for r in range(full):
+            yield tag, pending[r * seq_len : (r + 1) * seq_len + 1]
+        pending = pending[full * seq_len :]
+    if pad_last and len(pending) > 1:
+        yield tag, pad_row(pending, seq_len)
+
+
+def pad_row(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    row = torch.full((seq_len + 1,), PAD, dtype=torch.long)
+    row[: len(ids)] = ids
+    return row
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Yield items in random order from a buffer of `size` (1 or less: in order)."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def make_batch(rows: list[tuple[int, int, torch.Tensor]], batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Stack (shard, number, ids) rows into a batch, topped up to `batch_size` with all-padding rows."""
+    padding = [(-1, -1, torch.full((seq_len + 1,), PAD, dtype=torch.long))] * (batch_size - len(rows))
+    shards, numbers, ids = zip(*(rows + padding))
+    ids = torch.stack(ids)
+    return {
+        "ids": ids,  # [B, seq_len + 1]: inputs are ids[:, :-1], targets ids[:, 1:]
+        "doc_ids": document_ids(ids),  # [B, seq_len + 1]: attention stays where these are equal
+        "shard": torch.tensor(shards),  # [B]: the shard a row ends in (-1: padding)
+        "row": torch.tensor(numbers),  # [B]: the row's number within its shard (eval; -1 otherwise)
+    }
+
+
+def worker_share(total: int) -> int:
+    """This DataLoader worker's share of `total` batches; the shares of all workers add up to `total`."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return total // workers + (worker < total % workers)
+
+
+class TrainStream(IterableDataset):
+    """Endless shuffled rows for one rank; an epoch is `batches_per_epoch` batches (None: endless)."""
+
+    def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int,
+                 seed: int, shuffle_rows: int, batches_per_epoch: int | None):
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle_rows = rank, world_size, seed, shuffle_rows
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0  # set by ByteShardLoader before workers copy the stream
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("an endless training stream has no length")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        reader, readers = current_reader(self.rank, self.world_size)
+        mine = list(range(reader, len(self.shards), readers))
+        rng = random.Random(f"train/{self.seed}/{self.epoch}/{reader}")  # str seeds ignore PYTHONHASHSEED
+        docs = endless_documents(self.shards, mine, rng)
+        rows = shuffle_buffer(((s, -1, row) for s, row in pack_rows(docs, self.seq_len, pad_last=False)),
+                              self.shuffle_rows, rng)
+        batches = itertools.count() if self.batches_per_epoch is None else range(worker_share(self.batches_per_epoch))
+        for _ in batches:
+            yield make_batch([next(rows) for _ in range(self.batch_size)], self.batch_size, self.seq_len)
+
+
+def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random) -> Iterator[tuple[int, bytes]]:
+    """(shard, document) pairs of the shards `mine`, pass after pass, each pass in a fresh shard order."""
+    if not mine:
+        raise ValueError("this reader has no training shard")
+    while True:
+        for shard in rng.sample(mine, len(mine)):
+            for data in shard_documents(shards[shard].url):
+                yield shard, data
+
+
+class EvalStream(IterableDataset):
+    """Every row of the shards exactly once across ranks and workers, in a fixed order."""
+
+    def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int):
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        reader, readers = current_reader(self.rank, self.world_size)
+        assert readers == self.world_size * self.workers, "the stream was made for another number of workers"
+        batch = []
+        for shard in range(reader, len(self.shards), readers):
+            docs = ((shard, data) for data in shard_documents(self.shards[shard].url))
+            for number, (_, row) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
+                batch.append((shard, number, row))
+                if len(batch) == self.batch_size:
+                    yield make_batch(batch, self.batch_size, self.seq_len)
+                    batch = []
+        if batch:
+            yield make_batch(batch, self.batch_size, self.seq_len)
+        if reader % self.workers == 0 and self.sizes_known():
+            per_rank = self.batches_per_rank()
+            for _ in range(max(per_rank) - per_rank[self.rank]):
+                yield make_batch([], self.batch_size, self.seq_len)
+
+    def __len__(self) -> int:
+        if not self.sizes_known():
+            raise TypeError("the number of batches is unknown without the shards' sizes (a manifest)")
+        return max(self.batches_per_rank())
+
+    def sizes_known(self) -> bool:
+        return all(s.documents is not None for s in self.shards)
+
+    def batches_per_rank(self) -> list[int]:
+        """Batches each rank's readers make of their shards, before padding to the busiest rank."""
+        readers = self.world_size * self.workers
+
+        def reader_batches(reader: int) -> int:
+            rows = sum(self.shards[s].rows(self.seq_len) for s in range(reader, len(self.shards), readers))
+            return math.ceil(rows / self.batch_size)
+
+        return [sum(reader_batches(r * self.workers + w) for w in range(self.workers)) for r in range(self.world_size)]
+
+
+class ByteShardLoader(DataLoader):
+    """A DataLoader that tells its training stream which epoch begins, before workers copy the stream."""
+
+    def __init__(self, dataset: IterableDataset, epoch_fn=None, **kwargs):
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.epoch = self.epoch_fn()
+        return super().__iter__()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DataModule
+
+
+class ByteShardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        sources: list[str] | None = None,
+        manifest: str | None = None,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        shard_dir: str | None = None,
+        prepare: PrepareOptions = PrepareOptions(),
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        shuffle_rows: int = 1024,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
+        """Byte shards streamed with webdataset and packed into rows of `seq_len + 1` ids.
+
+        Name the data one of three ways: `sources` (raw inputs, prepared into shards on first use),
+        `manifest` (written by `blt-lightning prepare`), or shard URLs per split (which also override
+        the manifest's).
+
+        Args:
+            sources: Text files, directories, globs or JSON-lines files, prepared into shards under
+                `shard_dir` by `prepare_data` when their manifest is missing or stale.
+            manifest: A manifest.json written by `prepare`; its shard paths are relative to it.
+            train_shards: Training shard URLs: paths, brace patterns ("d/train-{000000..000009}.tar"),
+                "pipe:COMMAND" or http(s) URLs.
+            val_shards: Validation shard URLs.
+            test_shards: Test shard URLs.
+            shard_dir: Where `sources` are prepared (default: "<trainer.default_root_dir>/shards").
+            prepare: How `sources` are split and sharded.
+            seq_len: Predicted positions per row; rows hold seq_len + 1 ids.
+            batch_size: Rows per batch on each rank.
+            num_workers: DataLoader workers per rank; each reads its own shards.
+            shuffle_rows: Rows in each training reader's shuffle buffer.
+            batches_per_epoch: Training batches per epoch on each rank (default: about one pass over
+                the training bytes when the manifest gives them, else one endless epoch).
+            seed: Seed of the shard order and row shuffle.
+        """
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.sources, self.manifest_path, self.shard_dir = sources, manifest, shard_dir
+        self.shard_urls = {"train": train_shards, "validation": val_shards, "test": test_shards}
+        self.prepare_options = prepare
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.shuffle_rows, self.batches_per_epoch, self.seed = shuffle_rows, batches_per_epoch, seed
+        self.shards: dict[str, list[Shard]] = {}
+        self.rank, self.world_size = 0, 1
+
+    def _prepared_dir(self) -> Path:
+        if self.shard_dir is not None:
+            return Path(self.shard_dir)
+        if self.trainer is None:
+            raise ValueError("set shard_dir: without a trainer there is no default_root_dir to prepare sources under")
+        return Path(self.trainer.default_root_dir) / "shards"
+
+    def prepare_data(self) -> None:
+        if not self.sources:
+            return
+        out = self._prepared_dir()
+        if _is_prepared(out / MANIFEST, self.sources, self.prepare_options):
+            return
+        rank_zero_info(f"Preparing shards of {self.sources} under {out}")
+        prepare(self.sources, out, self.prepare_options)
+
+    def setup(self, stage: str) -> None:
+        manifest = self.manifest_path or (str(self._prepared_dir() / MANIFEST) if self.sources else None)
+        self.shards = read_manifest(manifest) if manifest else {}
+        for split, urls in self.shard_urls.items():
+            if urls:
+                self.shards[split] = [Shard(u) for u in expand_urls(urls)]
+        sampler_kwargs = self.trainer.distributed_sampler_kwargs if self.trainer else None
+        if sampler_kwargs:
+            self.rank, self.world_size = sampler_kwargs["rank"], sampler_kwargs["num_replicas"]
+
+    def _split(self, split: str) -> list[Shard]:
+        if not self.shards.get(split):
+            raise ValueError(
+                f"no {split} shards: name them (sources with a {split} fraction, manifest, or {split} shard URLs)"
+            )
+        return self.shards[split]
+
+    def train_dataloader(self) -> DataLoader:
+        shards = self._split("train")
+        readers = self.world_size * max(1, self.num_workers)
+        if len(shards) < readers:
+            raise ValueError(
+                f"{len(shards)} training shards cannot feed {readers} readers ({self.world_size} ranks x "
+                f"{max(1, self.num_workers)} workers): prepare smaller shards or use fewer workers"
+            )
+        stream = TrainStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
+                             self.shuffle_rows, self._batches_per_epoch(shards))
+        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer else None
+        return ByteShardLoader(stream, epoch_fn, num_workers=self.num_workers)
+
+    def _batches_per_epoch(self, shards: list[Shard]) -> int | None:
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        if any(s.bytes is None for s in shards):
+            return None
+        ids = sum(s.bytes + 2 * s.documents for s in shards)
+        return max(1, ids // (self.seq_len * self.batch_size * self.world_size))
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        shards = self._split(split)
+        if self.world_size > 1 and any(s.documents is None for s in shards):
+            rank_zero_warn(f"{split} shards without a manifest: ranks may run different numbers of batches")
+        stream = EvalStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.num_workers)
+        return ByteShardLoader(stream, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test" if self.shards.get("test") else "validation")
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Shard URLs with brace patterns expanded, in the order given."""
+    return [u for pattern in ([urls] if isinstance(urls, str) else urls) for u in braceexpand.braceexpand(pattern)]
+
+
+def read_manifest(path: str) -> dict[str, list[Shard]]:
+    """The shards of each split named in a manifest, with their document and byte counts."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+        base = Path(path).parent
+        return {
+            split: [Shard(str(base / s["path"]), s["documents"], s["bytes"]) for s in info["shards"]]
+            for split, info in manifest["splits"].items()
+        }
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None
+
+
+def _is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> bool:
+    """Whether `manifest` was written from these sources, unchanged, with these options."""
+    if not manifest.is_file():
+        return False
+    recorded = json.loads(manifest.read_text())
+    current = [{"path": str(f), "size": f.stat().st_size} for f in expand_inputs(sources)]
+    return recorded.get("inputs") == current and recorded.get("options") == asdict(options)

@@ -1,0 +1,35 @@
+"""EntropyLM: stage one. Trains the entropy model with next-byte cross entropy."""
+
+import torch
+
+from .models import EntropyModel, EntropyModelConfig
+from .training import ByteLMModule, OptimizerConfig
+
+
+class EntropyLM(ByteLMModule):
+    def __init__(
+        self,
+        model: EntropyModelConfig = EntropyModelConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        seq_len: int = 1024,
+    ):
+        """Stage one of BLT: the entropy model, a small byte LM.
+
+        Args:
+            model: Shape of the entropy model.
+            optimizer: Optimizer and learning-rate schedule.
+            seq_len: Bytes per training row (linked from the data's seq_len).
+        """
+        super().__init__(optimizer, seq_len)
+        self.save_hyperparameters(logger=False)
+        self.model = EntropyModel(model)
+
+    def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, doc_ids = batch["ids"], batch["doc_ids"]
+        logits = self.model(ids[:, :-1], doc_ids[:, :-1])
+        targets = ids[:, 1:]
+        return self.next_byte_cross_entropy(logits, targets), targets
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-position next-byte entropies (nats) of each row's ids."""
+        return {"ids": batch["ids"], "entropies": self.model.entropies(batch["ids"], batch["doc_ids"])}

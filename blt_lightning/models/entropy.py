@@ -1,0 +1,73 @@
+"""The entropy model (BLT_SPEC section 2): a small causal byte LM whose next-byte entropies decide
+where BLT's patches begin. Trained first (stage one), then frozen."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..vocab import VOCAB_SIZE, document_ids
+from .layers import TransformerBlock, init_weights, self_attention_mask, swiglu_hidden
+
+
+@dataclass(frozen=True)
+class EntropyModelConfig:
+    """Shape of the entropy model. The defaults are the reference's (BLT-1B's patcher)."""
+
+    dim: int = 768
+    """Width of the residual stream."""
+    n_layers: int = 14
+    """Transformer blocks."""
+    n_heads: int = 12
+    """Attention heads; dim must be a multiple of it."""
+    sliding_window: int | None = 512
+    """Keys a query sees, itself included (None: all earlier bytes of its document)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMSNorms."""
+    ffn_multiple_of: int = 256
+    """The SwiGLU hidden width (2/3 of 4 * dim) is rounded up to a multiple of this."""
+
+    @property
+    def ffn_hidden(self) -> int:
+        return swiglu_hidden(self.dim, self.ffn_multiple_of)
+
+
+class EntropyModel(nn.Module):
+    def __init__(self, config: EntropyModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, config.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(config.dim, config.n_heads, config.ffn_hidden, config.rope_theta, config.norm_eps)
+            for _ in range(config.n_layers)
+        )
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, VOCAB_SIZE, bias=False)
+        init_weights(self, config.n_layers)
+
+    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-byte logits [B, L, VOCAB_SIZE] for ids [B, L]; position t sees ids[:, :t+1] of its own
+        document (doc_ids, [B, L], default: counted from BOS markers)."""
+        if doc_ids is None:
+            doc_ids = document_ids(ids)
+        mask = self_attention_mask(doc_ids, self.config.sliding_window)  # [B, 1, L, L]
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.tok_embeddings(ids)  # [B, L, dim]
+        for layer in self.layers:
+            x = layer(x, mask, positions)
+        return self.output(self.norm(x))
+
+    @torch.no_grad()
+    def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """H(t) = -sum_v p(v | ids[:t+1]) ln p(v | ids[:t+1]) in nats, [B, L], float32: the uncertainty
+        about the byte after position t. Between 0 and ln(VOCAB_SIZE)."""
+        logp = F.log_softmax(self(ids, doc_ids).float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1).clamp(0.0, math.log(VOCAB_SIZE))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok_embeddings.weight.numel()

@@ -1,0 +1,97 @@
+"""Transformer building blocks shared by the entropy model and BLT's local and global models.
+
+Pre-norm blocks with RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward, no biases.
+Attention is scaled dot-product attention under a boolean mask that keeps each position inside its
+own document, causal, and optionally within a sliding window.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def self_attention_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[B, 1, L, L] boolean mask: query i may see key j when j <= i, both lie in the same document and,
+    with a window, i - j < window. Every position sees itself, so no row of the mask is empty."""
+    L = doc_ids.shape[-1]
+    pos = torch.arange(L, device=doc_ids.device)
+    distance = pos[:, None] - pos[None, :]  # [L, L]: query minus key
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, L, L]
+    return (allowed & same_doc)[:, None]
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [L, head_dim], for rotating query/key halves by position (the rotate-half form)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [L, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, L, D] by position: pairs (x[i], x[i + D/2]) turn by their angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, rope_theta: float):
+        super().__init__()
+        assert dim % n_heads == 0, f"dim {dim} is not a multiple of n_heads {n_heads}"
+        self.n_heads, self.head_dim, self.rope_theta = n_heads, dim // n_heads, rope_theta
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = (w(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, head_dim]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, rope_theta: float, norm_eps: float):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attention = Attention(dim, n_heads, rope_theta)
+        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.feed_forward = FeedForward(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), mask, positions)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def swiglu_hidden(dim: int, multiple_of: int) -> int:
+    """Hidden width of a SwiGLU block: 2/3 of 4 * dim, rounded up to a multiple (as in Llama and BLT)."""
+    return multiple_of * -(-int(8 * dim / 3) // multiple_of)
+
+
+def init_weights(model: nn.Module, n_layers: int, std: float = 0.02) -> None:
+    """Normal(0, std) weights; the projections that write into the residual stream are scaled down by
+    sqrt(2 * n_layers) so the stream's variance does not grow with depth."""
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue  # norm gains keep their ones
+        scale = (2 * n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
+        nn.init.normal_(p, mean=0.0, std=std * scale)

@@ -1,0 +1,322 @@
+"""`prepare`: text files, directories and JSON-lines into webdataset shards plus a manifest.
+
+One tar sample per document: `<key>.bin` holds the document's raw bytes (never decoded, so invalid
+UTF-8 survives), `<key>.json` its `source` and `lang`. Each document goes to a split by a hash of its
+bytes, so the split is the same on every run and a duplicated document never straddles two splits.
+Within a split, documents are spread by hash over `interleave` shards written side by side, so every
+shard mixes many inputs even though inputs are read one after another.
+
+Shards are written under a temporary name and renamed when complete; tar headers carry no time or
+owner, so the same inputs give byte-identical shards.
+"""
+
+import argparse
+import fnmatch
+import gzip
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "blt_lightning.shards/1"
+SPLITS = ("train", "validation", "test")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+class PrepareError(ValueError):
+    """Bad input: the message names the file (and line) and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How `prepare` turns inputs into shards."""
+
+    val_fraction: float = 0.01
+    """Fraction of documents (chosen by a hash of their bytes) held out for validation."""
+    test_fraction: float = 0.0
+    """Fraction of documents held out for testing."""
+    shard_bytes: int = 64 * 2**20
+    """A shard is closed once it holds this many bytes of text."""
+    interleave: int = 8
+    """Shards of a split written side by side; documents are spread over them by hash."""
+    text_field: str = "text"
+    """Field of a JSON-lines record that holds the document."""
+    skip_malformed: bool = False
+    """Skip (and count) malformed JSON lines instead of stopping at the first."""
+
+    def __post_init__(self):
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("val_fraction and test_fraction must be >= 0 and leave some documents for training")
+        if self.shard_bytes <= 0 or self.interleave <= 0:
+            raise ValueError("shard_bytes and interleave must be positive")
+
+
+@dataclass
+class Document:
+    data: bytes
+    source: str
+    lang: str | None
+
+
+@dataclass
+class Counts:
+    documents: int = 0
+    bytes: int = 0
+
+    def add(self, n_bytes: int) -> None:
+        self.documents += 1
+        self.bytes += n_bytes
+
+
+@dataclass
+class SplitStats(Counts):
+    sources: dict[str, Counts] = field(default_factory=dict)
+    shards: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading inputs
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files named by `inputs`: files, directories (walked recursively, hidden entries skipped) and glob
+    patterns, each expanded in sorted order so the document order is the same on every run."""
+    files: list[Path] = []
+    for spec in inputs:
+        if any(c in spec for c in "*?["):
+            matches = sorted(Path(p) for p in _glob(spec))
+            if not matches:
+                raise PrepareError(f"{spec}: the pattern matches no file")
+            files.extend(p for p in matches if p.is_file())
+        elif os.path.isdir(spec):
+            found = sorted(p for p in Path(spec).rglob("*") if p.is_file() and not _hidden(p.relative_to(spec)))
+            if not found:
+                raise PrepareError(f"{spec}: the directory holds no file")
+            files.extend(found)
+        elif os.path.isfile(spec):
+            files.append(Path(spec))
+        else:
+            raise PrepareError(f"{spec}: no such file or directory")
+    return files
+
+
+def _glob(pattern: str) -> list[str]:
+    import glob
+
+    return glob.glob(pattern, recursive=True)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def source_name(path: Path) -> str:
+    """Default `source` of a file's documents: its name without the text/JSON-lines suffixes."""
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json", ".txt"):
+        name = name.removesuffix(suffix)
+    return name or path.name
+
+
+def read_documents(path: Path, options: PrepareOptions, skipped: Counts, on_progress) -> Iterator[Document]:
+    """Documents of one file: a record per line of JSON-lines, the whole file otherwise."""
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+        if path.name.endswith(JSONL_SUFFIXES):
+            for lineno, line in enumerate(stream, 1):
+                on_progress(raw.tell())
+                if not line.strip():
+                    continue
+                try:
+                    yield _parse_record(line, path, options.text_field)
+                except PrepareError as error:
+                    if not options.skip_malformed:
+                        raise PrepareError(f"{path}:{lineno}: {error} (pass --skip_malformed to skip such lines)")
+                    skipped.add(len(line))
+        else:
+            data = stream.read()
+            on_progress(raw.tell())
+            yield Document(data, source_name(path), None)
+
+
+def _parse_record(line: bytes, path: Path, text_field: str) -> Document:
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise PrepareError(f"malformed JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise PrepareError(f"expected a JSON object, got {type(record).__name__}")
+    text = record.get(text_field)
+    if not isinstance(text, str):
+        raise PrepareError(f"no string field {text_field!r}")
+    source = record.get("source")
+    lang = record.get("lang")
+    return Document(
+        text.encode("utf-8", "surrogatepass"),  # lone surrogates from \u escapes are kept, as data
+        str(source) if source is not None else source_name(path),
+        str(lang) if lang is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing shards
+
+
+def split_of(digest: bytes, options: PrepareOptions) -> str:
+    """The split a document belongs to, from the first 8 bytes of the sha256 of its bytes."""
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < options.val_fraction:
+        return "validation"
+    if u < options.val_fraction + options.test_fraction:
+        return "test"
+    return "train"
+
+
+class ShardSlot:
+    """One shard being written: a tar under a temporary name until it is full or the run ends."""
+
+    def __init__(self, directory: Path, name: str):
+        self.path = directory / name
+        self.partial = directory / f".{name}.partial"
+        self.file = open(self.partial, "wb")
+        self.writer = wds.TarWriter(self.file, user="", group="", mode=0o644, mtime=0)
+        self.counts = Counts()
+
+    def write(self, key: str, doc: Document) -> None:
+        meta = {"source": doc.source} | ({"lang": doc.lang} if doc.lang is not None else {})
+        self.writer.write({"__key__": key, "bin": doc.data, "json": json.dumps(meta, sort_keys=True).encode()})
+        self.counts.add(len(doc.data))
+
+    def finish(self) -> dict:
+        self.writer.close()  # also closes the file
+        os.replace(self.partial, self.path)
+        return {"path": self.path.name, **asdict(self.counts), "size": self.path.stat().st_size, "sha256": _sha256(self.path)}
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOptions = PrepareOptions(), progress: bool = True) -> dict:
+    """Write the shards of `inputs` and their manifest under `output`; return the manifest."""
+    files = expand_inputs(inputs)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
+
+    stats = {split: SplitStats() for split in SPLITS}
+    open_slots: dict[tuple[str, int], ShardSlot] = {}
+    shards_started = {split: 0 for split in SPLITS}
+    empty, malformed = Counts(), Counts()
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress or None)
+    done_before = 0
+    try:
+        for path in files:
+            for doc in read_documents(path, options, malformed, lambda pos: bar.update(done_before + pos - bar.n)):
+                if not doc.data:
+                    empty.add(0)
+                    continue
+                digest = hashlib.sha256(doc.data).digest()
+                split = split_of(digest, options)
+                slot_id = (split, int.from_bytes(digest[8:12], "big") % options.interleave)
+                slot = open_slots.get(slot_id)
+                if slot is None:
+                    slot = open_slots[slot_id] = ShardSlot(out, f"{split}-{shards_started[split]:06d}.tar")
+                    shards_started[split] += 1
+                split_stats = stats[split]
+                slot.write(f"{split_stats.documents:09d}", doc)
+                split_stats.add(len(doc.data))
+                split_stats.sources.setdefault(doc.source, Counts()).add(len(doc.data))
+                if slot.counts.bytes >= options.shard_bytes:
+                    split_stats.shards.append(open_slots.pop(slot_id).finish())
+            done_before += path.stat().st_size
+        for slot_id in sorted(open_slots):
+            stats[slot_id[0]].shards.append(open_slots.pop(slot_id).finish())
+    finally:
+        bar.close()
+        for slot in open_slots.values():
+            slot.discard()
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "inputs": [{"path": str(f), "size": f.stat().st_size} for f in files],
+        "options": asdict(options),
+        "splits": {},
+        "skipped": {"empty_documents": empty.documents, "malformed_lines": malformed.documents},
+    }
+    for split, s in stats.items():
+        if s.documents:
+            s.shards.sort(key=lambda shard: shard["path"])
+            manifest["splits"][split] = {
+                "documents": s.documents,
+                "bytes": s.bytes,
+                "sources": {name: asdict(c) for name, c in sorted(s.sources.items())},
+                "shards": s.shards,
+            }
+    _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def summary(manifest: dict) -> str:
+    lines = []
+    for split, s in manifest["splits"].items():
+        lines.append(f"{split:>10}: {s['documents']:,} documents, {s['bytes']:,} bytes in {len(s['shards'])} shards")
+    skipped = manifest["skipped"]
+    lines.append(f"   skipped: {skipped['empty_documents']} empty documents, {skipped['malformed_lines']} malformed lines")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="blt-lightning prepare",
+        description="Write text files, directories and JSON-lines (.jsonl, .jsonl.gz) as webdataset shards with a manifest.",
+    )
+    parser.add_argument("inputs", nargs="+", help="files, directories (recursive) or glob patterns ('**' allowed)")
+    parser.add_argument("--output", "-o", required=True, help="directory for the shards and manifest.json")
+    defaults = PrepareOptions()
+    for name, value in asdict(defaults).items():
+        help_text = _attribute_help(name)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", action="store_true", help=help_text)
+        else:
+            parser.add_argument(f"--{name}", type=type(value), default=value, help=f"{help_text} (default: {value})")
+    args = vars(parser.parse_args(argv))
+    inputs, output = args.pop("inputs"), args.pop("output")
+    try:
+        manifest = prepare(inputs, output, PrepareOptions(**args))
+    except (PrepareError, ValueError, OSError) as error:
+        sys.exit(f"prepare: {error}")
+    print(summary(manifest))
+    print(f"manifest: {Path(output) / MANIFEST}")
+
+
+def _attribute_help(name: str) -> str:
+    """The attribute docstring of a PrepareOptions field, as jsonargparse shows it elsewhere."""
+    from docstring_parser import parse_from_object
+
+    for param in parse_from_object(PrepareOptions).params:
+        if param.arg_name == name:
+            return param.description or ""
+    return ""

@@ -1,0 +1,158 @@
+"""What every byte LM's LightningModule shares: AdamW with warmup and cosine decay, the loss over
+predicted ids, bits-per-byte for validation and test, bytes per second, and the TensorBoard HParams."""
+
+import math
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from .metrics import BitsPerByte
+from .vocab import BOS, PAD, is_byte
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from zero."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, on matrices only (not on norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's betas."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear from 0 to 1 over `warmup` steps, cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ByteLMModule(L.LightningModule):
+    """Subclasses build `self.model` and say how ids become per-target cross entropy."""
+
+    def __init__(self, optimizer: OptimizerConfig, seq_len: int):
+        super().__init__()
+        self.optimizer_config, self.seq_len = optimizer, seq_len
+        self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
+        self._window_bytes, self._window_start = 0, None
+        self._fit_bytes, self._fit_start = 0, None
+
+    def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for."""
+        raise NotImplementedError
+
+    def next_byte_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce, targets = self.cross_entropy(batch)
+        # Predicting BOS after EOS is bookkeeping, not language; padding is nothing.
+        trained = (targets != PAD) & (targets != BOS)
+        loss = (ce * trained).sum() / trained.sum().clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        self._count_bytes(int(is_byte(targets).sum()))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_bpb.update(*self.cross_entropy(batch))
+        self.log("val/bpb", self.val_bpb, prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_bpb.update(*self.cross_entropy(batch))
+        self.log("test/bpb", self.test_bpb)
+
+    # -- optimisation ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        matrices = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        others = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, int(total), cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # -- throughput and reports -----------------------------------------------------------------------
+
+    def _count_bytes(self, n: int) -> None:
+        """Bytes per second over the steps between two logging points, all ranks together."""
+        now = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = self._fit_start = now  # the first step's time includes warm-up: not counted
+            return
+        self._window_bytes += n * self.trainer.world_size
+        self._fit_bytes += n * self.trainer.world_size
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/bytes_per_sec", self._window_bytes / (now - self._window_start))
+            self._window_bytes, self._window_start = 0, now
+
+    def on_train_end(self) -> None:
+        if self._fit_start is not None and self._fit_bytes:
+            elapsed = time.perf_counter() - self._fit_start
+            rank_zero_info(f"trained on {self._fit_bytes:,} bytes in {elapsed:.1f} s: {self._fit_bytes / elapsed:,.0f} bytes/s")
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("validation", self.val_bpb)
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test", self.test_bpb)
+
+    def _report(self, split: str, metric: BitsPerByte) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        # compute() was synced across ranks by the logging above; bytes are the global count.
+        rank_zero_info(f"step {self.global_step}: {split} bpb {float(metric.compute()):.4f} over {int(metric.bytes):,} bytes")
+
+    def on_fit_start(self) -> None:
+        """Hyperparameters with val/bpb as their metric, for TensorBoard's HParams view."""
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
+                from torch.utils.tensorboard.summary import hparams
+
+                params = flatten_hparams(dict(self.hparams))
+                if self.trainer.datamodule is not None:
+                    params |= flatten_hparams(dict(self.trainer.datamodule.hparams), prefix="data/")
+                writer = logger.experiment._get_file_writer()
+                for summary in hparams(params, {"val/bpb": 0.0}):
+                    writer.add_summary(summary)
+
+
+def flatten_hparams(params: dict, prefix: str = "") -> dict:
+    """Nested dataclasses and dicts as flat "a/b" keys with values TensorBoard accepts."""
+    flat = {}
+    for key, value in params.items():
+        if is_dataclass(value):
+            value = asdict(value)
+        if isinstance(value, dict):
+            flat |= flatten_hparams(value, f"{prefix}{key}/")
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
