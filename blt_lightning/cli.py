@@ -7,6 +7,7 @@ every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
 import sys
+import warnings
 
 import jsonargparse
 from lightning import LightningDataModule, LightningModule
@@ -17,6 +18,8 @@ from . import prepare
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+# Our streams define __len__ exactly (each worker reads its own shards and knows its share).
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 TOOLS = {"prepare": prepare.main}
 

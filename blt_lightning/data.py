@@ -10,7 +10,8 @@ never from environment variables. Everything a worker runs is a module-level fun
 picklable object, so spawned workers work.
 
 - Training: each reader cycles through its shards forever (a new shard order per pass, seeded by
-  `seed`, epoch and reader), packs documents across shard ends and shuffles rows in a buffer. An
+  `seed`, epoch and reader), reading a few shards at once and drawing documents from them at random,
+  packs documents across shard ends and shuffles rows in a buffer. An
   epoch is exactly `batches_per_epoch` batches on every rank, so no rank waits at the end of an epoch.
 - Validation and test: the same fixed bytes every run, in the same order. Rows restart at every shard,
   so rows (and so bpb) do not depend on how many ranks or workers there are; the last row of a shard
@@ -34,7 +35,7 @@ import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .prepare import MANIFEST, PrepareOptions, expand_inputs, prepare
+from .prepare import MANIFEST, PrepareOptions, expand_inputs, input_list, prepare
 from .vocab import PAD, document_ids, encode
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,9 +130,10 @@ class TrainStream(IterableDataset):
     """Endless shuffled rows for one rank; an epoch is `batches_per_epoch` batches (None: endless)."""
 
     def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int,
-                 seed: int, shuffle_rows: int, batches_per_epoch: int | None):
+                 seed: int, shuffle_rows: int, mix_shards: int, batches_per_epoch: int | None):
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
-        self.rank, self.world_size, self.seed, self.shuffle_rows = rank, world_size, seed, shuffle_rows
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_rows, self.mix_shards = shuffle_rows, mix_shards
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0  # set by ByteShardLoader before workers copy the stream
 
@@ -144,7 +146,9 @@ class TrainStream(IterableDataset):
         reader, readers = current_reader(self.rank, self.world_size)
         mine = list(range(reader, len(self.shards), readers))
         rng = random.Random(f"train/{self.seed}/{self.epoch}/{reader}")  # str seeds ignore PYTHONHASHSEED
-        docs = endless_documents(self.shards, mine, rng)
+        if not mine:
+            raise ValueError(f"reader {reader} of {readers} has no training shard")
+        docs = endless_documents(self.shards, mine, rng, self.mix_shards)
         rows = shuffle_buffer(((s, -1, row) for s, row in pack_rows(docs, self.seq_len, pad_last=False)),
                               self.shuffle_rows, rng)
         batches = itertools.count() if self.batches_per_epoch is None else range(worker_share(self.batches_per_epoch))
@@ -152,13 +156,26 @@ class TrainStream(IterableDataset):
             yield make_batch([next(rows) for _ in range(self.batch_size)], self.batch_size, self.seq_len)
 
 
-def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random) -> Iterator[tuple[int, bytes]]:
-    """(shard, document) pairs of the shards `mine`, pass after pass, each pass in a fresh shard order."""
-    if not mine:
-        raise ValueError("this reader has no training shard")
+def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[tuple[int, bytes]]:
+    """(shard, document) pairs from the shards `mine`, pass after pass, each pass in a fresh shard order.
+
+    `mix` shards are read at once and each next document comes from a random one of them: a shard often
+    holds few sources (inputs are read one after another), and reading one shard at a time would feed
+    the model one source for hundreds of steps.
+    """
     while True:
-        for shard in rng.sample(mine, len(mine)):
-            for data in shard_documents(shards[shard].url):
+        waiting = iter(rng.sample(mine, len(mine)))
+        reading = []  # (shard, its documents)
+        while True:
+            reading += [(s, shard_documents(shards[s].url)) for s in itertools.islice(waiting, mix - len(reading))]
+            if not reading:
+                break
+            i = rng.randrange(len(reading))
+            shard, docs = reading[i]
+            data = next(docs, None)
+            if data is None:
+                reading.pop(i)
+            else:
                 yield shard, data
 
 
@@ -237,14 +254,14 @@ class ByteShardDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         shuffle_rows: int = 1024,
+        mix_shards: int = 8,
         batches_per_epoch: int | None = None,
         seed: int = 0,
     ):
         """Byte shards streamed with webdataset and packed into rows of `seq_len + 1` ids.
 
-        Name the data one of three ways: `sources` (raw inputs, prepared into shards on first use),
-        `manifest` (written by `blt-lightning prepare`), or shard URLs per split (which also override
-        the manifest's).
+        Name the data by `sources` (raw inputs, prepared into shards on first use) or by `manifest`
+        (written by `blt-lightning prepare`), not both; shard URLs per split override either's shards.
 
         Args:
             sources: Text files, directories, globs or JSON-lines files, prepared into shards under
@@ -260,17 +277,21 @@ class ByteShardDataModule(L.LightningDataModule):
             batch_size: Rows per batch on each rank.
             num_workers: DataLoader workers per rank; each reads its own shards.
             shuffle_rows: Rows in each training reader's shuffle buffer.
+            mix_shards: Shards each training reader reads at once, drawing each document from a random one.
             batches_per_epoch: Training batches per epoch on each rank (default: about one pass over
                 the training bytes when the manifest gives them, else one endless epoch).
             seed: Seed of the shard order and row shuffle.
         """
         super().__init__()
+        if sources and manifest:
+            raise ValueError("give sources or a manifest, not both (set the other to null)")
         self.save_hyperparameters(logger=False)
         self.sources, self.manifest_path, self.shard_dir = sources, manifest, shard_dir
         self.shard_urls = {"train": train_shards, "validation": val_shards, "test": test_shards}
         self.prepare_options = prepare
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
-        self.shuffle_rows, self.batches_per_epoch, self.seed = shuffle_rows, batches_per_epoch, seed
+        self.shuffle_rows, self.mix_shards = shuffle_rows, mix_shards
+        self.batches_per_epoch, self.seed = batches_per_epoch, seed
         self.shards: dict[str, list[Shard]] = {}
         self.rank, self.world_size = 0, 1
 
@@ -316,7 +337,7 @@ class ByteShardDataModule(L.LightningDataModule):
                 f"{max(1, self.num_workers)} workers): prepare smaller shards or use fewer workers"
             )
         stream = TrainStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
-                             self.shuffle_rows, self._batches_per_epoch(shards))
+                             self.shuffle_rows, self.mix_shards, self._batches_per_epoch(shards))
         epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer else None
         return ByteShardLoader(stream, epoch_fn, num_workers=self.num_workers)
 
@@ -370,5 +391,4 @@ def _is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) ->
     if not manifest.is_file():
         return False
     recorded = json.loads(manifest.read_text())
-    current = [{"path": str(f), "size": f.stat().st_size} for f in expand_inputs(sources)]
-    return recorded.get("inputs") == current and recorded.get("options") == asdict(options)
+    return recorded.get("inputs") == input_list(expand_inputs(sources)) and recorded.get("options") == asdict(options)

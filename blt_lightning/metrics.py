@@ -33,4 +33,4 @@ class BitsPerByte(Metric):
         self.bytes += counted.sum()
 
     def compute(self) -> torch.Tensor:
-        return self.nats / (math.log(2) * self.bytes)
+        return self.nats / (math.log(2) * self.bytes.double())  # a Python float times a long tensor is float32

@@ -11,7 +11,7 @@ owner, so the same inputs give byte-identical shards.
 """
 
 import argparse
-import fnmatch
+import glob
 import gzip
 import hashlib
 import json
@@ -85,32 +85,30 @@ class SplitStats(Counts):
 # Reading inputs
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named by `inputs`: files, directories (walked recursively, hidden entries skipped) and glob
-    patterns, each expanded in sorted order so the document order is the same on every run."""
-    files: list[Path] = []
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
+    """(file, default source) for each file named by `inputs`: files, directories (walked recursively,
+    hidden entries skipped) and glob patterns, each in sorted order so documents keep their order from
+    run to run. A file's own documents may name another `source`; otherwise a file given by name is
+    its own source, and the files found in a directory or by a pattern share the directory's name."""
+    files: list[tuple[Path, str]] = []
     for spec in inputs:
-        if any(c in spec for c in "*?["):
-            matches = sorted(Path(p) for p in _glob(spec))
+        if glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise PrepareError(f"{spec}: the pattern matches no file")
-            files.extend(p for p in matches if p.is_file())
+            fixed = Path(spec.split("*")[0].split("?")[0].split("[")[0])
+            name = (fixed if spec.endswith(os.sep) or fixed.is_dir() else fixed.parent).resolve().name
+            files.extend((p, name) for p in matches)
         elif os.path.isdir(spec):
             found = sorted(p for p in Path(spec).rglob("*") if p.is_file() and not _hidden(p.relative_to(spec)))
             if not found:
                 raise PrepareError(f"{spec}: the directory holds no file")
-            files.extend(found)
+            files.extend((p, Path(spec).resolve().name) for p in found)
         elif os.path.isfile(spec):
-            files.append(Path(spec))
+            files.append((Path(spec), source_name(Path(spec))))
         else:
             raise PrepareError(f"{spec}: no such file or directory")
     return files
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern, recursive=True)
 
 
 def _hidden(relative: Path) -> bool:
@@ -118,14 +116,14 @@ def _hidden(relative: Path) -> bool:
 
 
 def source_name(path: Path) -> str:
-    """Default `source` of a file's documents: its name without the text/JSON-lines suffixes."""
+    """A file's name without its text and JSON-lines suffixes."""
     name = path.name
     for suffix in (".gz", ".jsonl", ".json", ".txt"):
         name = name.removesuffix(suffix)
     return name or path.name
 
 
-def read_documents(path: Path, options: PrepareOptions, skipped: Counts, on_progress) -> Iterator[Document]:
+def read_documents(path: Path, source: str, options: PrepareOptions, skipped: Counts, on_progress) -> Iterator[Document]:
     """Documents of one file: a record per line of JSON-lines, the whole file otherwise."""
     with open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
@@ -135,7 +133,7 @@ def read_documents(path: Path, options: PrepareOptions, skipped: Counts, on_prog
                 if not line.strip():
                     continue
                 try:
-                    yield _parse_record(line, path, options.text_field)
+                    yield _parse_record(line, source, options.text_field)
                 except PrepareError as error:
                     if not options.skip_malformed:
                         raise PrepareError(f"{path}:{lineno}: {error} (pass --skip_malformed to skip such lines)")
@@ -143,10 +141,10 @@ def read_documents(path: Path, options: PrepareOptions, skipped: Counts, on_prog
         else:
             data = stream.read()
             on_progress(raw.tell())
-            yield Document(data, source_name(path), None)
+            yield Document(data, source, None)
 
 
-def _parse_record(line: bytes, path: Path, text_field: str) -> Document:
+def _parse_record(line: bytes, default_source: str, text_field: str) -> Document:
     try:
         record = json.loads(line)
     except ValueError as error:
@@ -160,7 +158,7 @@ def _parse_record(line: bytes, path: Path, text_field: str) -> Document:
     lang = record.get("lang")
     return Document(
         text.encode("utf-8", "surrogatepass"),  # lone surrogates from \u escapes are kept, as data
-        str(source) if source is not None else source_name(path),
+        str(source) if source is not None else default_source,
         str(lang) if lang is not None else None,
     )
 
@@ -223,12 +221,12 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
     open_slots: dict[tuple[str, int], ShardSlot] = {}
     shards_started = {split: 0 for split in SPLITS}
     empty, malformed = Counts(), Counts()
-    total = sum(f.stat().st_size for f in files)
+    total = sum(f.stat().st_size for f, _ in files)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress or None)
     done_before = 0
     try:
-        for path in files:
-            for doc in read_documents(path, options, malformed, lambda pos: bar.update(done_before + pos - bar.n)):
+        for path, source in files:
+            for doc in read_documents(path, source, options, malformed, lambda pos: bar.update(done_before + pos - bar.n)):
                 if not doc.data:
                     empty.add(0)
                     continue
@@ -255,7 +253,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
 
     manifest = {
         "format": MANIFEST_FORMAT,
-        "inputs": [{"path": str(f), "size": f.stat().st_size} for f in files],
+        "inputs": input_list(files),
         "options": asdict(options),
         "splits": {},
         "skipped": {"empty_documents": empty.documents, "malformed_lines": malformed.documents},
@@ -271,6 +269,11 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
             }
     _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def input_list(files: list[tuple[Path, str]]) -> list[dict]:
+    """The inputs as the manifest records them: enough to tell whether they changed since."""
+    return [{"path": str(f), "size": f.stat().st_size} for f, _ in files]
 
 
 def _write_atomically(path: Path, text: str) -> None:

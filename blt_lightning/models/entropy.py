@@ -66,7 +66,8 @@ class EntropyModel(nn.Module):
         """H(t) = -sum_v p(v | ids[:t+1]) ln p(v | ids[:t+1]) in nats, [B, L], float32: the uncertainty
         about the byte after position t. Between 0 and ln(VOCAB_SIZE)."""
         logp = F.log_softmax(self(ids, doc_ids).float(), dim=-1)
-        return -(logp.exp() * logp).sum(-1).clamp(0.0, math.log(VOCAB_SIZE))
+        entropy = -(logp.exp() * logp).sum(-1)
+        return entropy.clamp(0.0, math.log(VOCAB_SIZE))  # rounding can step just outside
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,40 @@
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from blt_lightning.prepare import PrepareOptions, prepare
+
+WORDS = ["the", "byte", "latent", "patch", "entropy", "model", "über", "naïve", "данные", "字节", "パッチ", "שלום"]
+
+
+def make_documents(n: int, seed: int = 0) -> list[dict]:
+    """Small documents of several scripts, each unique, with sources and languages."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
+        docs.append({"text": f"doc {i}: {words}.\n", "source": f"src{i % 3}", "lang": ["en", "de", "xx"][i % 3]})
+    return docs
+
+
+def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    path.write_bytes(gzip.compress(lines, mtime=0) if gz else lines)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A JSON-lines file of 240 small documents (about 40 KB)."""
+    return write_jsonl(tmp_path / "corpus.jsonl", make_documents(240))
+
+
+@pytest.fixture
+def shards(corpus, tmp_path) -> Path:
+    """The corpus as shards: many small ones per split, so several ranks and workers each get some."""
+    out = tmp_path / "shards"
+    prepare([str(corpus)], out, PrepareOptions(val_fraction=0.2, test_fraction=0.1, shard_bytes=2000, interleave=4), progress=False)
+    return out

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from blt_lightning.cli import BLTLightningCLI, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses_and_builds(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = BLTLightningCLI(
+        args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+              "--trainer.precision", "32-true", "--trainer.devices", "1", "--trainer.strategy", "auto"],
+        run=False, subclass_mode_model=True, subclass_mode_data=True,
+    )
+    assert cli.model.seq_len == cli.datamodule.seq_len, "seq_len must be linked from the data"
+
+
+def fit_args(root, corpus):
+    return [
+        "--config", str(ROOT / "configs/entropy/tiny.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "3",
+        "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000",
+        "--data.seq_len", "32", "--data.batch_size", "4", "--data.num_workers", "0",
+    ]
+
+
+def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path):
+    main(["fit", *fit_args(tmp_path, corpus)])
+    run = tmp_path / "entropy-tiny" / "version_0"
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in checkpoints][-1] == "last.ckpt" and (run / "config.yaml").is_file()
+    assert (tmp_path / "shards" / "manifest.json").is_file(), "sources are prepared under default_root_dir"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"val/bpb", "train/loss", "train/lr", "train/bytes_per_sec"} <= set(scalars)
+    assert [e.step for e in events.Scalars("val/bpb")] == [1, 3]
+    assert 0 < events.Scalars("val/bpb")[-1].value < 9
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(events.SummaryMetadata("_hparams_/experiment").plugin_data.content)
+    assert [m.name.tag for m in experiment.experiment.metric_infos] == ["val/bpb"]
+    assert "model/dim" in {h.name for h in experiment.experiment.hparam_infos}
+
+    ckpt = torch.load(checkpoints[0], weights_only=False)
+    assert ckpt["hyper_parameters"]["seq_len"] == 32
+
+    # The other subcommands run from the same config and checkpoint.
+    for subcommand in ("validate", "test", "predict"):
+        main([subcommand, *fit_args(tmp_path, corpus), "--ckpt_path", str(checkpoints[0])])
+    assert (tmp_path / "entropy-tiny" / "version_3" / "config.yaml").is_file()
+
+
+def test_configs_compose_and_print(corpus, tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("data:\n  init_args:\n    seq_len: 48\nmodel:\n  init_args:\n    model:\n      n_layers: 1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--config", str(override), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "seq_len: 48" in printed and "n_layers: 1" in printed

@@ -1,0 +1,128 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from blt_lightning.data import ByteShardDataModule, EvalStream, Shard, TrainStream, expand_urls, pack_rows, read_manifest, shard_documents
+from blt_lightning.prepare import MANIFEST
+from blt_lightning.vocab import BOS, EOS, PAD, decode, encode
+
+
+def documents_of(shards: list[Shard]) -> list[bytes]:
+    return [d for s in shards for d in shard_documents(s.url)]
+
+
+def test_packing_round_trips_every_document():
+    docs = [b"first", b"", "second \u00fc".encode(), b"x" * 23, b"\xff\x00"]
+    for seq_len in (1, 4, 7, 64):
+        rows = [row for _, row in pack_rows(((0, d) for d in docs), seq_len, pad_last=True)]
+        assert all(len(r) == seq_len + 1 for r in rows)
+        assert all(torch.equal(a[-1:], b[:1]) for a, b in zip(rows, rows[1:])), "rows overlap by one id"
+        stream = torch.cat([rows[0]] + [r[1:] for r in rows[1:]])
+        expected = torch.cat([encode(d) for d in docs])
+        assert torch.equal(stream[: len(expected)], expected)
+        assert (stream[len(expected) :] == PAD).all()
+        # Cut at the markers, the stream gives back each document's bytes.
+        ends = (stream == EOS).nonzero().flatten().tolist()
+        starts = (stream == BOS).nonzero().flatten().tolist()
+        assert [decode(stream[s:e]) for s, e in zip(starts, ends)] == docs
+
+
+def test_eval_stream_covers_each_row_once_and_rows_do_not_depend_on_readers(shards):
+    split = read_manifest(str(shards / MANIFEST))["validation"]
+    seq_len, batch_size = 16, 3
+
+    def rows_by_shard(world_size, workers):
+        seen, batches_per_rank = {}, []
+        for rank in range(world_size):
+            stream = EvalStream(split, seq_len, batch_size, rank, world_size, workers)
+            batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
+            assert len(batches) == len(stream)
+            batches_per_rank.append(len(batches))
+            for b in batches:
+                for shard, number, ids in zip(b["shard"].tolist(), b["row"].tolist(), b["ids"]):
+                    if shard >= 0:
+                        assert (shard, number) not in seen, "a row was read twice"
+                        seen[(shard, number)] = ids
+        assert len(set(batches_per_rank)) == 1, "ranks ran different numbers of batches"
+        return seen
+
+    single = rows_by_shard(1, 0)
+    assert len(single) == sum(s.rows(seq_len) for s in split)
+    spread = rows_by_shard(2, 2)
+    assert single.keys() == spread.keys() and all(torch.equal(single[k], spread[k]) for k in single)
+    # Together the rows hold every document of the split.
+    for index, shard in enumerate(split):
+        rows = [single[(index, n)] for n in range(shard.rows(seq_len))]
+        stream = torch.cat([rows[0]] + [r[1:] for r in rows[1:]])
+        expected = torch.cat([encode(d) for d in shard_documents(shard.url)])
+        assert torch.equal(stream[: len(expected)], expected)
+
+
+def test_training_stream_is_seeded_reproducible_and_equal_across_ranks(shards):
+    split = read_manifest(str(shards / MANIFEST))["train"]
+
+    def batches(rank, epoch=0, seed=0, workers=0):
+        stream = TrainStream(split, 16, 4, rank, 2, seed, shuffle_rows=8, mix_shards=2, batches_per_epoch=7)
+        stream.epoch = epoch
+        return list(DataLoader(stream, batch_size=None, num_workers=workers))
+
+    rank0, rank1 = batches(0), batches(1)
+    assert len(rank0) == len(rank1) == 7
+    assert all(torch.equal(a["ids"], b["ids"]) for a, b in zip(rank0, batches(0)))
+    assert not torch.equal(rank0[0]["ids"], batches(0, epoch=1)[0]["ids"])
+    assert not torch.equal(rank0[0]["ids"], batches(0, seed=1)[0]["ids"])
+    shards0 = {s for b in rank0 for s in b["shard"].tolist()}
+    shards1 = {s for b in rank1 for s in b["shard"].tolist()}
+    assert shards0 and shards1 and not shards0 & shards1, "two ranks read the same shard"
+    with_workers = batches(0, workers=2)
+    assert len(with_workers) == 7
+    assert all(b["ids"].shape == (4, 17) for b in with_workers)
+
+
+def test_datamodule_from_urls_and_manifest(shards, tmp_path):
+    pattern = str(shards / "validation-{000000..000001}.tar")
+    assert expand_urls(pattern) == [str(shards / "validation-000000.tar"), str(shards / "validation-000001.tar")]
+    dm = ByteShardDataModule(manifest=str(shards / MANIFEST), val_shards=f"pipe:cat {pattern}", seq_len=16, batch_size=2)
+    dm.setup("fit")
+    assert [s.url for s in dm.shards["validation"]] == [f"pipe:cat {shards}/validation-000000.tar", f"pipe:cat {shards}/validation-000001.tar"]
+    piped = documents_of(dm.shards["validation"])
+    assert piped == documents_of(read_manifest(str(shards / MANIFEST))["validation"][:2])
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["ids"].shape == (2, 17) and batch["doc_ids"].shape == (2, 17)
+    with pytest.raises(ValueError, match="no test shards"):
+        ByteShardDataModule(train_shards=pattern).setup("test") or ByteShardDataModule(train_shards=pattern).test_dataloader()
+
+
+def test_datamodule_prepares_sources_once(corpus, tmp_path):
+    dm = ByteShardDataModule(sources=[str(corpus)], shard_dir=str(tmp_path / "prepared"), seq_len=16, batch_size=2)
+    dm.prepare_data()
+    manifest = tmp_path / "prepared" / MANIFEST
+    first = manifest.stat().st_mtime_ns
+    dm.prepare_data()
+    assert manifest.stat().st_mtime_ns == first, "prepared again although nothing changed"
+    dm.setup("fit")
+    assert dm.shards["train"] and dm.shards["validation"]
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(shards):
+    dm = ByteShardDataModule(train_shards=str(shards / "train-000000.tar"), num_workers=2)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="1 training shards cannot feed 2 readers"):
+        dm.train_dataloader()
+
+
+def test_a_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest here"):
+        ByteShardDataModule(manifest=str(tmp_path / "none.json")).setup("fit")
+
+
+def test_streams_run_in_spawned_workers(shards):
+    """Spawned workers (the default on macOS and Windows) pickle the stream: it must hold no closures."""
+    split = read_manifest(str(shards / MANIFEST))
+    train = TrainStream(split["train"], 16, 2, 0, 1, 0, shuffle_rows=4, mix_shards=2, batches_per_epoch=4)
+    evaluation = EvalStream(split["validation"], 16, 2, 0, 1, 2)
+    spawned = [list(DataLoader(s, batch_size=None, num_workers=2, multiprocessing_context="spawn")) for s in (train, evaluation)]
+    forked = [list(DataLoader(s, batch_size=None, num_workers=2)) for s in (train, evaluation)]
+    for a, b in zip(spawned, forked):
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(x["ids"], y["ids"]) for x, y in zip(a, b))

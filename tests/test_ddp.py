@@ -1,0 +1,62 @@
+"""Real DDP on CPU, in a subprocess: 2 ranks x 2 DataLoader workers."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from blt_lightning.data import read_manifest, shard_documents
+from blt_lightning.prepare import MANIFEST
+from blt_lightning.vocab import BOS, encode
+
+PROBE = Path(__file__).with_name("ddp_probe.py")
+
+
+def test_ranks_and_workers_read_disjoint_data_covering_validation_once(shards, tmp_path):
+    result = subprocess.run([sys.executable, str(PROBE), str(tmp_path), str(shards / MANIFEST)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    # Training: the same number of batches on both ranks (2 epochs x 3). Reader k of 4 (rank 0 runs
+    # readers 0 and 1, rank 1 readers 2 and 3) reads only shards k, k + 4, ...; a row's recorded shard
+    # really holds the row's last document.
+    assert [len(r["train"]) for r in ranks] == [6, 6]
+    train_ids = [torch.cat([encode(d) for d in shard_documents(s.url)]) for s in read_manifest(str(shards / MANIFEST))["train"]]
+    for rank, r in enumerate(ranks):
+        for batch in r["train"]:
+            for shard, row in zip(batch["shard"].tolist(), batch["ids"]):
+                assert shard % 4 in (2 * rank, 2 * rank + 1), f"rank {rank} read shard {shard}"
+                starts = (row == BOS).nonzero().flatten()
+                tail = row[starts[-1] :] if len(starts) else row
+                assert _contains(train_ids[shard], tail)
+    read = [{s for b in r["train"] for s in b["shard"].tolist()} for r in ranks]
+    assert len(read[0]) > 1 and len(read[1]) > 1
+
+    # Validation: every row of every validation shard exactly once across ranks and workers (twice: 2 epochs).
+    split = read_manifest(str(shards / MANIFEST))["validation"]
+    rows = {}
+    for r in ranks:
+        batches = r["validation"]
+        for b in batches[: len(batches) // 2]:  # the first epoch's validation
+            for shard, number, ids in zip(b["shard"].tolist(), b["row"].tolist(), b["ids"]):
+                if shard >= 0:
+                    assert (shard, number) not in rows, "a validation row was read twice"
+                    rows[(shard, number)] = ids
+    assert len(ranks[0]["validation"]) == len(ranks[1]["validation"])
+    for index, shard in enumerate(split):
+        got = [rows[(index, n)] for n in range(shard.rows(16))]
+        stream = torch.cat([got[0]] + [g[1:] for g in got[1:]])
+        expected = torch.cat([encode(d) for d in shard_documents(shard.url)])
+        assert torch.equal(stream[: len(expected)], expected)
+    assert len(rows) == sum(s.rows(16) for s in split)
+    assert 0 < ranks[0]["bpb"] == ranks[1]["bpb"], "the synced metric differs between ranks"
+
+
+def _contains(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
+    n = len(needle)
+    if n == 0 or n > len(haystack):
+        return False
+    windows = haystack.unfold(0, n, 1)
+    return bool((windows == needle).all(-1).any())

@@ -1,0 +1,129 @@
+import hashlib
+import json
+import tarfile
+
+import pytest
+from conftest import make_documents, write_jsonl
+
+from blt_lightning.prepare import MANIFEST, PrepareError, PrepareOptions, main, prepare
+
+OPTIONS = PrepareOptions(val_fraction=0.2, test_fraction=0.1, shard_bytes=2000, interleave=4)
+
+
+def shard_samples(path):
+    """{key: (bytes, meta)} of a shard, read with tarfile (independently of webdataset)."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {k: (v["bin"], json.loads(v["json"])) for k, v in samples.items()}
+
+
+def test_manifest_counts_equal_what_the_shards_hold(corpus, tmp_path):
+    manifest = prepare([str(corpus)], tmp_path / "out", OPTIONS, progress=False)
+    docs = make_documents(240)
+    assert sum(s["documents"] for s in manifest["splits"].values()) == len(docs)
+    seen = []
+    for split, info in manifest["splits"].items():
+        assert len(info["shards"]) > 1
+        per_source = {}
+        for shard in info["shards"]:
+            path = tmp_path / "out" / shard["path"]
+            samples = shard_samples(path)
+            assert shard["documents"] == len(samples)
+            assert shard["bytes"] == sum(len(d) for d, _ in samples.values())
+            assert shard["size"] == path.stat().st_size
+            assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            for data, meta in samples.values():
+                per_source.setdefault(meta["source"], [0, 0])
+                per_source[meta["source"]][0] += 1
+                per_source[meta["source"]][1] += len(data)
+                seen.append((data, meta["source"], meta["lang"]))
+        assert {k: [v["documents"], v["bytes"]] for k, v in info["sources"].items()} == per_source
+        assert info["documents"] == sum(v[0] for v in per_source.values())
+        assert info["bytes"] == sum(v[1] for v in per_source.values())
+    expected = [(d["text"].encode(), d["source"], d["lang"]) for d in docs]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_split_is_deterministic_and_by_content(corpus, tmp_path):
+    first = prepare([str(corpus)], tmp_path / "a", OPTIONS, progress=False)
+    again = prepare([str(corpus)], tmp_path / "a", OPTIONS, progress=False)  # a re-run over the same output
+    assert first == again
+    for shard in first["splits"]["train"]["shards"]:
+        assert hashlib.sha256((tmp_path / "a" / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+
+    # The same documents in another order and file land in the same splits.
+    shuffled = write_jsonl(tmp_path / "other.jsonl.gz", make_documents(240)[::-1], gz=True)
+    other = prepare([str(shuffled)], tmp_path / "b", OPTIONS, progress=False)
+
+    def texts(out, manifest, split):
+        return sorted(d for s in manifest["splits"][split]["shards"] for d, _ in shard_samples(out / s["path"]).values())
+
+    for split in ("train", "validation", "test"):
+        assert texts(tmp_path / "a", first, split) == texts(tmp_path / "b", other, split)
+    n_val = first["splits"]["validation"]["documents"]
+    assert 0.1 * 240 < n_val < 0.3 * 240
+
+
+def test_malformed_json_names_file_and_line_and_keeps_finished_shards(tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl", make_documents(100))
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken\n{"text": "fine too"}\n')
+    out = tmp_path / "out"
+    with pytest.raises(PrepareError, match=r"b\.jsonl:2: malformed JSON"):
+        prepare([str(good), str(bad)], out, OPTIONS, progress=False)
+    assert not list(out.glob(".*partial")), "a half-written shard was left behind"
+    assert not (out / MANIFEST).exists()
+    finished = list(out.glob("*.tar"))
+    assert finished, "shards finished before the error were lost"
+    for path in finished:
+        shard_samples(path)  # each is a complete tar
+
+    manifest = prepare([str(good), str(bad)], out, PrepareOptions(**{**OPTIONS.__dict__, "skip_malformed": True}), progress=False)
+    assert manifest["skipped"]["malformed_lines"] == 1
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 102
+
+
+@pytest.mark.parametrize("line, problem", [('["a list"]', "expected a JSON object"), ('{"body": "x"}', "no string field 'text'")])
+def test_records_without_text_are_errors(tmp_path, line, problem):
+    path = tmp_path / "c.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(PrepareError, match=f"c.jsonl:1: {problem}"):
+        prepare([str(path)], tmp_path / "out", OPTIONS, progress=False)
+
+
+def test_text_files_directories_globs_and_text_field(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    a = b"plain text \xff invalid utf-8 is data"
+    (tree / "a.txt").write_bytes(a)
+    (tree / "sub" / "b.md").write_text("nested file")
+    (tree / "sub" / "empty.txt").write_text("")
+    (tree / ".hidden").write_text("skipped")
+    write_jsonl(tmp_path / "r.jsonl", [{"body": "in another field", "lang": "en"}])
+    out = tmp_path / "out"
+    manifest = prepare([str(tree), str(tmp_path / "r.jsonl")], out, PrepareOptions(val_fraction=0.0, text_field="body"), progress=False)
+    train = manifest["splits"]["train"]
+    assert train["documents"] == 3 and manifest["skipped"]["empty_documents"] == 1
+    assert train["sources"] == {"tree": {"documents": 2, "bytes": len(a) + len("nested file")}, "r": {"documents": 1, "bytes": 16}}
+    data = sorted(d for s in train["shards"] for d, _ in shard_samples(out / s["path"]).values())
+    assert data == sorted([a, b"nested file", b"in another field"])
+
+    globbed = prepare([str(tree / "**" / "*.txt")], tmp_path / "g", PrepareOptions(val_fraction=0.0), progress=False)
+    assert globbed["splits"]["train"]["sources"] == {"tree": {"documents": 1, "bytes": len(a)}}
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(PrepareError, match="nope.jsonl: no such file"):
+        prepare([str(tmp_path / "nope.jsonl")], tmp_path / "out", OPTIONS, progress=False)
+
+
+def test_command_line(corpus, tmp_path, capsys):
+    main([str(corpus), "--output", str(tmp_path / "cli"), "--val_fraction", "0.2", "--shard_bytes", "4000"])
+    printed = capsys.readouterr().out
+    assert "validation:" in printed and "manifest:" in printed
+    assert json.loads((tmp_path / "cli" / MANIFEST).read_text())["options"]["shard_bytes"] == 4000
+    with pytest.raises(SystemExit, match="no such file"):
+        main([str(tmp_path / "missing"), "--output", str(tmp_path / "x")])
