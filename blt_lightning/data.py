@@ -10,9 +10,9 @@ never from environment variables. Everything a worker runs is a module-level fun
 picklable object, so spawned workers work.
 
 - Training: each reader cycles through its shards forever (a new shard order per pass, seeded by
-  `seed`, epoch and reader), reading a few shards at once and drawing documents from them at random,
-  packs documents across shard ends and shuffles rows in a buffer. An
-  epoch is exactly `batches_per_epoch` batches on every rank, so no rank waits at the end of an epoch.
+  `seed`, epoch and reader), reading a few shards at once and drawing documents from them at random;
+  it packs documents across shard ends and shuffles rows in a buffer. An epoch is exactly
+  `batches_per_epoch` batches on every rank, so no rank waits for another at the end of an epoch.
 - Validation and test: the same fixed bytes every run, in the same order. Rows restart at every shard,
   so rows (and so bpb) do not depend on how many ranks or workers there are; the last row of a shard
   and the last batch of a reader are padded. With a manifest (which gives shard sizes), ranks that
@@ -54,10 +54,15 @@ class Shard:
         return math.ceil((ids - 1) / seq_len)
 
 
+def current_worker() -> tuple[int, int]:
+    """(index, count) of this DataLoader worker; (0, 1) when the main process loads."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
 def current_reader(rank: int, world_size: int) -> tuple[int, int]:
     """(index, count) of the reader this process is: one per DataLoader worker of each rank."""
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    worker, workers = current_worker()
     return rank * workers + worker, world_size * workers
 
 
@@ -79,8 +84,8 @@ def pack_rows(docs: Iterable[tuple[int, bytes]], seq_len: int, pad_last: bool) -
     for tag, data in docs:
         pending = torch.cat([pending, encode(data)])
         full = (len(pending) - 1) // seq_len
-        for r in range(full):
-            yield tag, pending[r * seq_len : (r + 1) * seq_len + 1]
+        for r in range(full):  # a copy: a view would keep the whole document alive in the shuffle buffer
+            yield tag, pending[r * seq_len : (r + 1) * seq_len + 1].clone()
         pending = pending[full * seq_len :]
     if pad_last and len(pending) > 1:
         yield tag, pad_row(pending, seq_len)
@@ -94,6 +99,9 @@ def pad_row(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
     """Yield items in random order from a buffer of `size` (1 or less: in order)."""
+    if size <= 1:
+        yield from items
+        return
     buffer = []
     for item in items:
         if len(buffer) < size:
@@ -121,8 +129,7 @@ def make_batch(rows: list[tuple[int, int, torch.Tensor]], batch_size: int, seq_l
 
 def worker_share(total: int) -> int:
     """This DataLoader worker's share of `total` batches; the shares of all workers add up to `total`."""
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    worker, workers = current_worker()
     return total // workers + (worker < total % workers)
 
 

@@ -24,6 +24,9 @@ class EntropyLM(ByteLMModule):
         self.save_hyperparameters(logger=False)
         self.model = EntropyModel(model)
 
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
+
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, doc_ids = batch["ids"], batch["doc_ids"]
         logits = self.model(ids[:, :-1], doc_ids[:, :-1])

@@ -11,7 +11,7 @@ from .vocab import is_byte
 class BitsPerByte(Metric):
     """bpb = (cross entropy in nats summed over predicted bytes) / (ln 2 * number of bytes).
 
-    Sums are float64 and summed over ranks before the division, so the result is the bpb of the whole
+    Nats are summed in float64 and bytes counted in int64 (exact), over ranks before the division, so the result is the bpb of the whole
     set however it is split across ranks and batches (never a mean of per-batch values). Only targets
     that are bytes count: predictions of EOS, BOS and padding are left out. (The reference divides by
     all predicted positions, EOS included, which gives a slightly lower number.)
@@ -33,4 +33,13 @@ class BitsPerByte(Metric):
         self.bytes += counted.sum()
 
     def compute(self) -> torch.Tensor:
-        return self.nats / (math.log(2) * self.bytes.double())  # a Python float times a long tensor is float32
+        return bits_per_byte(self.nats, self.bytes)
+
+    def totals(self) -> tuple[float, int]:
+        """(bpb, bytes) over all ranks. Every rank must call it, since it gathers from all of them."""
+        with self.sync_context():  # sums the states over ranks inside, restores them on exit
+            return float(bits_per_byte(self.nats, self.bytes)), int(self.bytes)
+
+
+def bits_per_byte(nats: torch.Tensor, n_bytes: torch.Tensor) -> torch.Tensor:
+    return nats / (math.log(2) * n_bytes.double())  # a Python float times a long tensor would be float32

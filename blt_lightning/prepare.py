@@ -14,10 +14,14 @@ import argparse
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
+import re
 import sys
+import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "blt_lightning.shards/1"
 SPLITS = ("train", "validation", "test")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+SHARD_NAME = re.compile(r"(train|validation|test)-\d{6}\.tar")
 
 
 class PrepareError(ValueError):
@@ -50,12 +55,15 @@ class PrepareOptions:
     """Field of a JSON-lines record that holds the document."""
     skip_malformed: bool = False
     """Skip (and count) malformed JSON lines instead of stopping at the first."""
+    max_document_bytes: int = 8 * 2**20
+    """Longer documents are cut into pieces of at most this size, after a line break where there is one.
+    Text files are read piece by piece, so files larger than memory are fine."""
 
     def __post_init__(self):
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise ValueError("val_fraction and test_fraction must be >= 0 and leave some documents for training")
-        if self.shard_bytes <= 0 or self.interleave <= 0:
-            raise ValueError("shard_bytes and interleave must be positive")
+        if min(self.shard_bytes, self.interleave, self.max_document_bytes) <= 0:
+            raise ValueError("shard_bytes, interleave and max_document_bytes must be positive")
 
 
 @dataclass
@@ -107,7 +115,7 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
         elif os.path.isfile(spec):
             files.append((Path(spec), source_name(Path(spec))))
         else:
-            raise PrepareError(f"{spec}: no such file or directory")
+            raise PrepareError(f"{spec}: no such file or directory (relative to {os.getcwd()})")
     return files
 
 
@@ -124,24 +132,52 @@ def source_name(path: Path) -> str:
 
 
 def read_documents(path: Path, source: str, options: PrepareOptions, skipped: Counts, on_progress) -> Iterator[Document]:
-    """Documents of one file: a record per line of JSON-lines, the whole file otherwise."""
-    with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-        if path.name.endswith(JSONL_SUFFIXES):
-            for lineno, line in enumerate(stream, 1):
-                on_progress(raw.tell())
-                if not line.strip():
-                    continue
-                try:
-                    yield _parse_record(line, source, options.text_field)
-                except PrepareError as error:
-                    if not options.skip_malformed:
-                        raise PrepareError(f"{path}:{lineno}: {error} (pass --skip_malformed to skip such lines)")
-                    skipped.add(len(line))
-        else:
-            data = stream.read()
-            on_progress(raw.tell())
-            yield Document(data, source, None)
+    """Documents of one file: a record per line of JSON-lines, the whole file otherwise; either cut into
+    pieces of at most `max_document_bytes`. Unreadable input is an error naming the file."""
+    try:
+        with open(path, "rb") as raw:
+            stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+            if path.name.endswith(JSONL_SUFFIXES):
+                for lineno, line in enumerate(stream, 1):
+                    on_progress(raw.tell())
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = _parse_record(line, source, options.text_field)
+                    except PrepareError as error:
+                        if not options.skip_malformed:
+                            raise PrepareError(f"{path}:{lineno}: {error} (pass --skip_malformed to skip such lines)")
+                        skipped.add(len(line))
+                        continue
+                    for piece in pieces(io.BytesIO(doc.data), options.max_document_bytes):
+                        yield Document(piece, doc.source, doc.lang)
+            else:
+                empty = True
+                for piece in pieces(stream, options.max_document_bytes):
+                    on_progress(raw.tell())
+                    empty = False
+                    yield Document(piece, source, None)
+                if empty:
+                    yield Document(b"", source, None)  # to be counted as an empty document
+    except (OSError, EOFError, zlib.error) as error:  # unreadable, not gzip, truncated, corrupt
+        raise PrepareError(f"{path}: cannot read it ({error})") from None
+
+
+def pieces(stream: BinaryIO, max_bytes: int) -> Iterator[bytes]:
+    """The stream's bytes in pieces of at most `max_bytes`, each cut after its last line break when it has
+    one. Reads one piece at a time, so a stream larger than memory is fine."""
+    carry = b""
+    while True:
+        block = carry + stream.read(max_bytes - len(carry))
+        while len(block) < max_bytes and (more := stream.read(max_bytes - len(block))):
+            block += more
+        if len(block) < max_bytes:
+            if block:
+                yield block
+            return
+        cut = block.rfind(b"\n") + 1 or max_bytes
+        yield block[:cut]
+        carry = block[cut:]
 
 
 def _parse_record(line: bytes, default_source: str, text_field: str) -> Document:
@@ -268,7 +304,17 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
                 "shards": s.shards,
             }
     _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _remove_stale_shards(out, manifest)
     return manifest
+
+
+def _remove_stale_shards(out: Path, manifest: dict) -> None:
+    """Shards an earlier run wrote here that this run did not: a pattern over the directory would find them."""
+    current = {shard["path"] for split in manifest["splits"].values() for shard in split["shards"]}
+    for path in out.iterdir():
+        if SHARD_NAME.fullmatch(path.name) and path.name not in current:
+            print(f"prepare: removing {path}, left by an earlier run", file=sys.stderr)
+            path.unlink()
 
 
 def input_list(files: list[tuple[Path, str]]) -> list[dict]:
@@ -309,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs, output = args.pop("inputs"), args.pop("output")
     try:
         manifest = prepare(inputs, output, PrepareOptions(**args))
-    except (PrepareError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # PrepareError is a ValueError
         sys.exit(f"prepare: {error}")
     print(summary(manifest))
     print(f"manifest: {Path(output) / MANIFEST}")

@@ -1,6 +1,7 @@
 """What every byte LM's LightningModule shares: AdamW with warmup and cosine decay, the loss over
 predicted ids, bits-per-byte for validation and test, bytes per second, and the TensorBoard HParams."""
 
+import collections
 import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
@@ -9,10 +10,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from .metrics import BitsPerByte
 from .vocab import BOS, PAD, is_byte
+
+THROUGHPUT_WINDOW = 20  # batches
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,10 @@ class ByteLMModule(L.LightningModule):
     def __init__(self, optimizer: OptimizerConfig, seq_len: int):
         super().__init__()
         self.optimizer_config, self.seq_len = optimizer, seq_len
+        # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row.
+        self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
-        self._window_bytes, self._window_start = 0, None
+        self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes) of recent batches
         self._fit_bytes, self._fit_start = 0, None
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,21 +105,21 @@ class ByteLMModule(L.LightningModule):
     # -- throughput and reports -----------------------------------------------------------------------
 
     def _count_bytes(self, n: int) -> None:
-        """Bytes per second over the steps between two logging points, all ranks together."""
-        now = time.perf_counter()
-        if self._window_start is None:
-            self._window_start = self._fit_start = now  # the first step's time includes warm-up: not counted
-            return
-        self._window_bytes += n * self.trainer.world_size
-        self._fit_bytes += n * self.trainer.world_size
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/bytes_per_sec", self._window_bytes / (now - self._window_start))
-            self._window_bytes, self._window_start = 0, now
+        """Bytes per second, all ranks together, over the last THROUGHPUT_WINDOW batches."""
+        now, n = time.perf_counter(), n * self.trainer.world_size
+        if self._fit_start is None:
+            self._fit_start = now  # the first batch pays for warm-up: timing starts after it
+        else:
+            self._fit_bytes += n
+        self._recent_batches.append((now, n))
+        if len(self._recent_batches) > 1:
+            (start, _), *rest = self._recent_batches
+            self.log("train/bytes_per_sec", sum(b for _, b in rest) / (now - start))
 
     def on_train_end(self) -> None:
         if self._fit_start is not None and self._fit_bytes:
             elapsed = time.perf_counter() - self._fit_start
-            rank_zero_info(f"trained on {self._fit_bytes:,} bytes in {elapsed:.1f} s: {self._fit_bytes / elapsed:,.0f} bytes/s")
+            self.print(f"trained on {self._fit_bytes:,} bytes in {elapsed:.1f} s: {self._fit_bytes / elapsed:,.0f} bytes/s")
 
     def on_validation_epoch_end(self) -> None:
         self._report("validation", self.val_bpb)
@@ -124,10 +128,10 @@ class ByteLMModule(L.LightningModule):
         self._report("test", self.test_bpb)
 
     def _report(self, split: str, metric: BitsPerByte) -> None:
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if self.trainer.sanity_checking:
             return
-        # compute() was synced across ranks by the logging above; bytes are the global count.
-        rank_zero_info(f"step {self.global_step}: {split} bpb {float(metric.compute()):.4f} over {int(metric.bytes):,} bytes")
+        bpb, n_bytes = metric.totals()  # on every rank: it gathers
+        self.print(f"step {self.global_step}: {split} bpb {bpb:.4f} over {n_bytes:,} bytes")
 
     def on_fit_start(self) -> None:
         """Hyperparameters with val/bpb as their metric, for TensorBoard's HParams view."""

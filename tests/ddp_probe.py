@@ -2,10 +2,12 @@
 what each rank reads, for the test to check."""
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from blt_lightning import ByteShardDataModule, EntropyLM
 from blt_lightning.models import EntropyModelConfig
@@ -31,8 +33,11 @@ class RecordingLM(EntropyLM):
 if __name__ == "__main__":
     out, manifest = sys.argv[1], sys.argv[2]
     L.seed_everything(0)
-    data = ByteShardDataModule(manifest=manifest, seq_len=16, batch_size=2, num_workers=2, batches_per_epoch=3)
-    model = RecordingLM(EntropyModelConfig(dim=16, n_layers=1, n_heads=2), seq_len=16)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+    # batches_per_epoch comes from the manifest: about one pass over the training bytes per epoch
+    data = ByteShardDataModule(manifest=manifest, seq_len=64, batch_size=4, num_workers=2)
+    model = RecordingLM(EntropyModelConfig(dim=16, n_layers=1, n_heads=2), seq_len=64)
+    # A collective that waits longer than this fails the run instead of hanging it.
+    strategy = DDPStrategy(timeout=timedelta(seconds=120))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(model, data)

@@ -54,8 +54,12 @@ def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path):
 
     # The other subcommands run from the same config and checkpoint.
     for subcommand in ("validate", "test", "predict"):
-        main([subcommand, *fit_args(tmp_path, corpus), "--ckpt_path", str(checkpoints[0])])
+        main([subcommand, *fit_args(tmp_path, corpus), "--ckpt_path", str(checkpoints[-1])])
     assert (tmp_path / "entropy-tiny" / "version_3" / "config.yaml").is_file()
+    predictions = sorted((tmp_path / "entropy-tiny" / "version_3" / "predictions").glob("*.pt"))
+    assert predictions, "predict wrote nothing"
+    first = torch.load(predictions[0])
+    assert first["entropies"].shape == first["ids"].shape and (first["entropies"] >= 0).all()
 
 
 def test_configs_compose_and_print(corpus, tmp_path, capsys):

@@ -47,6 +47,9 @@ def test_eval_stream_covers_each_row_once_and_rows_do_not_depend_on_readers(shar
         return seen
 
     single = rows_by_shard(1, 0)
+    assert rows_by_shard(1, 0).keys() == single.keys()
+    first, again = (list(EvalStream(split, seq_len, batch_size, 0, 1, 0)) for _ in range(2))
+    assert all(torch.equal(a["ids"], b["ids"]) for a, b in zip(first, again)), "the order changed between runs"
     assert len(single) == sum(s.rows(seq_len) for s in split)
     spread = rows_by_shard(2, 2)
     assert single.keys() == spread.keys() and all(torch.equal(single[k], spread[k]) for k in single)
@@ -89,8 +92,15 @@ def test_datamodule_from_urls_and_manifest(shards, tmp_path):
     assert piped == documents_of(read_manifest(str(shards / MANIFEST))["validation"][:2])
     batch = next(iter(dm.train_dataloader()))
     assert batch["ids"].shape == (2, 17) and batch["doc_ids"].shape == (2, 17)
+    only_train = ByteShardDataModule(train_shards=pattern)
+    only_train.setup("test")
     with pytest.raises(ValueError, match="no test shards"):
-        ByteShardDataModule(train_shards=pattern).setup("test") or ByteShardDataModule(train_shards=pattern).test_dataloader()
+        only_train.test_dataloader()
+
+
+def test_rows_do_not_keep_their_document_alive():
+    (_, row), *_ = pack_rows([(0, b"x" * 100_000)], 8, pad_last=False)
+    assert row.untyped_storage().nbytes() == 9 * 8
 
 
 def test_datamodule_prepares_sources_once(corpus, tmp_path):

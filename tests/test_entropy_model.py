@@ -47,12 +47,17 @@ def test_sliding_window_limits_what_a_position_sees():
     assert diff[:5].max() == 0 and diff[5:9].min() > 0 and diff[9:].max() == 0  # one layer sees 4 keys
 
 
-def test_entropies_are_between_zero_and_log_vocab():
+def test_entropies_are_the_next_byte_distributions_entropy():
     m = model()
+    with torch.no_grad():
+        m.output.weight.mul_(30.0)  # sharper distributions than at initialisation: entropies spread out
     ids = torch.randint(4, VOCAB_SIZE, (3, 30))
     h = m.entropies(ids)
     assert h.shape == (3, 30) and h.dtype == torch.float32
-    assert (h >= 0).all() and (h <= math.log(VOCAB_SIZE) + 1e-6).all()
+    expected = torch.distributions.Categorical(logits=m(ids)).entropy()
+    torch.testing.assert_close(h, expected, rtol=1e-4, atol=1e-5)
+    assert h.min() < 0.5 * h.max(), "the check above needs entropies that differ"
+    assert (h >= 0).all() and (h <= math.log(VOCAB_SIZE)).all()
     uniform = model()
     with torch.no_grad():
         uniform.output.weight.zero_()

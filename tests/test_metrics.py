@@ -30,7 +30,7 @@ def _rank(rank: int, world_size: int, port: int, results) -> None:
             metric.update(torch.full((10,), 1.0), torch.full((10,), 50))
     else:  # one batch, 2 bytes with a much higher loss
         metric.update(torch.full((2,), 4.0), torch.full((2,), 50))
-    results[rank] = float(metric.compute())
+    results[rank] = (float(metric.compute()), metric.totals())
     dist.destroy_process_group()
 
 
@@ -38,7 +38,8 @@ def test_sums_over_ranks_with_unequal_batches():
     port = 29500 + os.getpid() % 1000
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(2, port, results), nprocs=2)
-    exact = (30 * 1.0 + 2 * 4.0) / math.log(2) / 32
-    assert results[0] == pytest.approx(exact, rel=1e-12) and results[1] == pytest.approx(exact, rel=1e-12)
-    mean_of_rank_values = (1.0 / math.log(2) + 4.0 / math.log(2)) / 2
-    assert abs(exact - mean_of_rank_values) > 1.0  # what averaging per-rank values would have given instead
+    exact = (30 * 1.0 + 2 * 4.0) / math.log(2) / 32  # not the mean of the ranks' values, (1 + 4) / ln 2 / 2
+    for rank in (0, 1):
+        bpb, (total_bpb, total_bytes) = results[rank]
+        assert bpb == pytest.approx(exact, rel=1e-12) and total_bpb == pytest.approx(exact, rel=1e-12)
+        assert total_bytes == 32

@@ -127,3 +127,37 @@ def test_command_line(corpus, tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / MANIFEST).read_text())["options"]["shard_bytes"] == 4000
     with pytest.raises(SystemExit, match="no such file"):
         main([str(tmp_path / "missing"), "--output", str(tmp_path / "x")])
+
+
+def test_unreadable_gzip_names_the_file(tmp_path):
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_text('{"text": "not compressed"}\n')
+    truncated = write_jsonl(tmp_path / "cut.jsonl.gz", make_documents(50), gz=True)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    for path in (not_gzip, truncated):
+        with pytest.raises(PrepareError, match=f"{path.name}: cannot read it"):
+            prepare([str(path)], tmp_path / "out", OPTIONS, progress=False)
+        assert not list((tmp_path / "out").glob(".*partial"))
+
+
+def test_long_documents_are_cut_at_line_breaks(tmp_path):
+    lines = [f"line {i:04d} of a long text file\n".encode() for i in range(3000)]
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"".join(lines) + b"x" * 2500)  # ends in a run with no line break
+    out = tmp_path / "out"
+    options = PrepareOptions(val_fraction=0.0, max_document_bytes=1000)
+    manifest = prepare([str(big)], out, options, progress=False)
+    keyed = [kv for s in manifest["splits"]["train"]["shards"] for kv in shard_samples(out / s["path"]).items()]
+    docs = [data for _, (data, _) in sorted(keyed)]  # keys number documents in input order
+    assert b"".join(docs) == big.read_bytes(), "pieces must add up to the file, in order"
+    assert max(len(d) for d in docs) <= 1000
+    assert all(d.endswith(b"\n") for d in docs[:-3]) and docs[-1] == b"x" * 500
+
+
+def test_a_rerun_removes_shards_it_no_longer_writes(corpus, tmp_path):
+    out = tmp_path / "out"
+    many = prepare([str(corpus)], out, OPTIONS, progress=False)
+    few = prepare([str(corpus)], out, PrepareOptions(val_fraction=0.2, shard_bytes=10**6, interleave=1), progress=False)
+    written = {s["path"] for split in few["splits"].values() for s in split["shards"]}
+    assert len(written) < sum(len(s["shards"]) for s in many["splits"].values())
+    assert {p.name for p in out.glob("*.tar")} == written
