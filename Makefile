@@ -1,6 +1,7 @@
 # Set-up is part of every target: a fresh clone needs only python3 (3.11+).
-# torch is installed first, pinned: a CPU wheel here; an unpinned torch would pull GBs of CUDA packages.
-# Elsewhere, pick your build: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# torch is installed first, pinned, so that the package's own torch requirement is already met: here pip
+# finds a CPU wheel of 2.13.0 beside it, where an unpinned torch would pull GBs of CUDA packages.
+# On a stock Linux machine name the build: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

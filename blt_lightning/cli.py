@@ -18,8 +18,10 @@ from . import prepare
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-# Our streams define __len__ exactly (each worker reads its own shards and knows its share).
+# Our streams define __len__ exactly (each worker reads its own shards and knows its share), and a
+# prediction is saved per batch and rank, not by sample index.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
 TOOLS = {"prepare": prepare.main}
 

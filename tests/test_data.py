@@ -1,3 +1,8 @@
+import functools
+import http.server
+import shutil
+import threading
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -136,3 +141,18 @@ def test_streams_run_in_spawned_workers(shards):
     for a, b in zip(spawned, forked):
         assert len(a) == len(b) > 0
         assert all(torch.equal(x["ids"], y["ids"]) for x, y in zip(a, b))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http URLs with curl, which is not installed")
+def test_shards_stream_over_http(shards):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/validation-000000.tar"
+        dm = ByteShardDataModule(val_shards=[url], seq_len=16, batch_size=2)
+        dm.setup("validate")
+        assert documents_of(dm.shards["validation"]) == documents_of([Shard(str(shards / "validation-000000.tar"))])
+        assert next(iter(dm.val_dataloader()))["ids"].shape == (2, 17)
+    finally:
+        server.shutdown()
