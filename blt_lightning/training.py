@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .metrics import BitsPerByte
@@ -126,7 +127,8 @@ class ByteLMModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self._fit_start is not None and self._fit_bytes:
             elapsed = time.perf_counter() - self._fit_start
-            self.print(f"trained on {self._fit_bytes:,} bytes in {elapsed:.1f} s: {self._fit_bytes / elapsed:,.0f} bytes/s")
+            # Lightning's logger, not self.print: the progress bar that self.print writes through is closed by now.
+            rank_zero_info(f"trained on {self._fit_bytes:,} bytes in {elapsed:.1f} s: {self._fit_bytes / elapsed:,.0f} bytes/s")
 
     def on_validation_epoch_end(self) -> None:
         self._report("validation", self.val_bpb)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,11 @@ def fit_args(root, corpus):
     ]
 
 
-def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path):
+def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capfd):
     main(["fit", *fit_args(tmp_path, corpus)])
+    printed = "".join(capfd.readouterr())
+    assert re.search(r"step 4: validation bpb \d\.\d{4} over [\d,]+ bytes", printed)
+    assert re.search(r"trained on [\d,]+ bytes in [\d.]+ s: [\d,]+ bytes/s", printed)
     run = tmp_path / "entropy-tiny" / "version_0"
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
     assert [c.name for c in checkpoints][-1] == "last.ckpt" and (run / "config.yaml").is_file()
