@@ -1,3 +1,4 @@
+import logging
 import re
 from pathlib import Path
 
@@ -34,11 +35,11 @@ def fit_args(root, corpus):
     ]
 
 
-def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capfd):
+def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
     main(["fit", *fit_args(tmp_path, corpus)])
-    printed = "".join(capfd.readouterr())
-    assert re.search(r"step 4: validation bpb \d\.\d{4} over [\d,]+ bytes", printed)
-    assert re.search(r"trained on [\d,]+ bytes in [\d.]+ s: [\d,]+ bytes/s", printed)
+    assert re.search(r"step 4: validation bpb \d\.\d{4} over [\d,]+ bytes", capfd.readouterr().out)
+    assert re.search(r"trained on [\d,]+ bytes in [\d.]+ s: [\d,]+ bytes/s", caplog.text)
     run = tmp_path / "entropy-tiny" / "version_0"
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
     assert [c.name for c in checkpoints][-1] == "last.ckpt" and (run / "config.yaml").is_file()
