@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vocab import VOCAB_SIZE, document_ids
-from .layers import TransformerBlock, init_weights, self_attention_mask, swiglu_hidden
+from .layers import KVCache, TransformerBlock, init_weights, self_attention_mask, swiglu_hidden, window_mask
 
 
 @dataclass(frozen=True)
@@ -49,26 +49,58 @@ class EntropyModel(nn.Module):
         self.output = nn.Linear(config.dim, VOCAB_SIZE, bias=False)
         init_weights(self, config.n_layers)
 
-    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
         """Next-byte logits [B, L, VOCAB_SIZE] for ids [B, L]; position t sees ids[:, :t+1] of its own
-        document (doc_ids, [B, L], default: counted from BOS markers)."""
+        document (doc_ids, [B, L], default: counted from BOS markers), within the sliding window
+        (`window` overrides the configured one)."""
         if doc_ids is None:
             doc_ids = document_ids(ids)
-        mask = self_attention_mask(doc_ids, self.config.sliding_window)  # [B, 1, L, L]
+        mask = self_attention_mask(doc_ids, window or self.config.sliding_window)  # [B, 1, L, L]
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.tok_embeddings(ids)  # [B, L, dim]
         for layer in self.layers:
             x = layer(x, mask, positions)
         return self.output(self.norm(x))
 
+    def new_cache(self, window: int | None = None, device: torch.device | None = None) -> KVCache:
+        """An empty cache to stream one document through `forward_cached`, a chunk at a time."""
+        keep = window or self.config.sliding_window
+        if keep is None:
+            raise ValueError("streaming needs an attention window: the model's sliding window or its context length")
+        return KVCache.empty(len(self.layers), keep, device or self.output.weight.device)
+
+    def forward_cached(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, L, VOCAB_SIZE] for the next chunk ids [B, L] of B document streams, continuing where
+        the cache left off: the same as one pass over the whole stream with window `cache.keep`."""
+        start = int(cache.positions[-1]) + 1 if len(cache.positions) else 0
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        key_positions = torch.cat([cache.positions, positions])
+        mask = window_mask(positions, key_positions, cache.keep)  # [L, kept + L], kept keys first
+        x = self.tok_embeddings(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, positions, cache, i)
+        cache.positions = key_positions[-cache.keep :]
+        return self.output(self.norm(x))
+
     @torch.no_grad()
-    def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
         """H(t) = -sum_v p(v | ids[:t+1]) ln p(v | ids[:t+1]) in nats, [B, L], float32: the uncertainty
         about the byte after position t. Between 0 and ln(VOCAB_SIZE)."""
-        logp = F.log_softmax(self(ids, doc_ids).float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        return entropy.clamp(0.0, math.log(VOCAB_SIZE))  # rounding can step just outside
+        return entropy_of(self(ids, doc_ids, window))
+
+    @torch.no_grad()
+    def document_entropies(self, ids: torch.Tensor, window: int, chunk: int = 4096) -> torch.Tensor:
+        """Entropies [L] of one document's ids [L] of any length, streamed in chunks through a KV cache:
+        every position sees up to `window` earlier ids at every layer, as in one pass over all of it."""
+        cache = self.new_cache(window, ids.device)
+        return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0] for part in ids.split(chunk)])
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.tok_embeddings.weight.numel()
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the softmax of logits [..., V], float32, clamped to [0, ln V] against rounding."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return (-(logp.exp() * logp).sum(-1)).clamp(0.0, math.log(logits.shape[-1]))

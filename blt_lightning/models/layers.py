@@ -5,6 +5,8 @@ Attention is scaled dot-product attention under a boolean mask that keeps each p
 own document, causal, and optionally within a sliding window.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,14 +15,16 @@ from torch import nn
 def self_attention_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """[B, 1, L, L] boolean mask: query i may see key j when j <= i, both lie in the same document and,
     with a window, i - j < window. Every position sees itself, so no row of the mask is empty."""
-    L = doc_ids.shape[-1]
-    pos = torch.arange(L, device=doc_ids.device)
-    distance = pos[:, None] - pos[None, :]  # [L, L]: query minus key
-    allowed = distance >= 0
-    if window is not None:
-        allowed = allowed & (distance < window)
+    pos = torch.arange(doc_ids.shape[-1], device=doc_ids.device)
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, L, L]
-    return (allowed & same_doc)[:, None]
+    return (window_mask(pos, pos, window) & same_doc)[:, None]
+
+
+def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Lq, Lk] boolean mask of one document: a query sees keys at or before it, within the window."""
+    distance = query_positions[:, None] - key_positions[None, :]
+    allowed = distance >= 0
+    return allowed & (distance < window) if window is not None else allowed
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +41,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+@dataclass
+class KVCache:
+    """Rotated keys and values of the latest positions of one stream, per layer: what lets a stream be
+    continued a chunk at a time with exactly the result of one pass over all of it."""
+
+    keys: list[torch.Tensor | None]  # per layer [B, H, kept, head_dim]
+    values: list[torch.Tensor | None]
+    positions: torch.Tensor  # [kept]: positions of the kept keys
+    keep: int  # keys kept: the attention window
+
+    @classmethod
+    def empty(cls, n_layers: int, keep: int, device: torch.device) -> "KVCache":
+        return cls([None] * n_layers, [None] * n_layers, torch.empty(0, dtype=torch.long, device=device), keep)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, rope_theta: float):
         super().__init__()
@@ -47,11 +66,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x [B, L, dim] at `positions` [L]; with a cache, the mask also covers its kept keys (first)."""
         B, L, D = x.shape
         q, k, v = (w(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, head_dim]
+        if cache is not None:
+            if cache.keys[layer] is not None:
+                k, v = torch.cat([cache.keys[layer], k], dim=2), torch.cat([cache.values[layer], v], dim=2)
+            cache.keys[layer], cache.values[layer] = k[:, :, -cache.keep :], v[:, :, -cache.keep :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, L, D))
 
@@ -77,8 +102,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.feed_forward = FeedForward(dim, ffn_hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), mask, positions)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), mask, positions, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
