@@ -35,8 +35,8 @@ import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .prepare import MANIFEST, PrepareOptions, expand_inputs, input_list, prepare
-from .vocab import PAD, document_ids, encode
+from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, input_list, prepare, read_documents
+from .vocab import PAD, document_ids, encode, is_byte
 
 # ---------------------------------------------------------------------------------------------------
 # The pipeline a worker runs: module-level functions only.
@@ -124,6 +124,7 @@ def make_batch(rows: list[tuple[int, int, torch.Tensor]], batch_size: int, seq_l
         "doc_ids": document_ids(ids),  # [B, seq_len + 1]: attention stays where these are equal
         "shard": torch.tensor(shards),  # [B]: the shard a row ends in (-1: padding)
         "row": torch.tensor(numbers),  # [B]: the row's number within its shard (eval; -1 otherwise)
+        "bytes": int(is_byte(ids[:, 1:]).sum()),  # bytes among the targets, counted here so no device waits for it
     }
 
 
@@ -371,6 +372,25 @@ class ByteShardDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("test" if self.shards.get("test") else "validation")
+
+
+def iter_documents(data: list[str], split: str = "validation") -> Iterator[bytes]:
+    """Documents, as raw bytes, of data named any way: manifests (their `split`), shard URLs (.tar files,
+    brace patterns, pipe: commands, http), or text, JSON-lines and directory inputs as `prepare` reads them."""
+    for spec in data:
+        if spec.endswith(".json"):
+            shards = read_manifest(spec).get(split)
+            if not shards:
+                raise ValueError(f"{spec}: the manifest has no {split} split")
+            urls = [s.url for s in shards]
+        elif spec.startswith(("pipe:", "http://", "https://")) or spec.split("?")[0].endswith(".tar"):
+            urls = expand_urls(spec)
+        else:
+            for path, source in expand_inputs([spec]):
+                yield from (doc.data for doc in read_documents(path, source, PrepareOptions(), Counts(), lambda _: None))
+            continue
+        for url in urls:
+            yield from shard_documents(url)
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:

@@ -23,9 +23,14 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no entropy model checkpoint here (train one: blt-lightning fit --config configs/entropy/tiny.yaml)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # not a torch file, truncated, or pickled from code that is gone
+        raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint: it does not load ({error})") from None
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     config = hparams.get("model")
+    if isinstance(config, dict):  # LightningCLI saves the init arguments as the config's plain values
+        config = EntropyModelConfig(**config)
     if not isinstance(config, EntropyModelConfig) or "seq_len" not in hparams:
         raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint: it holds no entropy model config")
     model = EntropyModel(config)

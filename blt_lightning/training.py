@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .metrics import BitsPerByte
-from .vocab import BOS, PAD, is_byte
+from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
 
@@ -55,7 +55,7 @@ class ByteLMModule(L.LightningModule):
         self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
         self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes) of recent batches
-        self._fit_bytes, self._fit_start, self._batch_bytes = 0, None, 0
+        self._fit_bytes, self._fit_start = 0, None
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for."""
@@ -72,7 +72,7 @@ class ByteLMModule(L.LightningModule):
         trained = (targets != PAD) & (targets != BOS)
         loss = (ce * trained).sum() / trained.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True)
-        self._count_bytes(self._batch_bytes)
+        self._count_bytes(batch["bytes"])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -100,12 +100,6 @@ class ByteLMModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, int(total), cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
-        # Counted here, on the host: counting on the GPU in the step would make the host wait for it.
-        if isinstance(batch, dict):  # the model summary sends its example input through here too
-            self._batch_bytes = int(is_byte(batch["ids"][:, 1:]).sum())
-        return batch
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -38,3 +38,18 @@ def shards(corpus, tmp_path) -> Path:
     out = tmp_path / "shards"
     prepare([str(corpus)], out, PrepareOptions(val_fraction=0.2, test_fraction=0.1, shard_bytes=2000, interleave=4), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def entropy_checkpoint(tmp_path_factory) -> Path:
+    """A stage-one checkpoint written by the CLI: a few steps of the tiny config on a small corpus."""
+    from blt_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("stage_one")
+    corpus = write_jsonl(root / "corpus.jsonl", make_documents(240))
+    main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/entropy/tiny.yaml"),
+          "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "2",
+          "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000",
+          "--data.seq_len", "32", "--data.batch_size", "4", "--data.num_workers", "0"])
+    return root / "entropy-tiny" / "version_0" / "checkpoints" / "last.ckpt"

@@ -148,13 +148,23 @@ def test_a_rows_patches_do_not_depend_on_other_rows():
     torch.testing.assert_close(h1[0], single[0], rtol=0, atol=1e-5)
 
 
-def real_text(n_bytes: int) -> bytes:
-    path = CORPORA / "en_moby_dick.jsonl.gz"
+def real_documents(n_bytes: int, source: str = "en_moby_dick") -> list[bytes]:
+    """Documents of a shared corpus, in order, until n_bytes."""
+    path = CORPORA / f"{source}.jsonl.gz"
     if not path.exists():
         pytest.skip(f"{path} is not here (the shared corpora sit beside the repository)")
+    docs, size = [], 0
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        text = json.loads(f.readline())["text"] + json.loads(f.readline())["text"]
-    return text.encode()[:n_bytes]
+        for line in f:
+            docs.append(json.loads(line)["text"].encode())
+            size += len(docs[-1])
+            if size >= n_bytes:
+                return docs
+    raise AssertionError(f"{path} holds fewer than {n_bytes} bytes")
+
+
+def real_text(n_bytes: int) -> bytes:
+    return b"".join(real_documents(n_bytes))[:n_bytes]
 
 
 @pytest.mark.parametrize("config", [

@@ -89,11 +89,13 @@ class EntropyModel(nn.Module):
         return entropy_of(self(ids, doc_ids, window))
 
     @torch.no_grad()
-    def document_entropies(self, ids: torch.Tensor, window: int, chunk: int = 4096) -> torch.Tensor:
+    def document_entropies(self, ids: torch.Tensor, window: int, chunk: int | None = None) -> torch.Tensor:
         """Entropies [L] of one document's ids [L] of any length, streamed in chunks through a KV cache:
-        every position sees up to `window` earlier ids at every layer, as in one pass over all of it."""
+        every position sees up to `window` earlier ids at every layer, as in one pass over all of it.
+        A chunk attends over itself and the window before it, so chunks of one window (the default)
+        waste at most half the attention work."""
         cache = self.new_cache(window, ids.device)
-        return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0] for part in ids.split(chunk)])
+        return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0] for part in ids.split(chunk or window)])
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,117 @@
+"""`calibrate`: the entropy threshold that gives a target mean patch size on a sample of the data.
+
+The mean patch size never falls as the threshold rises, so a bisection over thresholds finds it; the
+answer is the threshold whose mean patch size on the sample is closest to the target. The sample's
+entropies are computed once, each document streamed whole through the frozen model (as generation and
+stored entropies see it), then patched again for every threshold tried. The result is printed and
+written as a YAML snippet that stage two's configs compose with (`--config snippet.yaml`).
+"""
+
+import argparse
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import iter_documents
+from .patcher import load_entropy_model
+from .patching import PatchingConfig, patch
+from .vocab import VOCAB_SIZE, encode
+
+SEARCH_STEPS = 60
+
+
+def sample_entropies(model, window: int, data: list[str], split: str, sample_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [1, N] and entropies [1, N] of whole documents from `data`, until `sample_bytes` bytes."""
+    ids, entropies, taken = [], [], 0
+    device = model.output.weight.device
+    with tqdm(total=sample_bytes, unit="B", unit_scale=True, desc="entropies", disable=None) as bar:
+        for doc in iter_documents(data, split):
+            if not doc:
+                continue
+            doc_ids = encode(doc).to(device)
+            ids.append(doc_ids)
+            entropies.append(model.document_entropies(doc_ids, window))
+            taken += len(doc)
+            bar.update(len(doc))
+            if taken >= sample_bytes:
+                break
+    if not ids:
+        raise ValueError(f"no documents in {data} ({split} split for manifests)")
+    return torch.cat(ids)[None], torch.cat(entropies)[None]
+
+
+def mean_patch_size(ids: torch.Tensor, entropies: torch.Tensor, config: PatchingConfig) -> float:
+    return patch(ids, config, entropies).mean_size
+
+
+def calibrate(ids: torch.Tensor, entropies: torch.Tensor, config: PatchingConfig, target: float) -> tuple[PatchingConfig, float]:
+    """The config with the threshold (relative_threshold in monotonic mode) whose mean patch size on
+    ids/entropies [1, N] is closest to `target`, and that mean patch size."""
+    field = "relative_threshold" if config.mode == "monotonic" else "threshold"
+    limit = math.log(VOCAB_SIZE) + 1e-3  # entropies lie in [0, ln 260]; their differences in [-ln 260, ln 260]
+    low, high = (-limit if field == "relative_threshold" else 0.0), limit
+
+    def size(value: float) -> float:
+        return mean_patch_size(ids, entropies, replace(config, **{field: value}))
+
+    if not size(low) <= target <= size(high):
+        raise ValueError(f"a mean patch size of {target} is out of reach in {config.mode} mode: between "
+                         f"{size(low):.3f} and {size(high):.3f} on this sample")
+    for _ in range(SEARCH_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if size(middle) < target else (low, middle)
+    best = min((low, high), key=lambda value: abs(size(value) - target))
+    return replace(config, **{field: best}), size(best)
+
+
+def snippet(config: PatchingConfig, achieved: float, target: float, n_bytes: int, checkpoint: str) -> str:
+    """YAML that sets stage two's patching; composes with a stage-two config."""
+    fields = {"mode": config.mode, "threshold": config.threshold, "relative_threshold": config.relative_threshold,
+              "max_patch_length": config.max_patch_length}
+    lines = [
+        f"# blt-lightning calibrate: mean patch size {achieved:.3f} (target {target}) on {n_bytes:,} bytes,",
+        f"# entropy model {checkpoint}. Use with a stage-two config: fit --config ... --config this.yaml",
+        "model:", "  init_args:", "    patching:",
+    ]
+    for key, value in fields.items():
+        text = "null" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value))
+        lines.append(f"      {key}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="blt-lightning calibrate",
+        description="Find the entropy threshold that gives a target mean patch size, and write it as YAML for stage two.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="stage-one (entropy model) checkpoint")
+    parser.add_argument("--data", nargs="+", required=True, help="manifest.json, shard URLs, or text / JSON-lines files and directories")
+    parser.add_argument("--split", default="validation", help="split of a manifest to sample (default: validation)")
+    parser.add_argument("--target", type=float, required=True, help="mean patch size to reach, in bytes (the paper's runs: about 4.5)")
+    parser.add_argument("--mode", choices=["entropy", "monotonic", "combined"], default="entropy")
+    parser.add_argument("--relative_threshold", type=float, default=0.0, help="kept fixed in combined mode (default: 0)")
+    parser.add_argument("--max_patch_length", type=int, default=None, help="cut longer patches (default: no limit)")
+    parser.add_argument("--sample_bytes", type=int, default=1_000_000, help="bytes of whole documents to sample (default: 1e6)")
+    parser.add_argument("--output", help="YAML snippet to write (default: patching-MODE-TARGET.yaml beside the checkpoint)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        model, context = load_entropy_model(args.checkpoint, args.device)
+        window = min(w for w in (model.config.sliding_window, context) if w)
+        ids, entropies = sample_entropies(model, window, args.data, args.split, args.sample_bytes)
+        start = PatchingConfig(mode=args.mode, threshold=0.0, relative_threshold=args.relative_threshold,
+                               max_patch_length=args.max_patch_length)
+        config, achieved = calibrate(ids, entropies, start, args.target)
+    except (ValueError, OSError) as error:
+        sys.exit(f"calibrate: {error}")
+    n_bytes = int((ids >= 4).sum())
+    value = config.relative_threshold if config.mode == "monotonic" else config.threshold
+    print(f"{config.mode} threshold {value:.6f}: mean patch size {achieved:.3f} (target {args.target}) on {n_bytes:,} bytes")
+    output = Path(args.output or Path(args.checkpoint).parent / f"patching-{args.mode}-{args.target:g}.yaml")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(snippet(config, achieved, args.target, n_bytes, args.checkpoint))
+    print(f"wrote {output}")

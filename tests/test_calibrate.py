@@ -1,0 +1,65 @@
+import pytest
+import torch
+import yaml
+from test_patching import real_documents, real_text, sharp_model
+
+from blt_lightning import calibrate, visualize
+from blt_lightning.calibrate import mean_patch_size
+from blt_lightning.patching import PatchingConfig
+from blt_lightning.vocab import encode
+
+
+def entropies_of(model, *docs: bytes, window: int = 64):
+    """ids [1, N] and entropies [1, N] of documents laid end to end, each streamed on its own."""
+    ids = [encode(d) for d in docs]
+    return torch.cat(ids)[None], torch.cat([model.document_entropies(i, window) for i in ids])[None]
+
+
+@pytest.mark.parametrize("mode", ["entropy", "monotonic", "combined"])
+@pytest.mark.parametrize("target", [3.0, 4.5, 6.0])
+def test_calibration_reaches_its_target_on_held_back_text(mode, target):
+    model = sharp_model()
+    docs = real_documents(120_000)  # held back as a split would: every other document
+    sample, held_back = entropies_of(model, *docs[0::2]), entropies_of(model, *docs[1::2])
+    config, achieved = calibrate.calibrate(*sample, PatchingConfig(mode=mode, threshold=0.0), target)
+    assert achieved == pytest.approx(target, rel=0.005)
+    assert mean_patch_size(*held_back, config) == pytest.approx(target, rel=0.02)
+
+
+def test_an_unreachable_target_is_a_clear_error():
+    ids, h = entropies_of(sharp_model(), real_text(5_000))
+    with pytest.raises(ValueError, match="out of reach"):
+        calibrate.calibrate(ids, h, PatchingConfig(threshold=0.0, max_patch_length=4), 6.0)
+
+
+def test_calibrate_and_patch_commands_on_a_cli_checkpoint(entropy_checkpoint, shards, tmp_path, capsys):
+    snippet = tmp_path / "patching.yaml"
+    calibrate.main(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / "manifest.json"),
+                    "--target", "2.5", "--output", str(snippet)])
+    assert "mean patch size" in capsys.readouterr().out
+    config = PatchingConfig(**yaml.safe_load(snippet.read_text())["model"]["init_args"]["patching"])
+    assert config.mode == "entropy" and config.threshold > 0
+
+    figure = tmp_path / "patches.png"
+    visualize.main(["--checkpoint", str(entropy_checkpoint), "--patching", str(snippet),
+                    "--text", "by George R.R. Martin, 字节", "--plot", str(figure)])
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].replace("|", "") == "by George R.R. Martin, 字节"
+    assert "patches over 29 bytes" in printed
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="needs --checkpoint"):
+        visualize.main(["--mode", "entropy", "--threshold", "1", "--text", "x"])
+    with pytest.raises(SystemExit, match="not a stage-one"):
+        calibrate.main(["--checkpoint", str(snippet), "--data", str(shards / "manifest.json"), "--target", "3"])
+
+
+def test_figure_marks_patch_starts():
+    ids = encode(b"by George")
+    h = torch.full((len(ids),), 0.5)
+    starts = torch.zeros(len(ids), dtype=torch.bool)
+    starts[[0, 1, 4, 5]] = True
+    figure = visualize.patch_figure(ids, h, starts, threshold=1.0, title="test")
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == list("by␣George")
+    start_lines = [line for line in axes.lines if line.get_xdata()[0] == line.get_xdata()[-1] and line.get_color() == "tab:red"]
+    assert sorted(line.get_xdata()[0] for line in start_lines) == [-0.5, 2.5, 3.5]
