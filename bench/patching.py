@@ -56,11 +56,11 @@ def load_rows(corpus: Path, seq_len: int, needed: int) -> torch.Tensor:
     def documents():
         with opener(corpus, "rt", encoding="utf-8") as lines:
             for line in lines:
-                yield 0, json.loads(line)["text"].encode("utf-8")
+                yield 0, json.loads(line)["text"].encode("utf-8"), None
 
     # pack_rows makes rows of seq_len + 1 ids that overlap by one (inputs and targets, for training);
     # dropping each row's last id tiles the text without overlap.
-    rows = [row[:-1] for _, row in itertools.islice(pack_rows(documents(), seq_len, pad_last=False), needed)]
+    rows = [row[:-1] for _, row, _ in itertools.islice(pack_rows(documents(), seq_len, pad_last=False), needed)]
     if not rows:
         raise SystemExit(f"{corpus}: too little text for one row of {seq_len} ids")
     return torch.stack(rows)

@@ -14,7 +14,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from . import calibrate, prepare, visualize
+from . import calibrate, prepare, store_entropies, visualize
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -23,7 +23,12 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
-TOOLS = {"prepare": prepare.main, "calibrate": calibrate.main, "patch": visualize.main}
+TOOLS = {
+    "prepare": prepare.main,
+    "entropies": store_entropies.main,
+    "calibrate": calibrate.main,
+    "patch": visualize.main,
+}
 
 
 class BLTLightningCLI(LightningCLI):

@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, input_list, prepare, read_documents
 from .vocab import PAD, document_ids, encode, is_byte
 
+ENTROPY_MEMBER = "entropies.f16"  # per document: float16 next-byte entropies of its ids, BOS to EOS
+
 # ---------------------------------------------------------------------------------------------------
 # The pipeline a worker runs: module-level functions only.
 
@@ -66,34 +68,60 @@ def current_reader(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
+def shard_samples(url: str) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+    """The documents of one shard, in order: raw bytes, and their stored entropies [len + 2] (BOS to EOS)
+    when the shard has them (written by `blt-lightning entropies`)."""
+    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+        key = sample.get("__key__")
+        if "bin" not in sample:
+            raise ValueError(f"{url}: sample {key!r} has no .bin member")
+        data, stored = sample["bin"], sample.get(ENTROPY_MEMBER)
+        if stored is None:
+            yield data, None
+            continue
+        entropies = torch.frombuffer(bytearray(stored), dtype=torch.float16).float()
+        if len(entropies) != len(data) + 2:
+            raise ValueError(f"{url}: sample {key!r} has {len(entropies)} entropies for {len(data) + 2} ids")
+        yield data, entropies
+
+
 def shard_documents(url: str) -> Iterator[bytes]:
     """The documents of one shard, in order, as raw bytes."""
-    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
-        if "bin" not in sample:
-            raise ValueError(f"{url}: sample {sample.get('__key__')!r} has no .bin member")
-        yield sample["bin"]
+    return (data for data, _ in shard_samples(url))
 
 
-def pack_rows(docs: Iterable[tuple[int, bytes]], seq_len: int, pad_last: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """Rows of `seq_len + 1` ids cut from the documents' ids laid end to end, overlapping by one id.
+Document = tuple[int, bytes, torch.Tensor | None]  # (tag, bytes, stored entropies or None)
+Row = tuple[int, torch.Tensor, torch.Tensor | None]  # (tag, ids [seq_len + 1], entropies or None)
+
+
+def pack_rows(docs: Iterable[Document], seq_len: int, pad_last: bool) -> Iterator[Row]:
+    """Rows of `seq_len + 1` ids cut from the documents' ids laid end to end, overlapping by one id, with
+    stored entropies cut the same way when the documents have them.
 
     Documents come tagged (with their shard); each row comes with the tag of the document it ends in.
-    With `pad_last`, what is left at the end becomes a last row padded with PAD.
+    With `pad_last`, what is left at the end becomes a last row padded with PAD (entropy 0).
     """
-    pending, tag = torch.empty(0, dtype=torch.long), -1
-    for tag, data in docs:
+    pending, pending_h, tag, with_entropies = torch.empty(0, dtype=torch.long), torch.empty(0), -1, None
+    for tag, data, entropies in docs:
+        if with_entropies is None:
+            with_entropies = entropies is not None
+        elif with_entropies != (entropies is not None):
+            raise ValueError(f"shard {tag}: some documents have stored entropies and others do not")
         pending = torch.cat([pending, encode(data)])
+        if with_entropies:
+            pending_h = torch.cat([pending_h, entropies])
         full = (len(pending) - 1) // seq_len
-        for r in range(full):  # a copy: a view would keep the whole document alive in the shuffle buffer
-            yield tag, pending[r * seq_len : (r + 1) * seq_len + 1].clone()
-        pending = pending[full * seq_len :]
+        for r in range(full):  # copies: a view would keep the whole document alive in the shuffle buffer
+            cut = slice(r * seq_len, (r + 1) * seq_len + 1)
+            yield tag, pending[cut].clone(), pending_h[cut].clone() if with_entropies else None
+        pending, pending_h = pending[full * seq_len :], pending_h[full * seq_len :]
     if pad_last and len(pending) > 1:
-        yield tag, pad_row(pending, seq_len)
+        yield tag, pad_row(pending, seq_len, PAD), pad_row(pending_h, seq_len, 0.0) if with_entropies else None
 
 
-def pad_row(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    row = torch.full((seq_len + 1,), PAD, dtype=torch.long)
-    row[: len(ids)] = ids
+def pad_row(values: torch.Tensor, seq_len: int, fill) -> torch.Tensor:
+    row = torch.full((seq_len + 1,), fill, dtype=values.dtype)
+    row[: len(values)] = values
     return row
 
 
@@ -114,18 +142,22 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def make_batch(rows: list[tuple[int, int, torch.Tensor]], batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """Stack (shard, number, ids) rows into a batch, topped up to `batch_size` with all-padding rows."""
-    padding = [(-1, -1, torch.full((seq_len + 1,), PAD, dtype=torch.long))] * (batch_size - len(rows))
-    shards, numbers, ids = zip(*(rows + padding))
+def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], batch_size: int, seq_len: int) -> dict:
+    """Stack (shard, number, ids, entropies) rows into a batch, topped up to `batch_size` with padding."""
+    with_entropies = bool(rows) and rows[0][3] is not None
+    empty = (-1, -1, torch.full((seq_len + 1,), PAD, dtype=torch.long), torch.zeros(seq_len + 1) if with_entropies else None)
+    shards, numbers, ids, entropies = zip(*(rows + [empty] * (batch_size - len(rows))))
     ids = torch.stack(ids)
-    return {
+    batch = {
         "ids": ids,  # [B, seq_len + 1]: inputs are ids[:, :-1], targets ids[:, 1:]
         "doc_ids": document_ids(ids),  # [B, seq_len + 1]: attention stays where these are equal
         "shard": torch.tensor(shards),  # [B]: the shard a row ends in (-1: padding)
         "row": torch.tensor(numbers),  # [B]: the row's number within its shard (eval; -1 otherwise)
         "bytes": int(is_byte(ids[:, 1:]).sum()),  # bytes among the targets, counted here so no device waits for it
     }
+    if with_entropies:
+        batch["entropies"] = torch.stack(entropies)  # [B, seq_len + 1]: stored next-byte entropies, float32
+    return batch
 
 
 def worker_share(total: int) -> int:
@@ -157,15 +189,15 @@ class TrainStream(IterableDataset):
         if not mine:
             raise ValueError(f"reader {reader} of {readers} has no training shard")
         docs = endless_documents(self.shards, mine, rng, self.mix_shards)
-        rows = shuffle_buffer(((s, -1, row) for s, row in pack_rows(docs, self.seq_len, pad_last=False)),
+        rows = shuffle_buffer(((s, -1, row, h) for s, row, h in pack_rows(docs, self.seq_len, pad_last=False)),
                               self.shuffle_rows, rng)
         batches = itertools.count() if self.batches_per_epoch is None else range(worker_share(self.batches_per_epoch))
         for _ in batches:
             yield make_batch([next(rows) for _ in range(self.batch_size)], self.batch_size, self.seq_len)
 
 
-def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[tuple[int, bytes]]:
-    """(shard, document) pairs from the shards `mine`, pass after pass, each pass in a fresh shard order.
+def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[Document]:
+    """(shard, document, entropies) from the shards `mine`, pass after pass, each pass in a fresh shard order.
 
     `mix` shards are read at once and each next document comes from a random one of them: a shard often
     holds few sources (inputs are read one after another), and reading one shard at a time would feed
@@ -175,16 +207,16 @@ def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, 
         waiting = iter(rng.sample(mine, len(mine)))
         reading = []  # (shard, its documents)
         while True:
-            reading += [(s, shard_documents(shards[s].url)) for s in itertools.islice(waiting, mix - len(reading))]
+            reading += [(s, shard_samples(shards[s].url)) for s in itertools.islice(waiting, mix - len(reading))]
             if not reading:
                 break
             i = rng.randrange(len(reading))
-            shard, docs = reading[i]
-            data = next(docs, None)
-            if data is None:
+            shard, samples = reading[i]
+            sample = next(samples, None)
+            if sample is None:
                 reading.pop(i)
             else:
-                yield shard, data
+                yield shard, *sample
 
 
 class EvalStream(IterableDataset):
@@ -199,9 +231,9 @@ class EvalStream(IterableDataset):
         assert readers == self.world_size * self.workers, "the stream was made for another number of workers"
         batch = []
         for shard in range(reader, len(self.shards), readers):
-            docs = ((shard, data) for data in shard_documents(self.shards[shard].url))
-            for number, (_, row) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
-                batch.append((shard, number, row))
+            docs = ((shard, data, h) for data, h in shard_samples(self.shards[shard].url))
+            for number, (_, row, h) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
+                batch.append((shard, number, row, h))
                 if len(batch) == self.batch_size:
                     yield make_batch(batch, self.batch_size, self.seq_len)
                     batch = []

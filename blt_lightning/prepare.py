@@ -223,9 +223,10 @@ class ShardSlot:
         self.writer = wds.TarWriter(self.file, user="", group="", mode=0o644, mtime=0)
         self.counts = Counts()
 
-    def write(self, key: str, doc: Document) -> None:
+    def write(self, key: str, doc: Document, extra: dict[str, bytes] | None = None) -> None:
+        """One document as a sample: `key`.bin (its bytes), `key`.json (source, lang), and `extra` members."""
         meta = {"source": doc.source} | ({"lang": doc.lang} if doc.lang is not None else {})
-        self.writer.write({"__key__": key, "bin": doc.data, "json": json.dumps(meta, sort_keys=True).encode()})
+        self.writer.write({"__key__": key, "bin": doc.data, "json": json.dumps(meta, sort_keys=True).encode(), **(extra or {})})
         self.counts.add(len(doc.data))
 
     def finish(self) -> dict:
@@ -303,7 +304,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
                 "sources": {name: asdict(c) for name, c in sorted(s.sources.items())},
                 "shards": s.shards,
             }
-    _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     _remove_stale_shards(out, manifest)
     return manifest
 
@@ -322,7 +323,7 @@ def input_list(files: list[tuple[Path, str]]) -> list[dict]:
     return [{"path": str(f), "size": f.stat().st_size} for f, _ in files]
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)

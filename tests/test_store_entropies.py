@@ -1,0 +1,77 @@
+from dataclasses import asdict
+
+import pytest
+import torch
+from test_patching import sharp_model
+
+from blt_lightning.data import EvalStream, TrainStream, read_manifest, shard_documents
+from blt_lightning.patcher import Patcher
+from blt_lightning.patching import PatchingConfig, segment_starts
+from blt_lightning.prepare import MANIFEST
+from blt_lightning.store_entropies import main, store_entropies
+from blt_lightning.vocab import BOS, PAD
+
+
+def save_checkpoint(model, seq_len: int, path):
+    """A checkpoint in the shape EntropyLM writes, for a model built here."""
+    torch.save({"hyper_parameters": {"model": asdict(model.config), "seq_len": seq_len},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+@pytest.fixture
+def stored(shards, tmp_path):
+    model = sharp_model(window=16)
+    checkpoint = save_checkpoint(model, 64, tmp_path / "entropy.ckpt")
+    manifest = store_entropies(str(checkpoint), str(shards / MANIFEST), str(tmp_path / "with_entropies"))
+    return model, tmp_path / "with_entropies" / MANIFEST, manifest
+
+
+def test_new_shards_hold_the_same_documents(stored, shards):
+    _, path, manifest = stored
+    assert manifest["entropies"]["window"] == 16
+    old, new = read_manifest(str(shards / MANIFEST)), read_manifest(str(path))
+    for split in old:
+        assert [d for s in old[split] for d in shard_documents(s.url)] == [d for s in new[split] for d in shard_documents(s.url)]
+
+
+def test_patches_from_stored_entropies_equal_patches_on_the_fly(stored):
+    model, path, _ = stored
+    split = read_manifest(str(path))["validation"]
+    batches = list(EvalStream(split, 256, 4, 0, 1, 0))  # rows longer than documents: most start in a row
+    ids, stored_h = torch.cat([b["ids"] for b in batches]), torch.cat([b["entropies"] for b in batches])
+    fresh_h = Patcher(PatchingConfig(mode="byte"), model, context=64).entropies(ids)
+    threshold = float(fresh_h.median())
+    config = PatchingConfig(threshold=threshold)
+    patcher = Patcher(config, model, context=64)
+    from_store, on_the_fly = patcher(ids, entropies=stored_h).starts, patcher(ids).starts
+    # A row's first segment, when it continues a document, has no earlier bytes on the fly: compare the
+    # documents that start in the row, where both see the same bytes.
+    whole = torch.cumsum(ids == BOS, dim=-1) > 0
+    # float16 ties: a stored entropy may round to the other side of the threshold
+    tie = _shift(((fresh_h - threshold).abs() < 4e-3), 1)
+    differ = (from_store != on_the_fly) & whole
+    assert not (differ & ~tie).any()
+    real = ids != PAD
+    assert whole[real].float().mean() > 0.5 and from_store[whole & real].float().mean() > 0.2
+    assert segment_starts(ids).sum() > len(ids)  # rows hold several documents
+
+
+def test_training_batches_carry_entropies(stored):
+    _, path, _ = stored
+    stream = TrainStream(read_manifest(str(path))["train"], 32, 2, 0, 1, 0, shuffle_rows=4, mix_shards=2, batches_per_epoch=3)
+    for batch in stream:
+        assert batch["entropies"].shape == batch["ids"].shape == (2, 33)
+        assert (batch["entropies"] >= 0).all()
+
+
+def test_bad_input_is_a_clear_error(shards, tmp_path, stored):
+    with pytest.raises(SystemExit, match="not a stage-one"):
+        main(["--checkpoint", str(shards / MANIFEST), "--manifest", str(shards / MANIFEST), "--output", str(tmp_path / "x")])
+    checkpoint = save_checkpoint(sharp_model(window=16), 64, tmp_path / "again.ckpt")
+    with pytest.raises(SystemExit, match="another directory"):
+        main(["--checkpoint", str(checkpoint), "--manifest", str(shards / MANIFEST), "--output", str(shards)])
+
+
+def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(x[:, :by]), x[:, :-by]], dim=-1)
