@@ -38,7 +38,7 @@ def test_new_shards_hold_the_same_documents(stored, shards):
 def test_patches_from_stored_entropies_equal_patches_on_the_fly(stored):
     model, path, _ = stored
     split = read_manifest(str(path))["validation"]
-    batches = list(EvalStream(split, 256, 4, 0, 1, 0))  # rows longer than documents: most start in a row
+    batches = list(EvalStream(split, 1024, 2, 0, 1, 0))  # rows of several documents: most start in a row
     ids, stored_h = torch.cat([b["ids"] for b in batches]), torch.cat([b["entropies"] for b in batches])
     fresh_h = Patcher(PatchingConfig(mode="byte"), model, context=64).entropies(ids)
     threshold = float(fresh_h.median())
