@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .data import iter_documents
-from .patcher import load_entropy_model
+from .patcher import entropy_window, load_entropy_model
 from .patching import PatchingConfig, patch
 from .vocab import VOCAB_SIZE, encode
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         model, context = load_entropy_model(args.checkpoint, args.device)
-        window = min(w for w in (model.config.sliding_window, context) if w)
+        window = entropy_window(model, context)
         ids, entropies = sample_entropies(model, window, args.data, args.split, args.sample_bytes)
         start = PatchingConfig(mode=args.mode, threshold=0.0, relative_threshold=args.relative_threshold,
                                max_patch_length=args.max_patch_length)

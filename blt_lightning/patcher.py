@@ -43,6 +43,15 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
     return model.eval().to(map_location), hparams["seq_len"]
 
 
+def entropy_window(model: EntropyModel, context: int | None) -> int:
+    """Earlier ids a position sees when entropies are computed: the model's sliding window, or the row
+    length it was trained on, whichever is shorter."""
+    windows = [w for w in (model.config.sliding_window, context) if w]
+    if not windows:
+        raise ValueError("the entropy model has no sliding window: give the context it was trained with")
+    return min(windows)
+
+
 class Patcher:
     def __init__(self, config: PatchingConfig, model: EntropyModel | None = None, context: int | None = None):
         """Patches for batches of rows; `model` (with the row length `context` it was trained on) is needed
@@ -50,12 +59,7 @@ class Patcher:
         if config.needs_entropies and model is None:
             raise ValueError(f"{config.mode} patching needs an entropy model")
         self.config, self.model = config, model
-        self.window = None
-        if model is not None:
-            windows = [w for w in (model.config.sliding_window, context) if w]
-            if not windows:
-                raise ValueError("the entropy model has no sliding window: give the context it was trained with")
-            self.window = min(windows)
+        self.window = entropy_window(model, context) if model is not None else None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: PatchingConfig, map_location="cpu") -> "Patcher":

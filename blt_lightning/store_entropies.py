@@ -17,7 +17,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .data import ENTROPY_MEMBER
-from .patcher import load_entropy_model
+from .patcher import entropy_window, load_entropy_model
 from .prepare import MANIFEST, Document, ShardSlot, write_atomically
 from .vocab import encode
 
@@ -25,7 +25,7 @@ from .vocab import encode
 def store_entropies(checkpoint: str, manifest_path: str, output: str, device: str = "cpu") -> dict:
     """Write the shards of a manifest, with entropies, under `output`; return the new manifest."""
     model, context = load_entropy_model(checkpoint, device)
-    window = min(w for w in (model.config.sliding_window, context) if w)
+    window = entropy_window(model, context)
     source = Path(manifest_path)
     manifest = json.loads(source.read_text())
     out = Path(output)

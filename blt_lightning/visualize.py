@@ -11,7 +11,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from .patcher import Patcher, load_entropy_model
+from .patcher import entropy_window, load_entropy_model
 from .patching import Patches, PatchingConfig, patch
 from .vocab import OFFSET, decode, encode
 
@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         entropies = None
         if args.checkpoint:
             model, context = load_entropy_model(args.checkpoint, args.device)
-            patcher = Patcher(config, model, context)
-            entropies = model.document_entropies(ids.to(args.device), patcher.window).cpu()
+            entropies = model.document_entropies(ids.to(args.device), entropy_window(model, context)).cpu()
         patches = patch(ids[None], config, entropies[None] if entropies is not None else None)
     except (ValueError, OSError) as error:
         sys.exit(f"patch: {error}")
