@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
+
 
 def self_attention_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """[B, 1, L, L] boolean mask: query i may see key j when j <= i, both lie in the same document and,
@@ -77,7 +79,7 @@ class Attention(nn.Module):
             if cache.keys[layer] is not None:
                 k, v = torch.cat([cache.keys[layer], k], dim=2), torch.cat([cache.values[layer], v], dim=2)
             cache.keys[layer], cache.values[layer] = k[:, :, -cache.keep :], v[:, :, -cache.keep :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attention(q, k, v, mask)  # a dense bool mask (SDPA) or a FlexAttention block mask
         return self.wo(y.transpose(1, 2).reshape(B, L, D))
 
 

@@ -1,0 +1,268 @@
+"""The Byte Latent Transformer (BLT_SPEC section 4): a local encoder turns bytes into patch vectors, a
+global latent transformer runs over patches, a local decoder turns its outputs back into next-byte
+logits. Patches come from outside (blt_lightning.patcher); this file only needs their ids.
+
+Shapes: B rows, L bytes, P patches (padded to the row with most), k = cross_attn_k query slots per
+patch; d_enc, d_glob, d_dec the widths of the three models.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..patching import Patches
+from ..vocab import EOS, VOCAB_SIZE, document_ids
+from .attention import MaskMod, attention, build_mask, causal_documents
+from .layers import TransformerBlock, init_weights, swiglu_hidden
+
+HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
+
+
+@dataclass(frozen=True)
+class BLTConfig:
+    """Shape of a Byte Latent Transformer. The defaults are the released BLT-1B's."""
+
+    encoder_dim: int = 1024
+    """Width of the local encoder."""
+    encoder_layers: int = 1
+    """Transformer blocks of the local encoder."""
+    encoder_heads: int = 16
+    """Attention heads of the local encoder (and of its cross-attention)."""
+    global_dim: int = 2048
+    """Width of the global latent transformer."""
+    global_layers: int = 25
+    """Transformer blocks of the global latent transformer."""
+    global_heads: int = 16
+    """Attention heads of the global latent transformer."""
+    decoder_dim: int = 1024
+    """Width of the local decoder."""
+    decoder_layers: int = 9
+    """Transformer blocks of the local decoder."""
+    decoder_heads: int = 16
+    """Attention heads of the local decoder (and of its cross-attention)."""
+    local_window: int | None = 512
+    """Sliding window of the local models' self-attention over bytes (None: whole documents)."""
+    cross_attn_k: int = 2
+    """Query slots per patch: a patch vector is cross_attn_k * encoder_dim wide."""
+    encoder_cross_attn_all_layers: bool = False
+    """Pool bytes into patches after every encoder layer (else after the last only)."""
+    decoder_cross_attn_all_layers: bool = True
+    """Read the global outputs in every decoder layer (else in the first only)."""
+    ngram_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    """Hash n-gram embeddings: the n bytes ending at each position, for each n here (empty: none)."""
+    ngram_table_size: int = 500_002
+    """Rows of each hash n-gram embedding table."""
+    hash_functions: int = 1
+    """Hash functions per n-gram size (at most 2)."""
+    rope_theta: float = 500_000.0
+    """Base of the rotary position embeddings (over bytes locally, over patches globally)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMSNorms."""
+    ffn_multiple_of: int = 256
+    """SwiGLU hidden widths are rounded up to a multiple of this."""
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    """sdpa: dense masks, any device; flex: FlexAttention block masks (GPU, or CPU under torch.compile)."""
+    doubled_cross_attn_residual: bool = False
+    """Add the cross-attention input twice (x + x + attn), as the released checkpoints were trained."""
+
+    def __post_init__(self):
+        if self.hash_functions > len(HASH_PRIMES):
+            raise ValueError(f"at most {len(HASH_PRIMES)} hash functions")
+
+
+def ngram_hashes(ids: torch.Tensor, n: int, prime: int, table_size: int) -> torch.Tensor:
+    """[B, L] table rows of the n ids ending at each position (left-padded with 0): the reference's
+    sum_j id_j * prime^j over the window (j = 0 the oldest), in wrapping int64, modulo table_size."""
+    windows = F.pad(ids, (n - 1, 0), value=0).unfold(-1, n, 1)  # [B, L, n], oldest first
+    powers = torch.ones(n, dtype=torch.long, device=ids.device)
+    for j in range(1, n):
+        powers[j] = powers[j - 1] * prime  # int64 multiplication wraps around, as in the reference
+    return (windows.long() * powers).sum(-1) % table_size
+
+
+class HashNgramEmbedding(nn.Module):
+    """Sum of one embedding per (hash function, n-gram size), looked up by hashed n-grams."""
+
+    def __init__(self, dim: int, sizes: tuple[int, ...], table_size: int, functions: int):
+        super().__init__()
+        self.keys = [(prime, n) for prime in HASH_PRIMES[:functions] for n in sizes]  # the reference's order
+        self.table_size = table_size
+        self.embeddings = nn.ModuleList(nn.Embedding(table_size, dim) for _ in self.keys)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return sum(emb(ngram_hashes(ids, n, prime, self.table_size)) for emb, (prime, n) in zip(self.embeddings, self.keys))
+
+
+class CrossAttention(nn.Module):
+    """Queries x read keys and values kv (RMSNorm on both, no positions); returns the update only."""
+
+    def __init__(self, dim: int, n_heads: int, norm_eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.query_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.kv_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask) -> torch.Tensor:
+        B, Lq, D = x.shape
+        kv = self.kv_norm(kv)
+        q = self.wq(self.query_norm(x)).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (w(kv).view(B, kv.shape[1], self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv))
+        return self.wo(attention(q, k, v, mask).transpose(1, 2).reshape(B, Lq, D))
+
+
+def _blocks(dim: int, n_layers: int, n_heads: int, config: BLTConfig) -> nn.ModuleList:
+    hidden = swiglu_hidden(dim, config.ffn_multiple_of)
+    return nn.ModuleList(TransformerBlock(dim, n_heads, hidden, config.rope_theta, config.norm_eps) for _ in range(n_layers))
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, config: BLTConfig):
+        super().__init__()
+        d, k = config.encoder_dim, config.cross_attn_k
+        self.config = config
+        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, d)
+        self.ngram_embeddings = (HashNgramEmbedding(d, config.ngram_sizes, config.ngram_table_size, config.hash_functions)
+                                 if config.ngram_sizes else None)
+        self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config)
+        self.patch_projection = nn.Linear(d, d * k, bias=False) if k > 1 else None
+        n_cross = config.encoder_layers if config.encoder_cross_attn_all_layers else 1
+        self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps) for _ in range(n_cross))
+
+    def forward(self, ids: torch.Tensor, self_mask, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Byte states [B, L, d_enc] and patch vectors [B, P, k * d_enc]."""
+        B, L = ids.shape
+        P, k, d = patches.lengths.shape[1], self.config.cross_attn_k, self.config.encoder_dim
+        x = self.tok_embeddings(ids)
+        if self.ngram_embeddings is not None:
+            x = x + self.ngram_embeddings(ids)
+        cross_mask = build_mask(_patch_slots_read_own_bytes(patches, k), B, P * k, L, ids.device, self.config.attention)
+        positions = torch.arange(L, device=ids.device)
+        slots = None  # [B, P * k, d]: the patches' query slots
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self_mask, positions)
+            if i == len(self.layers) - 1 or self.config.encoder_cross_attn_all_layers:
+                if slots is None:
+                    pooled = _max_pool(x, patches.patch_ids, P)  # [B, P, d]
+                    if self.patch_projection is not None:
+                        pooled = self.patch_projection(pooled)  # [B, P, k * d]
+                    slots = pooled.reshape(B, P * k, d)
+                update = self.cross_attn[i if self.config.encoder_cross_attn_all_layers else 0](slots, x, cross_mask)
+                slots = (2 * slots if self.config.doubled_cross_attn_residual else slots) + update
+        return x, slots.reshape(B, P, k * d)
+
+
+class GlobalTransformer(nn.Module):
+    def __init__(self, config: BLTConfig):
+        super().__init__()
+        width_in = config.cross_attn_k * config.encoder_dim
+        self.config = config
+        self.input_projection = nn.Linear(width_in, config.global_dim, bias=False) if width_in != config.global_dim else None
+        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config)
+
+    def forward(self, patch_vectors: torch.Tensor, patch_doc_ids: torch.Tensor) -> torch.Tensor:
+        """[B, P, d_glob]: patch p sees patches <= p of its own document."""
+        B, P, _ = patch_vectors.shape
+        h = self.input_projection(patch_vectors) if self.input_projection is not None else patch_vectors
+        mask = build_mask(causal_documents(patch_doc_ids), B, P, P, h.device, self.config.attention)
+        positions = torch.arange(P, device=h.device)
+        for layer in self.layers:
+            h = layer(h, mask, positions)
+        return h
+
+
+class LocalDecoder(nn.Module):
+    def __init__(self, config: BLTConfig):
+        super().__init__()
+        d, k = config.decoder_dim, config.cross_attn_k
+        self.config = config
+        self.input_projection = nn.Linear(config.encoder_dim, d, bias=False) if config.encoder_dim != d else None
+        self.patch_projection = nn.Linear(config.global_dim, d * k, bias=False) if config.global_dim != d * k else None
+        n_cross = config.decoder_layers if config.decoder_cross_attn_all_layers else 1
+        self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps) for _ in range(n_cross))
+        self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config)
+        self.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.output = nn.Linear(d, VOCAB_SIZE, bias=False)
+
+    def forward(self, byte_states: torch.Tensor, global_out: torch.Tensor, decoder_patch_ids: torch.Tensor, self_mask) -> torch.Tensor:
+        """Next-byte logits [B, L, VOCAB_SIZE]; byte i reads the k slots of global output decoder_patch_ids[i]."""
+        B, L, _ = byte_states.shape
+        P, k, d = global_out.shape[1], self.config.cross_attn_k, self.config.decoder_dim
+        h = self.input_projection(byte_states) if self.input_projection is not None else byte_states
+        slots = (self.patch_projection(global_out) if self.patch_projection is not None else global_out).reshape(B, P * k, d)
+        cross_mask = build_mask(_bytes_read_their_patch(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
+        positions = torch.arange(L, device=h.device)
+        for i, layer in enumerate(self.layers):
+            if i == 0 or self.config.decoder_cross_attn_all_layers:
+                update = self.cross_attn[i if self.config.decoder_cross_attn_all_layers else 0](h, slots, cross_mask)
+                h = (2 * h if self.config.doubled_cross_attn_residual else h) + update
+            h = layer(h, self_mask, positions)
+        return self.output(self.norm(h))
+
+
+class ByteLatentTransformer(nn.Module):
+    def __init__(self, config: BLTConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = LocalEncoder(config)
+        self.global_transformer = GlobalTransformer(config)
+        self.decoder = LocalDecoder(config)
+        init_weights(self, config.encoder_layers + config.global_layers + config.decoder_layers)
+
+    def forward(self, ids: torch.Tensor, patches: Patches, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-byte logits [B, L, VOCAB_SIZE] for ids [B, L] cut into `patches`; position t depends on
+        ids[:, :t+1] only (given patches whose starts up to t depend only on them, as the patcher's do)."""
+        B, L = ids.shape
+        doc_ids = document_ids(ids) if doc_ids is None else doc_ids
+        self_mask = build_mask(causal_documents(doc_ids, self.config.local_window), B, L, L, ids.device, self.config.attention)
+        byte_states, patch_vectors = self.encoder(ids, self_mask, patches)  # [B, L, d_enc], [B, P, k * d_enc]
+        global_out = self.global_transformer(patch_vectors, patch_document_ids(doc_ids, patches))  # [B, P, d_glob]
+        return self.decoder(byte_states, global_out, decoder_patch_ids(ids, patches), self_mask)
+
+
+def patch_document_ids(doc_ids: torch.Tensor, patches: Patches) -> torch.Tensor:
+    """[B, P] the document of each patch (that of its first byte); -1 for padding patches."""
+    B, P = patches.lengths.shape
+    first = torch.full((B, P), -1, dtype=doc_ids.dtype, device=doc_ids.device)
+    return first.scatter_reduce(1, patches.patch_ids, doc_ids, "amin", include_self=False)
+
+
+def decoder_patch_ids(ids: torch.Tensor, patches: Patches) -> torch.Tensor:
+    """[B, L] the global output each byte reads: byte i predicts byte i + 1, so it may read patches that
+    end at or before i. It reads the last of them: the patch before the one holding i + 1 (a patch
+    starting at i + 1 counts as holding it, one past the row's end too). At EOS a document's patch is
+    complete whatever follows, so EOS reads its own patch and never depends on the next id."""
+    counts = patches.starts.sum(-1, keepdim=True)
+    next_patch = torch.cat([patches.patch_ids[:, 1:], counts], dim=1)
+    return torch.where(ids == EOS, patches.patch_ids, next_patch - 1)
+
+
+def _max_pool(x: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """[B, P, d] elementwise max of each patch's byte states (0 for padding patches, which have none)."""
+    B, L, d = x.shape
+    pooled = torch.full((B, n_patches, d), float("-inf"), dtype=x.dtype, device=x.device)
+    pooled = pooled.scatter_reduce(1, patch_ids[..., None].expand(B, L, d), x, "amax", include_self=True)
+    return pooled.masked_fill(pooled == float("-inf"), 0.0)
+
+
+def _patch_slots_read_own_bytes(patches: Patches, k: int) -> MaskMod:
+    """Encoder cross-attention: slot q of patch q // k reads that patch's bytes. A padding patch has no
+    bytes; its slots read the whole row instead, so their softmax is defined (nothing reads them)."""
+    patch_ids, real = patches.patch_ids, patches.mask
+
+    def mask_mod(b, h, q, kv):
+        return (patch_ids[b, kv] == q // k) | ~real[b, q // k]
+
+    return mask_mod
+
+
+def _bytes_read_their_patch(decoder_patch_ids: torch.Tensor, k: int) -> MaskMod:
+    """Decoder cross-attention: byte q reads the k slots of global output decoder_patch_ids[q]."""
+
+    def mask_mod(b, h, q, kv):
+        return decoder_patch_ids[b, q] == kv // k
+
+    return mask_mod

@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from blt_lightning.models import EntropyModel, EntropyModelConfig
+from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer, decoder_patch_ids, ngram_hashes
+from blt_lightning.patcher import Patcher
+from blt_lightning.patching import PatchingConfig
+from blt_lightning.vocab import EOS, OFFSET, PAD, VOCAB_SIZE, encode
+
+TINY = BLTConfig(encoder_dim=32, encoder_layers=1, encoder_heads=2, global_dim=64, global_layers=2, global_heads=4,
+                 decoder_dim=32, decoder_layers=2, decoder_heads=2, local_window=8, ngram_sizes=(3, 4, 5),
+                 ngram_table_size=101, ffn_multiple_of=16)
+MODES = [
+    PatchingConfig(threshold=5.52, max_patch_length=6),
+    PatchingConfig(mode="monotonic", relative_threshold=0.0),
+    PatchingConfig(mode="combined", threshold=5.52, relative_threshold=0.0),
+    PatchingConfig(mode="static", patch_size=3),
+    PatchingConfig(mode="space"),
+    PatchingConfig(mode="byte"),
+]
+
+
+def blt(config=TINY, seed=0):
+    torch.manual_seed(seed)
+    return ByteLatentTransformer(config).eval()
+
+
+def patcher_for(config: PatchingConfig, seed: int = 0) -> Patcher:
+    torch.manual_seed(seed + 100)
+    entropy_model = EntropyModel(EntropyModelConfig(dim=16, n_layers=1, n_heads=2, sliding_window=8)).eval()
+    return Patcher(config, entropy_model, context=32)
+
+
+def rows(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: bytes(torch.randint(32, 127, (n,), generator=g).tolist())
+    first = torch.cat([encode(text(13)), encode(text(20))])  # two documents
+    second = torch.cat([encode(text(9))[4:], encode(b"a b c"), encode(text(25))])  # starts inside a document
+    L = max(len(first), len(second))
+    pad = lambda r: torch.cat([r, torch.full((L - len(r),), PAD)])
+    return torch.stack([pad(first), pad(second)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("config", MODES, ids=lambda c: c.mode)
+def test_a_later_byte_never_changes_earlier_logits(config, seed):
+    model, patcher = blt(seed=seed), patcher_for(config, seed)
+    ids = rows(seed)
+    patches = patcher(ids)
+    assert patches.lengths.shape[1] > 3
+    logits = model(ids, patches)
+    g = torch.Generator().manual_seed(seed)
+    eos = (ids[0] == EOS).nonzero().flatten().tolist()
+    patch_ends = (patches.starts[0].nonzero().flatten() - 1).tolist()
+    for t in sorted({3, 10, eos[0], patch_ends[2], patch_ends[-1], ids.shape[1] - 3}):
+        changed = ids.clone()
+        later_bytes = (changed >= OFFSET) & (torch.arange(ids.shape[1]) > t)
+        changed[later_bytes] = torch.randint(OFFSET, VOCAB_SIZE, (int(later_bytes.sum()),), generator=g)
+        out = model(changed, patcher(changed))
+        torch.testing.assert_close(out[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-5, msg=f"position {t}")
+        assert not torch.allclose(out[later_bytes], logits[later_bytes]), "the change must be visible after t"
+
+
+def test_decoder_reads_the_latest_complete_patch():
+    ids = encode(b"abcdefg")  # BOS a b c d e f g EOS: patches [BOS] [a b c] [d e f] [g EOS]
+    patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[None])
+    assert patches.lengths[0].tolist() == [1, 3, 3, 2]
+    # byte i reads patch d for i in [last byte of d, second-to-last byte of d + 1]; EOS its own
+    assert decoder_patch_ids(ids[None], patches)[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
+
+
+def reference_hash(window: list[int], prime: int, table: int) -> int:
+    """sum_j id_j * prime^j (j = 0 the oldest) in wrapping signed 64-bit arithmetic, then modulo table."""
+    wrap = lambda x: (x + 2**63) % 2**64 - 2**63
+    total = 0
+    for j, token in enumerate(window):
+        total = wrap(total + wrap(token * wrap(prime**j)))
+    return total % table
+
+
+@pytest.mark.parametrize("n", [3, 8])
+@pytest.mark.parametrize("prime", [1000000007, 5915587277])
+def test_hash_ngram_indices_equal_the_formula(n, prime):
+    ids = encode("naïve bytes 字节, hashed".encode())[None]
+    got = ngram_hashes(ids, n, prime, 500_002)[0].tolist()
+    padded = [0] * (n - 1) + ids[0].tolist()
+    assert got == [reference_hash(padded[i : i + n], prime, 500_002) for i in range(ids.shape[1])]
+    assert max(got) < 500_002 and min(got) >= 0
+
+
+def test_gradients_reach_every_parameter():
+    model = blt().train()
+    ids = rows(0)
+    patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids)
+    logits = model(ids[:, :-1], patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[:, :-1]))
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing and patches.mask.any()
+
+
+@pytest.mark.parametrize("ids", [
+    torch.stack([encode(b"x"), encode(b"y")]),  # one-byte documents
+    torch.cat([encode(b"z" * 30)])[None],  # patches cut by max_patch_length
+    torch.stack([encode(b"ab cd ef gh ij kl"), encode(b"abcdefghijklmnopq")]),  # unequal patch counts
+    torch.stack([encode(b"some text here"), torch.full((16,), PAD)]),  # a row that is all padding
+], ids=["one-byte", "max-length", "unequal", "all-padding"])
+def test_edge_cases_give_finite_logits(ids):
+    patches = patcher_for(PatchingConfig(mode="space", max_patch_length=4))(ids)
+    assert patches.lengths.max() <= 4
+    logits = blt()(ids, patches)
+    assert logits.shape == (*ids.shape, VOCAB_SIZE) and torch.isfinite(logits).all()
+
+
+def test_a_tiny_model_overfits_one_batch():
+    model = blt().train()
+    ids = rows(3)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    patches = patcher_for(PatchingConfig(mode="space"))(inputs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(model(inputs, patches).flatten(0, 1), targets.flatten(), ignore_index=PAD)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_sdpa_and_flex_attention_agree():
+    pytest.importorskip("torch.nn.attention.flex_attention", reason="this PyTorch has no FlexAttention")
+    from dataclasses import replace
+
+    ids = rows(4)
+    patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids)
+    sdpa = blt(TINY)
+    flex = blt(replace(TINY, attention="flex"))
+    flex.load_state_dict(sdpa.state_dict())
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        torch.testing.assert_close(flex(ids, patches), sdpa(ids, patches), rtol=1e-4, atol=1e-4)
