@@ -18,9 +18,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Stage one on the corpus in data/: prepares shards, trains the tiny entropy model, prints its bpb.
+LATEST_ENTROPY = $$(ls -td $(RUNS)/entropy-tiny/version_*/ | head -1)checkpoints/last.ckpt
+LATEST_BLT = $$(ls -td $(RUNS)/blt-tiny/version_*/ | head -1)checkpoints/last.ckpt
+
+# Both stages on the corpus in data/, on a CPU: shards, the entropy model, its threshold for a mean patch
+# size of 4.5, the Byte Latent Transformer patched by it, and the test-split bpb of both.
 demo: setup
 	$(PY) -m blt_lightning fit --config configs/entropy/tiny.yaml --trainer.default_root_dir $(RUNS)
+	$(PY) -m blt_lightning calibrate --checkpoint $(LATEST_ENTROPY) --data $(RUNS)/shards/manifest.json \
+		--target 4.5 --output $(RUNS)/patching.yaml
+	$(PY) -m blt_lightning fit --config configs/blt/tiny.yaml --config $(RUNS)/patching.yaml \
+		--model.init_args.entropy_checkpoint $(LATEST_ENTROPY) --trainer.default_root_dir $(RUNS)
+	@echo "== stage one (entropy model), test split:"
+	$(PY) -m blt_lightning test --config configs/entropy/tiny.yaml --trainer.default_root_dir $(RUNS) \
+		--trainer.enable_progress_bar false --ckpt_path $(LATEST_ENTROPY)
+	@echo "== stage two (BLT), test split:"
+	$(PY) -m blt_lightning test --config configs/blt/tiny.yaml --config $(RUNS)/patching.yaml \
+		--model.init_args.entropy_checkpoint $(LATEST_ENTROPY) --trainer.default_root_dir $(RUNS) \
+		--trainer.enable_progress_bar false --ckpt_path $(LATEST_BLT)
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUNS)"
 
 test: setup

@@ -1,7 +1,8 @@
 """blt_lightning: the Byte Latent Transformer, trained and evaluated with PyTorch Lightning."""
 
+from .blt_lm import BLTLM
 from .data import ByteShardDataModule
 from .entropy_lm import EntropyLM
 from .metrics import BitsPerByte
 
-__all__ = ["BitsPerByte", "ByteShardDataModule", "EntropyLM"]
+__all__ = ["BLTLM", "BitsPerByte", "ByteShardDataModule", "EntropyLM"]

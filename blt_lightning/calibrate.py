@@ -22,6 +22,7 @@ from .patching import PatchingConfig, patch
 from .vocab import VOCAB_SIZE, encode
 
 SEARCH_STEPS = 60
+TOLERANCE = 0.02  # of the target mean patch size
 
 
 def sample_entropies(model, window: int, data: list[str], split: str, sample_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +66,9 @@ def calibrate(ids: torch.Tensor, entropies: torch.Tensor, config: PatchingConfig
         middle = (low + high) / 2
         low, high = (middle, high) if size(middle) < target else (low, middle)
     best = min((low, high), key=lambda value: abs(size(value) - target))
+    if abs(size(best) - target) > TOLERANCE * target:
+        raise ValueError(f"the closest mean patch size on this sample is {size(best):.3f}, more than "
+                         f"{TOLERANCE:.0%} from {target}: sample more bytes (--sample_bytes)")
     return replace(config, **{field: best}), size(best)
 
 
@@ -103,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         model, context = load_entropy_model(args.checkpoint, args.device)
         window = entropy_window(model, context)
         ids, entropies = sample_entropies(model, window, args.data, args.split, args.sample_bytes)
-        start = PatchingConfig(mode=args.mode, threshold=0.0, relative_threshold=args.relative_threshold,
-                               max_patch_length=args.max_patch_length)
+        start = PatchingConfig(mode=args.mode, threshold=None if args.mode == "monotonic" else 0.0,
+                               relative_threshold=args.relative_threshold, max_patch_length=args.max_patch_length)
         config, achieved = calibrate(ids, entropies, start, args.target)
     except (ValueError, OSError) as error:
         sys.exit(f"calibrate: {error}")

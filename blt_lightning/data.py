@@ -49,6 +49,7 @@ class Shard:
     url: str
     documents: int | None = None  # known when the shard comes from a manifest
     bytes: int | None = None
+    entropies: bool = False  # the manifest says its documents have stored entropies
 
     def rows(self, seq_len: int) -> int:
         """Rows the eval stream makes of this shard (needs the manifest's counts)."""
@@ -142,9 +143,9 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], batch_size: int, seq_len: int) -> dict:
+def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], batch_size: int, seq_len: int,
+               with_entropies: bool) -> dict:
     """Stack (shard, number, ids, entropies) rows into a batch, topped up to `batch_size` with padding."""
-    with_entropies = bool(rows) and rows[0][3] is not None
     empty = (-1, -1, torch.full((seq_len + 1,), PAD, dtype=torch.long), torch.zeros(seq_len + 1) if with_entropies else None)
     shards, numbers, ids, entropies = zip(*(rows + [empty] * (batch_size - len(rows))))
     ids = torch.stack(ids)
@@ -193,7 +194,8 @@ class TrainStream(IterableDataset):
                               self.shuffle_rows, rng)
         batches = itertools.count() if self.batches_per_epoch is None else range(worker_share(self.batches_per_epoch))
         for _ in batches:
-            yield make_batch([next(rows) for _ in range(self.batch_size)], self.batch_size, self.seq_len)
+            picked = [next(rows) for _ in range(self.batch_size)]
+            yield make_batch(picked, self.batch_size, self.seq_len, picked[0][3] is not None)
 
 
 def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[Document]:
@@ -235,14 +237,14 @@ class EvalStream(IterableDataset):
             for number, (_, row, h) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
                 batch.append((shard, number, row, h))
                 if len(batch) == self.batch_size:
-                    yield make_batch(batch, self.batch_size, self.seq_len)
+                    yield make_batch(batch, self.batch_size, self.seq_len, h is not None)
                     batch = []
         if batch:
-            yield make_batch(batch, self.batch_size, self.seq_len)
-        if reader % self.workers == 0 and self.sizes_known():
-            per_rank = self.batches_per_rank()
+            yield make_batch(batch, self.batch_size, self.seq_len, batch[0][3] is not None)
+        if reader % self.workers == 0 and self.sizes_known():  # sizes come from a manifest, which says
+            per_rank = self.batches_per_rank()  # whether its shards store entropies
             for _ in range(max(per_rank) - per_rank[self.rank]):
-                yield make_batch([], self.batch_size, self.seq_len)
+                yield make_batch([], self.batch_size, self.seq_len, any(s.entropies for s in self.shards))
 
     def __len__(self) -> int:
         if not self.sizes_known():
@@ -435,8 +437,9 @@ def read_manifest(path: str) -> dict[str, list[Shard]]:
     try:
         manifest = json.loads(Path(path).read_text())
         base = Path(path).parent
+        stored = "entropies" in manifest
         return {
-            split: [Shard(str(base / s["path"]), s["documents"], s["bytes"]) for s in info["shards"]]
+            split: [Shard(str(base / s["path"]), s["documents"], s["bytes"], stored) for s in info["shards"]]
             for split, info in manifest["splits"].items()
         }
     except FileNotFoundError:

@@ -3,6 +3,7 @@
 import torch
 
 from .models import EntropyModel, EntropyModelConfig
+from .patcher import entropy_window
 from .training import ByteLMModule, OptimizerConfig
 
 
@@ -35,4 +36,5 @@ class EntropyLM(ByteLMModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-position next-byte entropies (nats) of each row's ids."""
-        return {"ids": batch["ids"], "entropies": self.model.entropies(batch["ids"], batch["doc_ids"])}
+        window = entropy_window(self.model, self.seq_len)  # what the patcher sees, also without a sliding window
+        return {"ids": batch["ids"], "entropies": self.model.entropies(batch["ids"], batch["doc_ids"], window)}

@@ -2,8 +2,8 @@
 and evaluation.
 
 Entropies are computed with an attention window: the model's sliding window, or, for a model without
-one, the row length it was trained on. A position thus sees up to that many earlier bytes of its own
-document, however long the document, and never more than the model saw in training. The same window
+one, the row length it was trained on. A position thus attends to up to that many earlier bytes of its
+own document at every layer, however long the document, as it did in training. The same window
 makes a KV cache exact: streaming a document through the model a chunk (or a byte) at a time gives the
 entropies of one pass over the whole of it, so the incremental patcher decides what the batch one does.
 """
@@ -118,7 +118,7 @@ class IncrementalPatcher:
         offset = 0 if first else self.segment_offset + 1
         rule_start = first or (next_id != PAD and (offset == 1 or (offset >= 2 and self._rule(offset))))
         patch_offset = 0 if rule_start else self.patch_offset + 1
-        cut = self.config.max_patch_length is not None and patch_offset % self.config.max_patch_length == 0
+        cut = self.config.max_patch_length is not None and next_id != PAD and patch_offset % self.config.max_patch_length == 0
         return offset, patch_offset, rule_start or cut
 
     def _rule(self, offset: int) -> bool:

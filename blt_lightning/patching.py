@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from .vocab import OFFSET, PAD, document_ids
+from .vocab import OFFSET, PAD, document_ids, is_byte
 
 Mode = Literal["entropy", "monotonic", "combined", "static", "space", "byte"]
 ENTROPY_MODES = ("entropy", "monotonic", "combined")
@@ -63,8 +63,9 @@ class Patches:
     starts: torch.Tensor  # [B, L] bool: the position begins a patch
     patch_ids: torch.Tensor  # [B, L] long: index, within its row, of the patch each position is in
     lengths: torch.Tensor  # [B, P] long: patch lengths, 0 past the row's last patch
-    mask: torch.Tensor  # [B, P] bool: a real patch
-    mean_size: float  # positions per patch, over patches that are not padding
+    mask: torch.Tensor  # [B, P] bool: the slot holds a patch of the row (False past its last patch)
+    padding: torch.Tensor  # [B, P] bool: the patch is a run of PAD
+    mean_size: float  # bytes per patch, over the patches that hold bytes (as the paper counts)
 
 
 def spacelike(ids: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,9 @@ def spacelike(ids: torch.Tensor) -> torch.Tensor:
 
 def _shift_right(x: torch.Tensor, by: int, fill) -> torch.Tensor:
     """x[..., t - by] at position t (fill where t < by)."""
-    return torch.cat([torch.full_like(x[..., :by], fill), x[..., :-by]], dim=-1)
+    shifted = torch.full_like(x, fill)
+    shifted[..., by:] = x[..., : max(0, x.shape[-1] - by)]
+    return shifted
 
 
 def _offsets(starts: torch.Tensor) -> torch.Tensor:
@@ -91,7 +94,7 @@ def segment_starts(ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> to
     doc_ids = document_ids(ids) if doc_ids is None else doc_ids
     pad = ids == PAD
     first = (doc_ids != _shift_right(doc_ids, 1, -1)) | (pad != _shift_right(pad, 1, True))
-    first[:, 0] = True
+    first[:, :1] = True
     return first
 
 
@@ -120,8 +123,8 @@ def patch_starts(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Ten
     else:
         raise ValueError(f"unknown patching mode {config.mode!r}")
     starts = first | (~pad & ((offset == 1) | ((offset >= 2) & rule)))
-    if config.max_patch_length is not None:
-        starts |= _offsets(starts) % config.max_patch_length == 0
+    if config.max_patch_length is not None:  # padding stays one patch: cutting it would only cost patches
+        starts |= ~pad & (_offsets(starts) % config.max_patch_length == 0)
     return starts
 
 
@@ -130,16 +133,18 @@ def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, num_patches: in
     (static shapes); rows with more are an error."""
     patch_ids = torch.cumsum(starts, dim=-1) - 1  # [B, L]
     counts = starts.sum(-1)  # [B]
-    P = int(counts.max()) if num_patches is None else num_patches
-    if num_patches is not None and int(counts.max()) > num_patches:
-        raise ValueError(f"a row has {int(counts.max())} patches, more than the budget of {num_patches}")
-    lengths = torch.zeros(starts.shape[0], P, dtype=torch.long, device=starts.device)
-    lengths.scatter_add_(1, patch_ids, torch.ones_like(patch_ids))
+    most = int(counts.max()) if counts.numel() else 0
+    P = most if num_patches is None else num_patches
+    if most > P:
+        raise ValueError(f"a row has {most} patches, more than the budget of {num_patches}")
+    per_patch = lambda values: torch.zeros(starts.shape[0], P, dtype=torch.long, device=starts.device).scatter_add_(1, patch_ids, values)
+    lengths = per_patch(torch.ones_like(patch_ids))
+    byte_counts = per_patch(is_byte(ids).long())
     mask = torch.arange(P, device=starts.device)[None, :] < counts[:, None]
-    real = ids != PAD
-    real_patches = (starts & real).sum()
-    mean_size = float(real.sum()) / float(real_patches) if real_patches else 0.0
-    return Patches(starts, patch_ids, lengths, mask, mean_size)
+    padding = mask & (per_patch((ids == PAD).long()) == lengths)
+    with_bytes = int((byte_counts > 0).sum())
+    mean_size = int(byte_counts.sum()) / with_bytes if with_bytes else 0.0
+    return Patches(starts, patch_ids, lengths, mask, padding, mean_size)
 
 
 def patch(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Tensor | None = None,

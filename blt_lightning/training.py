@@ -71,17 +71,17 @@ class ByteLMModule(L.LightningModule):
         # Predicting BOS after EOS is bookkeeping, not language; padding is nothing.
         trained = (targets != PAD) & (targets != BOS)
         loss = (ce * trained).sum() / trained.sum().clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         self._count_bytes(batch["bytes"])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_bpb.update(*self.cross_entropy(batch))
-        self.log("val/bpb", self.val_bpb, prog_bar=True)
+        self.log("val/bpb", self.val_bpb, prog_bar=True, batch_size=len(batch["ids"]))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_bpb.update(*self.cross_entropy(batch))
-        self.log("test/bpb", self.test_bpb)
+        self.log("test/bpb", self.test_bpb, batch_size=len(batch["ids"]))
 
     # -- optimisation ---------------------------------------------------------------------------------
 
@@ -102,7 +102,7 @@ class ByteLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
 
     # -- throughput and reports -----------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ class ByteLMModule(L.LightningModule):
         self._recent_batches.append((now, n))
         if len(self._recent_batches) > 1:
             (start, _), *rest = self._recent_batches
-            self.log("train/bytes_per_sec", sum(b for _, b in rest) / (now - start))
+            self.log("train/bytes_per_sec", sum(b for _, b in rest) / (now - start), batch_size=1)
 
     def on_train_end(self) -> None:
         if self._fit_start is not None and self._fit_bytes:

@@ -35,7 +35,7 @@ def mark_patches(ids: torch.Tensor, starts: torch.Tensor) -> str:
 
 
 def patch_statistics(patches: Patches) -> dict:
-    lengths = patches.lengths[patches.mask].float()
+    lengths = patches.lengths[patches.mask & ~patches.padding].float()
     return {
         "patches": int(lengths.numel()),
         "mean": patches.mean_size,

@@ -86,9 +86,10 @@ def test_empty_and_one_byte_documents_and_padding():
     ids = torch.cat([encode(b""), encode(b"x"), encode(b"yz"), torch.full((5,), PAD)])[None]
     starts = patch_starts(ids, PatchingConfig(threshold=1.0), torch.full(ids.shape, LOW))[0]
     assert pieces(ids[0], starts) == [[BOS], [EOS], [BOS], [ord("x") + 4, EOS], [BOS], [ord("y") + 4, ord("z") + 4, EOS], [PAD] * 5]
-    patches = patch(ids, PatchingConfig(threshold=1.0), torch.full(ids.shape, LOW))
-    assert patches.lengths[0].tolist() == [1, 1, 1, 2, 1, 3, 5]
-    assert patches.mean_size == pytest.approx(9 / 6)  # padding is neither a position nor a patch here
+    patches = patch(ids, PatchingConfig(threshold=1.0, max_patch_length=2), torch.full(ids.shape, LOW))
+    assert patches.lengths[0].tolist() == [1, 1, 1, 2, 1, 2, 1, 5]  # padding is never cut
+    assert patches.padding[0].tolist() == [False] * 7 + [True]
+    assert patches.mean_size == pytest.approx(3 / 2)  # bytes x, y, z in [x EOS] and [y z]
 
 
 def test_a_row_that_starts_inside_a_document():
@@ -122,7 +123,8 @@ def test_patch_ids_lengths_mask_and_budget():
     assert patches.lengths.tolist() == [[1, 3, 3, 3], [1, 3, 6, 0]]
     assert patches.mask.tolist() == [[True] * 4, [True, True, True, False]]
     assert patches.patch_ids[1].tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
-    assert patches.mean_size == pytest.approx((10 + 4) / 6)
+    assert patches.padding.tolist() == [[False] * 4, [False, False, True, False]]
+    assert patches.mean_size == pytest.approx((8 + 2) / 4)  # bytes over patches holding bytes
     assert patch(ids, PatchingConfig(mode="static", patch_size=3), num_patches=6).lengths.shape == (2, 6)
     with pytest.raises(ValueError, match="budget of 3"):
         patch(ids, PatchingConfig(mode="static", patch_size=3), num_patches=3)
@@ -136,16 +138,21 @@ def sharp_model(seed=0, window=None):
     return model
 
 
-def test_a_rows_patches_do_not_depend_on_other_rows():
-    patcher = Patcher(PatchingConfig(threshold=2.5), sharp_model(), context=64)
-    rows = torch.stack([encode(b"the same row in every batch ....")[:30], encode(b"x" * 28)])
+@pytest.mark.parametrize("changed_row", [0, 1, 2])
+def test_a_rows_patches_do_not_depend_on_other_rows(changed_row):
+    """Also catches the reference's leak (its issue #123), where flattening rows into shared chunks lets
+    an earlier row's bytes reach the next row's entropies."""
+    patcher = Patcher(PatchingConfig(threshold=1.43), sharp_model(), context=64)
+    rows = torch.stack([encode(b"first row of this batch, then " * 2)[4:44],
+                        encode(b"the middle row is checked too " * 2)[:40],
+                        encode(b"last row; rows start anywhere " * 2)[5:45]])
     other = rows.clone()
-    other[1] = encode(b"a completely different row ..")[:30]
+    other[changed_row] = torch.randint(4, 260, (40,))
     h1, h2 = patcher.entropies(rows), patcher.entropies(other)
-    torch.testing.assert_close(h1[0], h2[0], rtol=0, atol=1e-5)
-    assert torch.equal(patcher(rows).starts[0], patcher(other).starts[0])
-    single = patcher.entropies(rows[:1])
-    torch.testing.assert_close(h1[0], single[0], rtol=0, atol=1e-5)
+    for row in {0, 1, 2} - {changed_row}:
+        torch.testing.assert_close(h1[row], h2[row], rtol=0, atol=1e-5)
+        torch.testing.assert_close(h1[row], patcher.entropies(rows[row : row + 1])[0], rtol=0, atol=1e-5)
+        assert torch.equal(patcher(rows).starts[row], patcher(other).starts[row])
 
 
 def real_documents(n_bytes: int, source: str = "en_moby_dick") -> list[bytes]:
@@ -176,9 +183,16 @@ def real_text(n_bytes: int) -> bytes:
 ], ids=lambda c: c.mode)
 def test_incremental_decides_what_the_batch_patcher_decides(config):
     data = real_text(3000)
-    ids = torch.cat([encode(data[:2000]), encode(data[2000:])])  # two documents
+    # a row that starts inside a document, then two documents, then padding
+    ids = torch.cat([encode(data[:500])[40:], encode(data[500:2000]), encode(data[2000:]), torch.full((30,), PAD)])
     patcher = Patcher(config, sharp_model(window=None), context=48)  # a window much shorter than the text
     batch = patcher(ids[None]).starts[0]
     incremental = patcher.incremental()
     assert [incremental.append(i) for i in ids.tolist()] == batch.tolist()
     assert 0.1 < batch.float().mean() < 0.9, "a test of boundaries needs boundaries"
+
+
+def test_empty_rows_and_batches():
+    for ids in (torch.empty(2, 0, dtype=torch.long), torch.empty(0, 5, dtype=torch.long)):
+        patches = patch(ids, PatchingConfig(mode="byte"))
+        assert patches.starts.shape == ids.shape and patches.mean_size == 0.0

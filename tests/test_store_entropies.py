@@ -75,3 +75,11 @@ def test_bad_input_is_a_clear_error(shards, tmp_path, stored):
 
 def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :by]), x[:, :-by]], dim=-1)
+
+
+def test_padding_batches_keep_the_entropies_key(stored):
+    _, path, _ = stored
+    split = read_manifest(str(path))["validation"]
+    per_rank = [list(EvalStream(split, 64, 4, rank, 2, 0)) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert all("entropies" in b and b["entropies"].shape == b["ids"].shape for batches in per_rank for b in batches)

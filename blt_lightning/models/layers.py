@@ -30,9 +30,11 @@ def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, wind
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [L, head_dim], for rotating query/key halves by position (the rotate-half form)."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [L, head_dim / 2]
+    """cos and sin, [L, head_dim], for rotating query/key halves by position (the rotate-half form).
+    Angles are computed in float64: in float32, positions past a million (a long document streamed
+    through a KV cache) would lose the precision that makes a row and a stream agree."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.double()[:, None] * inv_freq[None, :]  # [L, head_dim / 2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -1,0 +1,88 @@
+"""BLTLM: stage two. Trains the Byte Latent Transformer, with the frozen stage-one entropy model patching."""
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .models.blt import BLTConfig, ByteLatentTransformer
+from .patcher import Patcher, load_entropy_model
+from .patching import Patches, PatchingConfig
+from .training import ByteLMModule, OptimizerConfig
+from .visualize import patch_figure
+from .vocab import encode
+
+FIGURE_TEXT = "The Byte Latent Transformer, by George R.R. Martin: 字节, байты, בייטים."
+
+
+class BLTLM(ByteLMModule):
+    def __init__(
+        self,
+        model: BLTConfig = BLTConfig(),
+        patching: PatchingConfig = PatchingConfig(mode="static"),
+        entropy_checkpoint: str | None = None,
+        patch_budget: int | None = None,
+        figure_text: str = FIGURE_TEXT,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        seq_len: int = 1024,
+    ):
+        """Stage two of BLT: local encoder, global latent transformer and local decoder over patches.
+
+        Args:
+            model: Shape of the Byte Latent Transformer.
+            patching: How bytes become patches: entropy, monotonic and combined modes use the entropy
+                model (with a threshold from `blt-lightning calibrate`); static, space and byte do not.
+            entropy_checkpoint: Stage-one checkpoint whose frozen entropy model patches (entropy modes).
+                Batches that carry stored entropies (`blt-lightning entropies`) are patched from those.
+            patch_budget: Pad every row to this many patches, so shapes stay fixed (torch.compile).
+            figure_text: Text whose entropies and patches are drawn to TensorBoard at each validation.
+            optimizer: Optimizer and learning-rate schedule.
+            seq_len: Bytes per training row (linked from the data's seq_len).
+        """
+        super().__init__(optimizer, seq_len)
+        self.save_hyperparameters(logger=False)
+        entropy_model, context = None, None
+        if patching.needs_entropies:
+            if entropy_checkpoint is None:
+                raise ValueError(f"{patching.mode} patching needs entropy_checkpoint (a stage-one checkpoint)")
+            entropy_model, context = load_entropy_model(entropy_checkpoint)
+        self.entropy_model = entropy_model  # frozen: no gradients, never in the optimizer
+        self.patcher = Patcher(patching, entropy_model, context)
+        self.model = ByteLatentTransformer(model)
+        self.patch_budget, self.figure_text = patch_budget, figure_text
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, self.patch(ids, None, None))
+
+    def patch(self, ids: torch.Tensor, doc_ids: torch.Tensor | None, entropies: torch.Tensor | None) -> Patches:
+        with torch.no_grad():
+            return self.patcher(ids, doc_ids, entropies, self.patch_budget)
+
+    def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, doc_ids = batch["ids"][:, :-1], batch["doc_ids"][:, :-1]
+        stored = batch.get("entropies")
+        patches = self.patch(ids, doc_ids, stored[:, :-1] if stored is not None else None)
+        if self._trainer is not None:
+            split = "train" if self.training else "test" if self.trainer.testing else "val"
+            self.log(f"{split}/mean_patch_size", patches.mean_size, batch_size=len(ids))
+            self.log(f"{split}/patches_per_row", patches.mask.sum(-1).float().mean(), batch_size=len(ids))
+        logits = self.model(ids, patches, doc_ids)
+        targets = batch["ids"][:, 1:]
+        return self.next_byte_cross_entropy(logits, targets), targets
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.entropy_model is not None:
+            self.entropy_model.eval()  # frozen, always in inference mode
+        return self
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.entropy_model is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        ids = encode(self.figure_text.encode()).to(self.device)
+        entropies = self.entropy_model.document_entropies(ids, self.patcher.window)
+        starts = self.patcher(ids[None], entropies=entropies[None]).starts[0]
+        figure = patch_figure(ids, entropies, starts, self.patcher.config.threshold,
+                              f"step {self.global_step}: {self.patcher.config.mode} patching")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("patches", figure, self.global_step)
