@@ -33,14 +33,15 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
         config = EntropyModelConfig(**config)
     if not isinstance(config, EntropyModelConfig) or "seq_len" not in hparams:
         raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint: it holds no entropy model config")
-    model = EntropyModel(config)
+    with torch.device(map_location):  # real weights go in, whatever default device is in force
+        model = EntropyModel(config)
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise ValueError(f"{path}: its weights do not fit its entropy model config ({error})") from None
     model.requires_grad_(False)
-    return model.eval().to(map_location), hparams["seq_len"]
+    return model.eval(), hparams["seq_len"]
 
 
 def entropy_window(model: EntropyModel, context: int | None) -> int:

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_blt_model import TINY
+
+from blt_lightning import BLTLM, ByteShardDataModule
+from blt_lightning.calibrate import main as calibrate
+from blt_lightning.cli import main
+from blt_lightning.patching import PatchingConfig
+from blt_lightning.prepare import MANIFEST
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTROPY = PatchingConfig(threshold=5.0)
+
+
+def test_a_missing_or_mismatched_entropy_checkpoint_fails_before_training(tmp_path, shards):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt: no entropy model checkpoint"):
+        BLTLM(TINY, ENTROPY, entropy_checkpoint=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match="needs entropy_checkpoint"):
+        BLTLM(TINY, ENTROPY)
+    not_a_checkpoint = shards / MANIFEST
+    with pytest.raises(ValueError, match="not a stage-one"):
+        BLTLM(TINY, ENTROPY, entropy_checkpoint=str(not_a_checkpoint))
+    stage_two = tmp_path / "stage_two.ckpt"
+    torch.save({"hyper_parameters": {"model": {"dim": 8, "n_layers": 1, "n_heads": 2}, "seq_len": 16},
+                "state_dict": {"model.tok_embeddings.weight": torch.zeros(3, 3)}}, stage_two)
+    with pytest.raises(ValueError, match="do not fit"):
+        BLTLM(TINY, ENTROPY, entropy_checkpoint=str(stage_two))
+
+
+def test_the_entropy_model_stays_frozen_while_everything_else_learns(entropy_checkpoint, shards):
+    module = BLTLM(TINY, ENTROPY, entropy_checkpoint=str(entropy_checkpoint), seq_len=32)
+    frozen = {k: v.clone() for k, v in module.entropy_model.state_dict().items()}
+    trainable = {k: v.clone() for k, v in module.model.state_dict().items()}
+    seen_grads = {}
+
+    class Probe(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for name, p in pl_module.named_parameters():
+                seen_grads[name] = p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+    data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=32, batch_size=4)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[Probe()], enable_model_summary=False)
+    trainer.fit(module, data)
+    assert all(not p.requires_grad for p in module.entropy_model.parameters())
+    assert not any(v for k, v in seen_grads.items() if k.startswith("entropy_model."))
+    missing = [k for k, v in seen_grads.items() if k.startswith("model.") and not v]
+    assert not missing, f"no gradient reached {missing}"
+    assert all(torch.equal(frozen[k], v) for k, v in module.entropy_model.state_dict().items())
+    assert any(not torch.equal(trainable[k], v) for k, v in module.model.state_dict().items())
+    assert not module.entropy_model.training, "the entropy model must stay in inference mode"
+
+
+def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, shards, tmp_path, capsys):
+    snippet = tmp_path / "patching.yaml"
+    calibrate(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / MANIFEST), "--target", "2.5", "--output", str(snippet)])
+    main(["fit", "--config", str(ROOT / "configs/blt/tiny.yaml"), "--config", str(snippet),
+          "--model.init_args.entropy_checkpoint", str(entropy_checkpoint),
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "2",
+          "--data.sources", "null", "--data.manifest", str(shards / MANIFEST), "--data.seq_len", "32",
+          "--data.batch_size", "4", "--data.num_workers", "0"])
+    run = tmp_path / "blt-tiny" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert {"val/bpb", "train/loss", "train/mean_patch_size", "train/patches_per_row", "val/mean_patch_size"} <= set(events.Tags()["scalars"])
+    assert "patches" in events.Tags()["images"]
+    assert 1.5 < events.Scalars("val/mean_patch_size")[-1].value < 4
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "validation bpb" in capsys.readouterr().out
