@@ -4,6 +4,22 @@ logits. Patches come from outside (blt_lightning.patcher); this file only needs 
 
 Shapes: B rows, L bytes, P patches (padded to the row with most), k = cross_attn_k query slots per
 patch; d_enc, d_glob, d_dec the widths of the three models.
+
+The parameters keep the reference's structure, so released checkpoints fit. Names here, then in the
+Hugging Face port (BltForCausalLM; prefix `model.`, layer numbers as N):
+    encoder.tok_embeddings                      local_encoder.embed_tokens
+    encoder.ngram_embeddings.embeddings.I       encoder_hash_tok_embedding (one table: rows I*V .. (I+1)*V)
+    encoder.layers.N.attention.w{q,k,v,o}       local_encoder.layers.N.self_attn.{q,k,v,o}_proj
+    encoder.layers.N.feed_forward.w{1,3,2}      local_encoder.layers.N.mlp.{gate,up,down}_proj
+    encoder.layers.N.{attention,ffn}_norm       local_encoder.layers.N.{input,post_attention}_layernorm
+    encoder.patch_projection                    local_encoder.patch_embedding_projection
+    encoder.cross_attn.N.w{q,k,v,o}             local_encoder.cross_attn_layers.N.{q,k,v,o}_proj
+    encoder.cross_attn.N.{query,kv}_norm        local_encoder.cross_attn_layers.N.{q,k}_norm
+    global_transformer.layers.N.*               global_transformer.layers.N.* (as the encoder's layers)
+    decoder.patch_projection                    local_decoder.patch_embedding_projection
+    decoder.cross_attn.N.*, decoder.layers.N.*  local_decoder.cross_attn_layers.N.*, local_decoder.layers.N.*
+    decoder.norm, decoder.output                local_decoder.norm, lm_head (top level)
+RoPE is applied in the rotate-half form; a port that rotates interleaved pairs needs its q/k rows permuted.
 """
 
 from dataclasses import dataclass
@@ -62,7 +78,13 @@ class BLTConfig:
     norm_eps: float = 1e-5
     """Epsilon of the RMSNorms."""
     ffn_multiple_of: int = 256
-    """SwiGLU hidden widths are rounded up to a multiple of this."""
+    """SwiGLU hidden widths are 2/3 of 4 * dim rounded up to a multiple of this, unless set below."""
+    encoder_ffn_hidden: int | None = None
+    """SwiGLU hidden width of the encoder (BLT-1B: 2730)."""
+    global_ffn_hidden: int | None = None
+    """SwiGLU hidden width of the global transformer (BLT-1B: 5632)."""
+    decoder_ffn_hidden: int | None = None
+    """SwiGLU hidden width of the decoder (BLT-1B: 2816)."""
     attention: Literal["sdpa", "flex"] = "sdpa"
     """sdpa: dense masks, any device; flex: FlexAttention block masks (GPU, or CPU under torch.compile)."""
     doubled_cross_attn_residual: bool = False
@@ -114,8 +136,8 @@ class CrossAttention(nn.Module):
         return self.wo(attention(q, k, v, mask).transpose(1, 2).reshape(B, Lq, D))
 
 
-def _blocks(dim: int, n_layers: int, n_heads: int, config: BLTConfig) -> nn.ModuleList:
-    hidden = swiglu_hidden(dim, config.ffn_multiple_of)
+def _blocks(dim: int, n_layers: int, n_heads: int, hidden: int | None, config: BLTConfig) -> nn.ModuleList:
+    hidden = hidden or swiglu_hidden(dim, config.ffn_multiple_of)
     return nn.ModuleList(TransformerBlock(dim, n_heads, hidden, config.rope_theta, config.norm_eps) for _ in range(n_layers))
 
 
@@ -127,7 +149,7 @@ class LocalEncoder(nn.Module):
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, d)
         self.ngram_embeddings = (HashNgramEmbedding(d, config.ngram_sizes, config.ngram_table_size, config.hash_functions)
                                  if config.ngram_sizes else None)
-        self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config)
+        self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config.encoder_ffn_hidden, config)
         self.patch_projection = nn.Linear(d, d * k, bias=False) if k > 1 else None
         n_cross = config.encoder_layers if config.encoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps) for _ in range(n_cross))
@@ -161,7 +183,7 @@ class GlobalTransformer(nn.Module):
         width_in = config.cross_attn_k * config.encoder_dim
         self.config = config
         self.input_projection = nn.Linear(width_in, config.global_dim, bias=False) if width_in != config.global_dim else None
-        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config)
+        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config.global_ffn_hidden, config)
 
     def forward(self, patch_vectors: torch.Tensor, patch_doc_ids: torch.Tensor) -> torch.Tensor:
         """[B, P, d_glob]: patch p sees patches <= p of its own document."""
@@ -180,10 +202,10 @@ class LocalDecoder(nn.Module):
         d, k = config.decoder_dim, config.cross_attn_k
         self.config = config
         self.input_projection = nn.Linear(config.encoder_dim, d, bias=False) if config.encoder_dim != d else None
-        self.patch_projection = nn.Linear(config.global_dim, d * k, bias=False) if config.global_dim != d * k else None
+        self.patch_projection = nn.Linear(config.global_dim, d * k, bias=False)  # present even when the widths match, as released
         n_cross = config.decoder_layers if config.decoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps) for _ in range(n_cross))
-        self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config)
+        self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config.decoder_ffn_hidden, config)
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.output = nn.Linear(d, VOCAB_SIZE, bias=False)
 
@@ -192,7 +214,7 @@ class LocalDecoder(nn.Module):
         B, L, _ = byte_states.shape
         P, k, d = global_out.shape[1], self.config.cross_attn_k, self.config.decoder_dim
         h = self.input_projection(byte_states) if self.input_projection is not None else byte_states
-        slots = (self.patch_projection(global_out) if self.patch_projection is not None else global_out).reshape(B, P * k, d)
+        slots = self.patch_projection(global_out).reshape(B, P * k, d)
         cross_mask = build_mask(_bytes_read_their_patch(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
         positions = torch.arange(L, device=h.device)
         for i, layer in enumerate(self.layers):
