@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-LATEST_ENTROPY = $$(ls -td $(RUNS)/entropy-tiny/version_*/ | head -1)checkpoints/last.ckpt
-LATEST_BLT = $$(ls -td $(RUNS)/blt-tiny/version_*/ | head -1)checkpoints/last.ckpt
+# The newest checkpoint of a run name (test runs add version folders without checkpoints).
+LATEST_ENTROPY = $$(ls -t $(RUNS)/entropy-tiny/version_*/checkpoints/last.ckpt | head -1)
+LATEST_BLT = $$(ls -t $(RUNS)/blt-tiny/version_*/checkpoints/last.ckpt | head -1)
 
 # Both stages on the corpus in data/, on a CPU: shards, the entropy model, its threshold for a mean patch
 # size of 4.5, the Byte Latent Transformer patched by it, and the test-split bpb of both.

@@ -134,7 +134,8 @@ class ByteLMModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         bpb, n_bytes = metric.totals()  # on every rank: it gathers
-        self.print(f"step {self.global_step}: {split} bpb {bpb:.4f} over {n_bytes:,} bytes")
+        step = f"step {self.global_step}: " if self.trainer.state.fn == "fit" else ""  # test runs start at step 0
+        self.print(f"{step}{split} bpb {bpb:.4f} over {n_bytes:,} bytes")
 
     def on_fit_start(self) -> None:
         """Hyperparameters with val/bpb as their metric, for TensorBoard's HParams view."""
