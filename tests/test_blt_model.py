@@ -136,3 +136,13 @@ def test_sdpa_and_flex_attention_agree():
     flex.load_state_dict(sdpa.state_dict())
     with torch.no_grad():  # FlexAttention has no backward on CPU
         torch.testing.assert_close(flex(ids, patches), sdpa(ids, patches), rtol=1e-4, atol=1e-4)
+
+
+def test_a_patch_budget_pads_without_changing_outputs():
+    ids = rows(5)
+    patcher = patcher_for(PatchingConfig(mode="space"))
+    patches = patcher(ids)
+    budget = patcher(ids, num_patches=patches.lengths.shape[1] + 7)
+    assert budget.lengths.shape[1] == patches.lengths.shape[1] + 7
+    model = blt()
+    torch.testing.assert_close(model(ids, budget), model(ids, patches), rtol=0, atol=1e-5)
