@@ -72,7 +72,16 @@ def current_reader(rank: int, world_size: int) -> tuple[int, int]:
 def shard_samples(url: str) -> Iterator[tuple[bytes, torch.Tensor | None]]:
     """The documents of one shard, in order: raw bytes, and their stored entropies [len + 2] (BOS to EOS)
     when the shard has them (written by `blt-lightning entropies`)."""
-    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+    stream = wds.gopen(url)  # opened here, so that it is closed here even when a reader stops midway
+    try:
+        samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+        yield from _checked(url, samples)
+    finally:
+        stream.close()
+
+
+def _checked(url: str, samples: Iterator[dict]) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+    for sample in samples:
         key = sample.get("__key__")
         if "bin" not in sample:
             raise ValueError(f"{url}: sample {key!r} has no .bin member")
@@ -207,7 +216,7 @@ def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, 
     """
     while True:
         waiting = iter(rng.sample(mine, len(mine)))
-        reading = []  # (shard, its documents)
+        reading = []  # (shard, its samples)
         while True:
             reading += [(s, shard_samples(shards[s].url)) for s in itertools.islice(waiting, mix - len(reading))]
             if not reading:

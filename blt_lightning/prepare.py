@@ -230,12 +230,14 @@ class ShardSlot:
         self.counts.add(len(doc.data))
 
     def finish(self) -> dict:
-        self.writer.close()  # also closes the file
+        self.writer.close()
+        self.file.close()  # TarWriter leaves a file it was given open: close (flush) it before renaming and hashing
         os.replace(self.partial, self.path)
         return {"path": self.path.name, **asdict(self.counts), "size": self.path.stat().st_size, "sha256": _sha256(self.path)}
 
     def discard(self) -> None:
         self.writer.close()
+        self.file.close()
         self.partial.unlink(missing_ok=True)
 
 
