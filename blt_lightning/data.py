@@ -100,11 +100,11 @@ def shard_documents(url: str) -> Iterator[bytes]:
     return (data for data, _ in shard_samples(url))
 
 
-Document = tuple[int, bytes, torch.Tensor | None]  # (tag, bytes, stored entropies or None)
+TaggedDocument = tuple[int, bytes, torch.Tensor | None]  # (tag, bytes, stored entropies or None)
 Row = tuple[int, torch.Tensor, torch.Tensor | None]  # (tag, ids [seq_len + 1], entropies or None)
 
 
-def pack_rows(docs: Iterable[Document], seq_len: int, pad_last: bool) -> Iterator[Row]:
+def pack_rows(docs: Iterable[TaggedDocument], seq_len: int, pad_last: bool) -> Iterator[Row]:
     """Rows of `seq_len + 1` ids cut from the documents' ids laid end to end, overlapping by one id, with
     stored entropies cut the same way when the documents have them.
 
@@ -207,7 +207,7 @@ class TrainStream(IterableDataset):
             yield make_batch(picked, self.batch_size, self.seq_len, picked[0][3] is not None)
 
 
-def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[Document]:
+def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[TaggedDocument]:
     """(shard, document, entropies) from the shards `mine`, pass after pass, each pass in a fresh shard order.
 
     `mix` shards are read at once and each next document comes from a random one of them: a shard often

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vocab import VOCAB_SIZE, document_ids
-from .layers import KVCache, TransformerBlock, init_weights, self_attention_mask, swiglu_hidden, window_mask
+from .attention import build_mask, causal_documents
+from .layers import KVCache, TransformerBlock, init_weights, swiglu_hidden, window_mask
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ class EntropyModel(nn.Module):
         (`window` overrides the configured one)."""
         if doc_ids is None:
             doc_ids = document_ids(ids)
-        mask = self_attention_mask(doc_ids, window or self.config.sliding_window)  # [B, 1, L, L]
-        positions = torch.arange(ids.shape[1], device=ids.device)
+        B, L = ids.shape
+        mask = build_mask(causal_documents(doc_ids, window or self.config.sliding_window), B, L, L, ids.device, "sdpa")
+        positions = torch.arange(L, device=ids.device)
         x = self.tok_embeddings(ids)  # [B, L, dim]
         for layer in self.layers:
             x = layer(x, mask, positions)

@@ -1,8 +1,8 @@
 """Transformer building blocks shared by the entropy model and BLT's local and global models.
 
 Pre-norm blocks with RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward, no biases.
-Attention is scaled dot-product attention under a boolean mask that keeps each position inside its
-own document, causal, and optionally within a sliding window.
+Attention runs under a mask from models/attention.py (dense for SDPA, or a FlexAttention block mask);
+window_mask is the one a KV-cached stream of a single document needs.
 """
 
 from dataclasses import dataclass
@@ -12,14 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-
-
-def self_attention_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """[B, 1, L, L] boolean mask: query i may see key j when j <= i, both lie in the same document and,
-    with a window, i - j < window. Every position sees itself, so no row of the mask is empty."""
-    pos = torch.arange(doc_ids.shape[-1], device=doc_ids.device)
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, L, L]
-    return (window_mask(pos, pos, window) & same_doc)[:, None]
 
 
 def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
