@@ -3,6 +3,7 @@
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
 from .patcher import Patcher, load_entropy_model
 from .patching import Patches, PatchingConfig
@@ -23,6 +24,7 @@ class BLTLM(ByteLMModule):
         figure_text: str = FIGURE_TEXT,
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
+        compile: bool = False,
     ):
         """Stage two of BLT: local encoder, global latent transformer and local decoder over patches.
 
@@ -36,8 +38,10 @@ class BLTLM(ByteLMModule):
             figure_text: Text whose entropies and patches are drawn to TensorBoard at each validation.
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
+            compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++
+                compiler). Patch counts vary per batch: a patch_budget keeps the global model's shapes fixed.
         """
-        super().__init__(optimizer, seq_len)
+        super().__init__(optimizer, seq_len, compile)
         self.save_hyperparameters(logger=False)
         entropy_model, context = None, None
         if patching.needs_entropies:
@@ -45,6 +49,7 @@ class BLTLM(ByteLMModule):
                 raise ValueError(f"{patching.mode} patching needs entropy_checkpoint (a stage-one checkpoint)")
             entropy_model, context = load_entropy_model(entropy_checkpoint)
         self.entropy_model = entropy_model  # frozen: no gradients, never in the optimizer
+        self.entropy_flops_per_byte = entropy_model_flops_per_byte(entropy_model.config, context) if entropy_model else 0.0
         self.patcher = Patcher(patching, entropy_model, context)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
@@ -66,7 +71,19 @@ class BLTLM(ByteLMModule):
             self.log(f"{split}/patches_per_row", patches.mask.sum(-1).float().mean(), batch_size=len(ids))
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
+        self._count_cost(patches, entropy_model_ran=self.entropy_model is not None and stored is None)
         return self.next_byte_cross_entropy(logits, targets), targets
+
+    def _count_cost(self, patches: Patches, entropy_model_ran: bool) -> None:
+        """FLOPs of this batch on this device, from its positions per patch; its patches."""
+        self.patches_in_batch = int(patches.mask.sum())
+        positions = patches.patch_ids.numel()
+        per_byte = blt_flops_per_byte(self.model.config, self.seq_len, positions / max(1, self.patches_in_batch))
+        if self.training:
+            per_byte *= 3  # backward: twice the forward
+        if entropy_model_ran:
+            per_byte += self.entropy_flops_per_byte
+        self.flops_per_batch = positions * per_byte
 
     def train(self, mode: bool = True):
         super().train(mode)

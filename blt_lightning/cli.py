@@ -8,10 +8,11 @@ every stage; the data's `seq_len` is linked into the model rather than repeated.
 
 import sys
 import warnings
+from pathlib import Path
 
 import jsonargparse
 from lightning import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import calibrate, prepare, store_entropies, visualize
@@ -31,6 +32,18 @@ TOOLS = {
 }
 
 
+class SaveConfigPerAttempt(SaveConfigCallback):
+    """Each attempt of a run writes its config: config.yaml, then config.resume-1.yaml, ... as the run is
+    resumed into its folder (Lightning's callback would refuse to overwrite config.yaml)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and trainer.log_dir is not None:
+            existing = len(list(Path(trainer.log_dir).glob("config*.yaml"))) if trainer.is_global_zero else 0
+            existing = trainer.strategy.broadcast(existing)
+            self.config_filename = f"config.resume-{existing}.yaml" if existing else "config.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class BLTLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", default="run", help="Name of the TensorBoard run (and its folder) under default_root_dir.")
@@ -41,8 +54,18 @@ class BLTLightningCLI(LightningCLI):
         # a run (shards, checkpoints, config.yaml, events) lives under the one directory the user chose.
         if self._get(self.config_init, "trainer", default={}).get("logger") is None:
             root = self._get(self.config, "trainer.default_root_dir") or "."
-            kwargs["logger"] = TensorBoardLogger(root, name=self._get(self.config, "run_name"), default_hp_metric=False)
+            name = self._get(self.config, "run_name")
+            # `fit --ckpt_path last` continues the run it resumes: same folder, so its last.ckpt is found.
+            resuming = self.subcommand == "fit" and self._get(self.config, "ckpt_path") == "last"
+            version = latest_version_with_checkpoint(Path(root) / name) if resuming else None
+            kwargs["logger"] = TensorBoardLogger(root, name=name, version=version, default_hp_metric=False)
         return super().instantiate_trainer(**kwargs)
+
+
+def latest_version_with_checkpoint(run: Path) -> str | None:
+    """The newest version folder of a run that holds checkpoints/last.ckpt (None: there is none)."""
+    found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parents[1].name if found else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=SaveConfigPerAttempt,
         args=argv,
         parser_kwargs={"epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
     )

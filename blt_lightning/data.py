@@ -18,12 +18,17 @@ picklable object, so spawned workers work.
   and the last batch of a reader are padded. With a manifest (which gives shard sizes), ranks that
   would run fewer batches get all-padding batches (which count zero bytes), so every rank runs the
   same number of forward passes: collective ops inside the model (FSDP) cannot hang.
+- Resuming: the training DataLoader is stateful; checkpoints hold its position (batches trained on),
+  and a resumed run sees exactly the batches the uninterrupted run would have seen.
+- Bad shards (unreadable, corrupt, shorter than their manifest says) stop the run with an error that
+  names the shard, or with `skip_bad_shards` are skipped with a warning that counts them.
 """
 
 import itertools
 import json
 import math
 import random
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,30 +74,63 @@ def current_reader(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def shard_samples(url: str) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+class ShardError(ValueError):
+    """A shard that cannot be read: missing, corrupt, truncated, or not what its manifest says."""
+
+
+def shard_samples(url: str, documents: int | None = None) -> Iterator[tuple[bytes, torch.Tensor | None]]:
     """The documents of one shard, in order: raw bytes, and their stored entropies [len + 2] (BOS to EOS)
-    when the shard has them (written by `blt-lightning entropies`)."""
-    stream = wds.gopen(url)  # opened here, so that it is closed here even when a reader stops midway
+    when the shard has them (written by `blt-lightning entropies`). With `documents` (from the manifest)
+    a shard that ends early is an error: a tar cut at a member boundary reads as a shorter valid tar."""
+    try:
+        stream = wds.gopen(url)  # opened here, so that it is closed here even when a reader stops midway
+    except Exception as error:
+        raise ShardError(f"{url}: cannot open shard ({error})") from error
+    count = 0
     try:
         samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
-        yield from _checked(url, samples)
+        for count, sample in enumerate(_checked(url, samples), start=1):
+            yield sample
+    except ShardError:
+        raise
+    except Exception as error:  # tarfile, gzip, OS and webdataset errors alike: name the shard
+        raise ShardError(f"{url}: corrupt shard, unreadable after {count} documents ({type(error).__name__}: {error})") from error
     finally:
         stream.close()
+    if documents is not None and count != documents:
+        raise ShardError(f"{url}: truncated shard, {count} documents where the manifest says {documents}")
 
 
 def _checked(url: str, samples: Iterator[dict]) -> Iterator[tuple[bytes, torch.Tensor | None]]:
     for sample in samples:
         key = sample.get("__key__")
         if "bin" not in sample:
-            raise ValueError(f"{url}: sample {key!r} has no .bin member")
+            raise ShardError(f"{url}: sample {key!r} has no .bin member")
         data, stored = sample["bin"], sample.get(ENTROPY_MEMBER)
         if stored is None:
             yield data, None
             continue
         entropies = torch.frombuffer(bytearray(stored), dtype=torch.float16).float()
         if len(entropies) != len(data) + 2:
-            raise ValueError(f"{url}: sample {key!r} has {len(entropies)} entropies for {len(data) + 2} ids")
+            raise ShardError(f"{url}: sample {key!r} has {len(entropies)} entropies for {len(data) + 2} ids")
         yield data, entropies
+
+
+class BadShards:
+    """What a reader does with a shard it cannot read: stop with the error, or (`skip`) warn and go on."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.skipped = skip, 0
+
+    def samples(self, shard: "Shard") -> Iterator[tuple[bytes, torch.Tensor | None]]:
+        """The shard's samples; when skipping, those before the fault (a shard is not re-read)."""
+        try:
+            yield from shard_samples(shard.url, shard.documents)
+        except ShardError as error:
+            if not self.skip:
+                raise
+            self.skipped += 1
+            warnings.warn(f"skipped the rest of a bad shard ({self.skipped} so far in this reader): {error}")
 
 
 def shard_documents(url: str) -> Iterator[bytes]:
@@ -155,7 +193,7 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
 def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], batch_size: int, seq_len: int,
                with_entropies: bool) -> dict:
     """Stack (shard, number, ids, entropies) rows into a batch, topped up to `batch_size` with padding."""
-    empty = (-1, -1, torch.full((seq_len + 1,), PAD, dtype=torch.long), torch.zeros(seq_len + 1) if with_entropies else None)
+    empty = (-1, -1, *_empty_row(seq_len, with_entropies))
     shards, numbers, ids, entropies = zip(*(rows + [empty] * (batch_size - len(rows))))
     ids = torch.stack(ids)
     batch = {
@@ -170,44 +208,61 @@ def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], b
     return batch
 
 
-def worker_share(total: int) -> int:
-    """This DataLoader worker's share of `total` batches; the shares of all workers add up to `total`."""
-    worker, workers = current_worker()
-    return total // workers + (worker < total % workers)
-
-
 class TrainStream(IterableDataset):
-    """Endless shuffled rows for one rank; an epoch is `batches_per_epoch` batches (None: endless)."""
+    """Endless shuffled rows for one rank; an epoch is `batches_per_epoch` batches (None: endless).
+
+    Each reader's batches are a pure function of (seed, epoch, reader), which is what makes resuming
+    exact: a stream told to `skip` the first batches of an epoch regenerates and drops them. The
+    DataLoader takes batches from its workers in turn, so batch j of an epoch comes from worker j % W;
+    after skipping S batches, worker w plays the part of worker (w + S) % W, and the turns continue
+    where the interrupted run left them.
+    """
 
     def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int,
-                 seed: int, shuffle_rows: int, mix_shards: int, batches_per_epoch: int | None):
+                 seed: int, shuffle_rows: int, mix_shards: int, batches_per_epoch: int | None,
+                 skip_bad_shards: bool = False):
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_rows, self.mix_shards = shuffle_rows, mix_shards
-        self.batches_per_epoch = batches_per_epoch
-        self.epoch = 0  # set by ByteShardLoader before workers copy the stream
+        self.batches_per_epoch, self.skip_bad_shards = batches_per_epoch, skip_bad_shards
+        self.epoch, self.skip = 0, 0  # set by TrainLoader before workers copy the stream
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
             raise TypeError("an endless training stream has no length")
         return self.batches_per_epoch
 
+    def layout(self) -> dict:
+        """What the order of batches depends on besides the epoch: a resumed run must have the same."""
+        return {"shards": [s.url for s in self.shards], "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "world_size": self.world_size, "seed": self.seed, "shuffle_rows": self.shuffle_rows,
+                "mix_shards": self.mix_shards, "batches_per_epoch": self.batches_per_epoch}
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        reader, readers = current_reader(self.rank, self.world_size)
+        worker, workers = current_worker()
+        part = (worker + self.skip) % workers  # the worker whose batches this one makes
+        reader, readers = self.rank * workers + part, self.world_size * workers
         mine = list(range(reader, len(self.shards), readers))
-        rng = random.Random(f"train/{self.seed}/{self.epoch}/{reader}")  # str seeds ignore PYTHONHASHSEED
         if not mine:
             raise ValueError(f"reader {reader} of {readers} has no training shard")
-        docs = endless_documents(self.shards, mine, rng, self.mix_shards)
+        rng = random.Random(f"train/{self.seed}/{self.epoch}/{reader}")  # str seeds ignore PYTHONHASHSEED
+        docs = endless_documents(self.shards, mine, rng, self.mix_shards, BadShards(self.skip_bad_shards))
         rows = shuffle_buffer(((s, -1, row, h) for s, row, h in pack_rows(docs, self.seq_len, pad_last=False)),
                               self.shuffle_rows, rng)
-        batches = itertools.count() if self.batches_per_epoch is None else range(worker_share(self.batches_per_epoch))
+        done = self.skip // workers + (part < self.skip % workers)  # batches of this part already trained on
+        for _ in range(done * self.batch_size):
+            next(rows)
+        if self.batches_per_epoch is None:
+            batches = itertools.count()
+        else:
+            batches = range(self.batches_per_epoch // workers + (part < self.batches_per_epoch % workers) - done)
         for _ in batches:
             picked = [next(rows) for _ in range(self.batch_size)]
             yield make_batch(picked, self.batch_size, self.seq_len, picked[0][3] is not None)
 
 
-def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int) -> Iterator[TaggedDocument]:
+def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int,
+                      bad: BadShards) -> Iterator[TaggedDocument]:
     """(shard, document, entropies) from the shards `mine`, pass after pass, each pass in a fresh shard order.
 
     `mix` shards are read at once and each next document comes from a random one of them: a shard often
@@ -217,8 +272,9 @@ def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, 
     while True:
         waiting = iter(rng.sample(mine, len(mine)))
         reading = []  # (shard, its samples)
+        read_any = False
         while True:
-            reading += [(s, shard_samples(shards[s].url)) for s in itertools.islice(waiting, mix - len(reading))]
+            reading += [(s, bad.samples(shards[s])) for s in itertools.islice(waiting, mix - len(reading))]
             if not reading:
                 break
             i = rng.randrange(len(reading))
@@ -227,33 +283,49 @@ def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, 
             if sample is None:
                 reading.pop(i)
             else:
+                read_any = True
                 yield shard, *sample
+        if not read_any:
+            raise ShardError(f"no document could be read from any of the shards {[shards[s].url for s in mine]}")
 
 
 class EvalStream(IterableDataset):
     """Every row of the shards exactly once across ranks and workers, in a fixed order."""
 
-    def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int):
+    def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int,
+                 skip_bad_shards: bool = False):
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.skip_bad_shards = skip_bad_shards
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         reader, readers = current_reader(self.rank, self.world_size)
         assert readers == self.world_size * self.workers, "the stream was made for another number of workers"
-        batch = []
+        with_entropies = self.sizes_known() and any(s.entropies for s in self.shards)  # a manifest says so
+        bad, batch = BadShards(self.skip_bad_shards), []
         for shard in range(reader, len(self.shards), readers):
-            docs = ((shard, data, h) for data, h in shard_samples(self.shards[shard].url))
-            for number, (_, row, h) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
-                batch.append((shard, number, row, h))
+            for row in self._shard_rows(shard, bad, with_entropies):
+                batch.append(row)
                 if len(batch) == self.batch_size:
-                    yield make_batch(batch, self.batch_size, self.seq_len, h is not None)
+                    yield make_batch(batch, self.batch_size, self.seq_len, row[3] is not None)
                     batch = []
         if batch:
             yield make_batch(batch, self.batch_size, self.seq_len, batch[0][3] is not None)
-        if reader % self.workers == 0 and self.sizes_known():  # sizes come from a manifest, which says
-            per_rank = self.batches_per_rank()  # whether its shards store entropies
+        if reader % self.workers == 0 and self.sizes_known():
+            per_rank = self.batches_per_rank()
             for _ in range(max(per_rank) - per_rank[self.rank]):
-                yield make_batch([], self.batch_size, self.seq_len, any(s.entropies for s in self.shards))
+                yield make_batch([], self.batch_size, self.seq_len, with_entropies)
+
+    def _shard_rows(self, shard: int, bad: BadShards, with_entropies: bool) -> Iterator[tuple]:
+        """(shard, number, ids, entropies) of each row of a shard; rows lost to a skipped bad shard come
+        as padding when the manifest says how many there are, so batch counts stay as planned."""
+        docs = ((shard, data, h) for data, h in bad.samples(self.shards[shard]))
+        number = -1
+        for number, (_, row, h) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
+            yield shard, number, row, h
+        if self.sizes_known():
+            for _ in range(self.shards[shard].rows(self.seq_len) - number - 1):
+                yield -1, -1, *_empty_row(self.seq_len, with_entropies)
 
     def __len__(self) -> int:
         if not self.sizes_known():
@@ -274,17 +346,40 @@ class EvalStream(IterableDataset):
         return [sum(reader_batches(r * self.workers + w) for w in range(self.workers)) for r in range(self.world_size)]
 
 
-class ByteShardLoader(DataLoader):
-    """A DataLoader that tells its training stream which epoch begins, before workers copy the stream."""
+class TrainLoader(DataLoader):
+    """The training DataLoader, stateful for Lightning: its state (saved in every checkpoint, loaded on
+    resume) is the number of batches trained on, so a resumed run continues with the batch that the
+    interrupted run would have trained on next.
 
-    def __init__(self, dataset: IterableDataset, epoch_fn=None, **kwargs):
+    That count, not Lightning's epoch counter, also says which epoch of the stream begins: after a
+    resume at an epoch's end Lightning may number epochs differently than the uninterrupted run did.
+    """
+
+    def __init__(self, dataset: TrainStream, trained_batches, **kwargs):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.trained_batches = trained_batches  # () -> batches trained on so far, from the trainer's loop
+        self.resume_from: int | None = None
 
     def __iter__(self):
-        if self.epoch_fn is not None:
-            self.dataset.epoch = self.epoch_fn()
-        return super().__iter__()
+        done = self.trained_batches() if self.resume_from is None else self.resume_from
+        self.resume_from = None
+        per_epoch = self.dataset.batches_per_epoch
+        self.dataset.epoch, self.dataset.skip = divmod(done, per_epoch) if per_epoch else (0, done)
+        return super().__iter__()  # workers copy the stream now, with its epoch and skip
+
+    def state_dict(self) -> dict:
+        return {"batches": self.trained_batches(), "layout": self.dataset.layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self.dataset.layout():
+            changed = sorted(k for k, v in self.dataset.layout().items() if state["layout"].get(k) != v)
+            rank_zero_warn(f"resuming with different training data settings ({', '.join(changed)}): the stream "
+                           "continues at the same batch count, but not with the batches the run would have seen")
+        self.resume_from = state["batches"]
+
+
+def _empty_row(seq_len: int, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.full((seq_len + 1,), PAD, dtype=torch.long), torch.zeros(seq_len + 1) if with_entropies else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,6 +403,7 @@ class ByteShardDataModule(L.LightningDataModule):
         mix_shards: int = 8,
         batches_per_epoch: int | None = None,
         seed: int = 0,
+        skip_bad_shards: bool = False,
     ):
         """Byte shards streamed with webdataset and packed into rows of `seq_len + 1` ids.
 
@@ -332,6 +428,8 @@ class ByteShardDataModule(L.LightningDataModule):
             batches_per_epoch: Training batches per epoch on each rank (default: about one pass over
                 the training bytes when the manifest gives them, else one endless epoch).
             seed: Seed of the shard order and row shuffle.
+            skip_bad_shards: Skip (with a warning that counts them) shards that cannot be read, or that end
+                before their manifest says, instead of stopping with an error that names the shard.
         """
         super().__init__()
         if sources and manifest:
@@ -342,7 +440,7 @@ class ByteShardDataModule(L.LightningDataModule):
         self.prepare_options = prepare
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.shuffle_rows, self.mix_shards = shuffle_rows, mix_shards
-        self.batches_per_epoch, self.seed = batches_per_epoch, seed
+        self.batches_per_epoch, self.seed, self.skip_bad_shards = batches_per_epoch, seed, skip_bad_shards
         self.shards: dict[str, list[Shard]] = {}
         self.rank, self.world_size = 0, 1
 
@@ -388,9 +486,15 @@ class ByteShardDataModule(L.LightningDataModule):
                 f"{max(1, self.num_workers)} workers): prepare smaller shards or use fewer workers"
             )
         stream = TrainStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
-                             self.shuffle_rows, self.mix_shards, self._batches_per_epoch(shards))
-        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer else None
-        return ByteShardLoader(stream, epoch_fn, num_workers=self.num_workers)
+                             self.shuffle_rows, self.mix_shards, self._batches_per_epoch(shards), self.skip_bad_shards)
+        return TrainLoader(stream, self._trained_batches, num_workers=self.num_workers)
+
+    def _trained_batches(self) -> int:
+        """Training batches this rank has trained on, from Lightning's loop counters: batches fetched
+        ahead (prefetching, workers) do not count."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def _batches_per_epoch(self, shards: list[Shard]) -> int | None:
         if self.batches_per_epoch is not None:
@@ -404,8 +508,9 @@ class ByteShardDataModule(L.LightningDataModule):
         shards = self._split(split)
         if self.world_size > 1 and any(s.documents is None for s in shards):
             rank_zero_warn(f"{split} shards without a manifest: ranks may run different numbers of batches")
-        stream = EvalStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.num_workers)
-        return ByteShardLoader(stream, num_workers=self.num_workers)
+        stream = EvalStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.num_workers,
+                            self.skip_bad_shards)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -2,6 +2,7 @@
 
 import torch
 
+from .flops import entropy_model_flops_per_byte
 from .models import EntropyModel, EntropyModelConfig
 from .patcher import entropy_window
 from .training import ByteLMModule, OptimizerConfig
@@ -13,6 +14,7 @@ class EntropyLM(ByteLMModule):
         model: EntropyModelConfig = EntropyModelConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
+        compile: bool = False,
     ):
         """Stage one of BLT: the entropy model, a small byte LM.
 
@@ -20,10 +22,12 @@ class EntropyLM(ByteLMModule):
             model: Shape of the entropy model.
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
+            compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
         """
-        super().__init__(optimizer, seq_len)
+        super().__init__(optimizer, seq_len, compile)
         self.save_hyperparameters(logger=False)
         self.model = EntropyModel(model)
+        self.flops_per_byte = entropy_model_flops_per_byte(model, seq_len)  # forward; training is 3x
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
@@ -32,6 +36,7 @@ class EntropyLM(ByteLMModule):
         ids, doc_ids = batch["ids"], batch["doc_ids"]
         logits = self.model(ids[:, :-1], doc_ids[:, :-1])
         targets = ids[:, 1:]
+        self.flops_per_batch = targets.numel() * self.flops_per_byte * (3 if self.training else 1)
         return self.next_byte_cross_entropy(logits, targets), targets
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

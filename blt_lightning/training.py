@@ -1,5 +1,7 @@
 """What every byte LM's LightningModule shares: AdamW with warmup and cosine decay, the loss over
-predicted ids, bits-per-byte for validation and test, bytes per second, and the TensorBoard HParams."""
+predicted ids (a run stops at a non-finite loss), bits-per-byte for validation and test, throughput
+(bytes and patches per second; FLOPs and MFU through Lightning's ThroughputMonitor), optional
+torch.compile of the transformer blocks, and the TensorBoard HParams."""
 
 import collections
 import math
@@ -9,11 +11,13 @@ from dataclasses import asdict, dataclass, is_dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .metrics import BitsPerByte
+from .models.layers import TransformerBlock
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
@@ -46,23 +50,36 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class ByteLMModule(L.LightningModule):
-    """Subclasses build `self.model` and say how ids become per-target cross entropy."""
+    """Subclasses build `self.model` and say how ids become per-target cross entropy and what a byte costs."""
 
-    def __init__(self, optimizer: OptimizerConfig, seq_len: int):
+    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False):
         super().__init__()
-        self.optimizer_config, self.seq_len = optimizer, seq_len
+        self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
         # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row.
         self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
-        self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes) of recent batches
-        self._fit_bytes, self._fit_start = 0, None
+        self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes, patches) of recent batches
+        self._fit_counts, self._fit_start = collections.Counter(), None
+        # Of the last batch, set by cross_entropy: FLOPs on this device (ThroughputMonitor reads them) and
+        # patches (None for models without patches).
+        self.flops_per_batch, self.patches_in_batch = 0.0, None
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for."""
+        """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for; sets
+        self.flops_per_batch (and patches_in_batch) for the batch."""
         raise NotImplementedError
 
     def next_byte_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def configure_model(self) -> None:
+        if self.compile_blocks:  # block by block: the masks and patching around them stay eager
+            for module in self.model.modules():
+                if isinstance(module, TransformerBlock):
+                    module.compile()
+
+    def configure_callbacks(self):
+        return [ThroughputMonitor(batch_size_fn=rows_in_batch)]  # FLOPs/s and, on GPUs, MFU
 
     # -- steps ----------------------------------------------------------------------------------------
 
@@ -71,8 +88,15 @@ class ByteLMModule(L.LightningModule):
         # Predicting BOS after EOS is bookkeeping, not language; padding is nothing.
         trained = (targets != PAD) & (targets != BOS)
         loss = (ce * trained).sum() / trained.sum().clamp(min=1)
+        # Every rank decides together, so all stop at once; nothing of this step reaches the weights.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            raise FloatingPointError(
+                f"step {self.global_step}: the training loss is not finite ({loss.item()}); stopping before it "
+                "reaches the weights. Checkpoints written so far are kept: resume from one with --ckpt_path "
+                "(a lower learning rate or gradient clipping may help)."
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
-        self._count_bytes(batch["bytes"])
+        self._count(batch["bytes"], self.patches_in_batch)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -106,23 +130,26 @@ class ByteLMModule(L.LightningModule):
 
     # -- throughput and reports -----------------------------------------------------------------------
 
-    def _count_bytes(self, n: int) -> None:
-        """Bytes per second, all ranks together, over the last THROUGHPUT_WINDOW batches."""
-        now, n = time.perf_counter(), n * self.trainer.world_size
+    def _count(self, n_bytes: int, n_patches: int | None) -> None:
+        """Bytes (and patches) per second, all ranks together, over the last THROUGHPUT_WINDOW batches."""
+        now, world = time.perf_counter(), self.trainer.world_size
+        counts = {"bytes": n_bytes * world} | ({"patches": n_patches * world} if n_patches is not None else {})
         if self._fit_start is None:
             self._fit_start = now  # the first batch pays for warm-up: timing starts after it
         else:
-            self._fit_bytes += n
-        self._recent_batches.append((now, n))
+            self._fit_counts.update(counts)
+        self._recent_batches.append((now, counts))
         if len(self._recent_batches) > 1:
             (start, _), *rest = self._recent_batches
-            self.log("train/bytes_per_sec", sum(b for _, b in rest) / (now - start), batch_size=1)
+            for key in counts:
+                self.log(f"train/{key}_per_sec", sum(c[key] for _, c in rest) / (now - start), batch_size=1)
 
     def on_train_end(self) -> None:
-        if self._fit_start is not None and self._fit_bytes:
+        if self._fit_start is not None and self._fit_counts["bytes"]:
             elapsed = time.perf_counter() - self._fit_start
+            rates = ", ".join(f"{n / elapsed:,.0f} {key}/s" for key, n in self._fit_counts.items())
             # Lightning's logger, not self.print: the progress bar that self.print writes through is closed by now.
-            rank_zero_info(f"trained on {self._fit_bytes:,} bytes in {elapsed:.1f} s: {self._fit_bytes / elapsed:,.0f} bytes/s")
+            rank_zero_info(f"trained on {self._fit_counts['bytes']:,} bytes in {elapsed:.1f} s: {rates}")
 
     def on_validation_epoch_end(self) -> None:
         self._report("validation", self.val_bpb)
@@ -138,10 +165,17 @@ class ByteLMModule(L.LightningModule):
         self.print(f"{step}{split} bpb {bpb:.4f} over {n_bytes:,} bytes")
 
     def on_fit_start(self) -> None:
-        """Hyperparameters with val/bpb as their metric, for TensorBoard's HParams view."""
+        """The global batch, stated once; hyperparameters with val/bpb as their metric, for TensorBoard."""
+        data = self.trainer.datamodule
+        global_batch = None
+        if data is not None and hasattr(data, "batch_size"):
+            accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+            global_batch = data.batch_size * self.seq_len * world * accumulate
+            rank_zero_info(f"global batch: {data.batch_size} rows x {self.seq_len} bytes x {world} ranks x {accumulate} "
+                           f"accumulated = {global_batch:,} bytes per optimizer step")
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
-                params = flatten_hparams(dict(self.hparams))
+                params = flatten_hparams(dict(self.hparams)) | ({"global_batch_bytes": global_batch} if global_batch else {})
                 if self.trainer.datamodule is not None:
                     params |= flatten_hparams(dict(self.trainer.datamodule.hparams), prefix="data/")
                 writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
@@ -162,3 +196,7 @@ def flatten_hparams(params: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
+
+
+def rows_in_batch(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch["ids"])

@@ -1,58 +1,176 @@
-"""Attention masks defined once, run two ways.
+"""Attention masks defined once, run three ways.
 
 A mask is a `mask_mod(b, h, q, kv) -> bool` function over batch, head, query and key indices, the form
-FlexAttention takes. The SDPA path evaluates the same function on broadcast index grids to get a dense
-boolean mask (any device, any PyTorch); the flex path turns it into a block mask, whose empty blocks
-are skipped (GPU, or CPU through torch.compile). Neither path is a hard dependency of the other.
+FlexAttention takes. build_mask turns one into what attention() runs:
+
+- dense: the function evaluated on broadcast index grids, a [B, 1, Lq, Lk] boolean mask for SDPA. Any
+  device; cost and memory grow with Lq * Lk. The simple reference the other two must agree with.
+- sdpa: as dense, except for the masks below whose structure says that almost all of that grid is False.
+  A sliding window runs SDPA over one block of queries at a time against the keys of its own block and
+  the one before (cost ~ L * 2W, not L^2); the patch cross-attentions gather the few keys each query
+  may read. Same results as dense, any device.
+- flex: a FlexAttention block mask, whose empty blocks are skipped (GPU, or CPU through torch.compile).
+
+Each mask below is a small dataclass that is its own mask_mod, so the structure sdpa exploits and the
+function dense and flex evaluate cannot drift apart.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Implementation = Literal["sdpa", "flex"]
+Implementation = Literal["sdpa", "dense", "flex"]
+
+
+@dataclass
+class CausalDocuments:
+    """Self-attention over a sequence: earlier-or-same position, same document, within the window."""
+
+    doc_ids: torch.Tensor  # [B, L]
+    window: int | None = None  # keys a query sees, itself included (None: its whole document so far)
+
+    def __call__(self, b, h, q, kv):
+        allowed = (q >= kv) & (self.doc_ids[b, q] == self.doc_ids[b, kv])
+        return allowed & (q - kv < self.window) if self.window is not None else allowed
+
+
+@dataclass
+class SlotsReadGroup:
+    """Cross-attention from groups of `slots` queries (query q in group q // slots) to the keys of their
+    group (key kv in group key_group[b, kv]): BLT's encoder, where a patch's query slots read its bytes.
+    A group in `keyless` has no keys; in dense and flex it reads every key so that its softmax is defined,
+    in sdpa its update is zero. Nothing may depend on what such a group reads."""
+
+    key_group: torch.Tensor  # [B, Lk]
+    slots: int
+    keyless: torch.Tensor  # [B, Lq // slots] bool
+
+    def __call__(self, b, h, q, kv):
+        return (self.key_group[b, kv] == q // self.slots) | self.keyless[b, q // self.slots]
+
+
+@dataclass
+class ReadGroupSlots:
+    """Cross-attention from queries to groups of `slots` keys (key kv in group kv // slots): query q reads
+    the slots of group query_group[b, q] only (none for group -1). BLT's decoder, where a byte reads the k
+    slots of one patch."""
+
+    query_group: torch.Tensor  # [B, Lq]
+    slots: int
+
+    def __call__(self, b, h, q, kv):
+        return self.query_group[b, q] == kv // self.slots
+
+
+def causal_documents(doc_ids: torch.Tensor, window: int | None = None) -> CausalDocuments:
+    """The causal document mask of doc_ids [B, L] (the entropy model's and BLT's self-attention)."""
+    return CausalDocuments(doc_ids, window)
+
+
+@dataclass
+class WindowBlocks:
+    """A sliding-window self-attention mask cut into blocks of `size` = window queries: block i's queries
+    can only see keys of blocks i - 1 and i, so allowed [B * n_blocks, 1, size, 2 * size] covers them all."""
+
+    allowed: torch.Tensor
+    size: int
 
 
 def build_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device, implementation: Implementation):
-    """The mask attention() takes: a dense [B, 1, Lq, Lk] bool tensor (sdpa) or a BlockMask (flex)."""
+    """What attention() takes: a dense [B, 1, Lq, Lk] bool tensor, WindowBlocks or a structured cross-attention
+    mask itself (sdpa), or a BlockMask (flex)."""
     if implementation == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
         return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
+    if implementation == "sdpa":
+        if isinstance(mask_mod, CausalDocuments) and mask_mod.window is not None and mask_mod.window < q_len == kv_len:
+            return _window_blocks(mask_mod, batch, q_len, device)
+        if isinstance(mask_mod, (SlotsReadGroup, ReadGroupSlots)):
+            return mask_mod  # attention() gathers what each query reads
     b = torch.arange(batch, device=device)[:, None, None, None]
     q = torch.arange(q_len, device=device)[None, None, :, None]
     kv = torch.arange(kv_len, device=device)[None, None, None, :]
     return mask_mod(b, None, q, kv).expand(batch, 1, q_len, kv_len)
 
 
+def _window_blocks(mask_mod: CausalDocuments, batch: int, length: int, device: torch.device) -> WindowBlocks:
+    """The mask evaluated where block i's queries meet the keys of blocks i - 1 and i. The row is padded to
+    whole blocks; keys outside it are masked out, and padding queries ask as the row's last position (which
+    sees itself), so no query has an empty softmax to turn its gradients into NaN."""
+    size = mask_mod.window
+    n = -(-length // size)
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    q = torch.arange(n * size, device=device).view(1, n, size, 1)
+    kv = (torch.arange(n, device=device)[:, None] * size + torch.arange(-size, size, device=device)).view(1, n, 1, 2 * size)
+    inside = (kv >= 0) & (kv < length)
+    allowed = mask_mod(b, None, q.clamp(max=length - 1), kv.clamp(0, length - 1)) & inside  # [B, n, size, 2 * size]
+    return WindowBlocks(allowed.reshape(batch * n, 1, size, 2 * size), size)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """q [B, H, Lq, D], k and v [B, H, Lk, D] under a mask from build_mask (or a dense bool tensor)."""
     if isinstance(mask, torch.Tensor) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if isinstance(mask, WindowBlocks):
+        return _window_attention(q, k, v, mask)
+    if isinstance(mask, SlotsReadGroup):
+        return _slots_read_group(q, k, v, mask)
+    if isinstance(mask, ReadGroupSlots):
+        return _read_group_slots(q, k, v, mask)
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q, k, v, block_mask=mask)
 
 
-def causal_documents(doc_ids: torch.Tensor, window: int | None = None) -> MaskMod:
-    """Self-attention over a sequence: earlier-or-same position, same document, within the window."""
+def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: WindowBlocks) -> torch.Tensor:
+    """Self-attention a block at a time: [B, H, L, D] in and out, SDPA over [B * n, H, S, D] queries against
+    [B * n, H, 2S, D] keys (the previous block's, then the block's own)."""
+    B, H, L, D = q.shape
+    S, n = blocks.size, blocks.allowed.shape[0] // B
+    pad = n * S - L
 
-    def mask_mod(b, h, q, kv):
-        allowed = (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
-        return allowed & (q - kv < window) if window is not None else allowed
+    def cut(x, front):  # [B, H, L, D] -> [B, blocks, H, S, D], with `front` blocks of zeros first
+        return F.pad(x, (0, 0, front * S, pad)).view(B, H, front + n, S, D).transpose(1, 2)
 
-    return mask_mod
+    q = cut(q, 0).reshape(B * n, H, S, D)
+    k, v = (torch.cat([x[:, :-1], x[:, 1:]], dim=3).reshape(B * n, H, 2 * S, D) for x in (cut(k, 1), cut(v, 1)))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=blocks.allowed)  # [B * n, H, S, D]
+    return y.view(B, n, H, S, D).transpose(1, 2).reshape(B, H, n * S, D)[:, :, :L]
 
 
-def queries_own_keys(query_group: torch.Tensor, key_group: torch.Tensor, queries_per_group: int = 1,
-                     keys_per_group: int = 1) -> MaskMod:
-    """Cross-attention where query q sees key kv when they belong to the same group: query_group [B, Lq']
-    and key_group [B, Lk'] number the groups, each spread over queries_per_group or keys_per_group slots."""
+def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SlotsReadGroup) -> torch.Tensor:
+    """q [B, H, G * slots, D], k and v [B, H, Lk, D]: each key meets the slots of its group, and a softmax
+    runs over each group's keys (scatter sums over groups). Cost ~ Lk * slots, not G * slots * Lk."""
+    B, H, Lk, D = k.shape
+    s, G = mask.slots, q.shape[2] // mask.slots
+    group = mask.key_group[:, None, :, None]  # [B, 1, Lk, 1]
+    q_at_keys = q.reshape(B, H, G, s * D).gather(2, group.expand(B, H, Lk, s * D)).view(B, H, Lk, s, D)
+    group = group.expand(B, H, Lk, s)
+    scores = torch.einsum("bhksd,bhkd->bhks", q_at_keys, k) * D**-0.5  # [B, H, Lk, slots]
+    # Subtracting each group's max keeps exp() finite; the softmax does not depend on it, so no gradient.
+    top = torch.full((B, H, G, s), float("-inf"), dtype=q.dtype, device=q.device)
+    top = top.scatter_reduce(2, group, scores.detach(), "amax")
+    weights = (scores - top.gather(2, group)).exp()
+    total = torch.zeros_like(top).scatter_add(2, group, weights)  # [B, H, G, slots]; 0 for keyless groups
+    summed = torch.zeros(B, H, G, s, D, dtype=q.dtype, device=q.device)
+    summed = summed.scatter_add(2, group[..., None].expand(B, H, Lk, s, D), weights[..., None] * v[:, :, :, None, :])
+    return (summed / total.clamp_min(torch.finfo(q.dtype).tiny)[..., None]).view(B, H, G * s, D)
 
-    def mask_mod(b, h, q, kv):
-        return query_group[b, q // queries_per_group] == key_group[b, kv // keys_per_group]
 
-    return mask_mod
+def _read_group_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ReadGroupSlots) -> torch.Tensor:
+    """q [B, H, Lq, D], k and v [B, H, G * slots, D]: each query gathers its group's slots and takes a
+    softmax over those few. Cost ~ Lq * slots, not Lq * G * slots."""
+    B, H, Lq, D = q.shape
+    s, G = mask.slots, k.shape[2] // mask.slots
+    index = mask.query_group.clamp(min=0)[:, None, :, None].expand(B, H, Lq, s * D)
+    k, v = (x.reshape(B, H, G, s * D).gather(2, index).view(B, H, Lq, s, D) for x in (k, v))
+    weights = torch.softmax(torch.einsum("bhqd,bhqsd->bhqs", q, k) * D**-0.5, dim=-1)  # [B, H, Lq, slots]
+    # A query of group -1 (BLT: in a row that starts with padding, no patch yet) reads nothing, as SDPA
+    # gives a query that may see no key: a zero update.
+    weights = weights * (mask.query_group >= 0)[:, None, :, None]
+    return torch.einsum("bhqs,bhqsd->bhqd", weights, v)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..patching import Patches
 from ..vocab import EOS, VOCAB_SIZE, document_ids
-from .attention import MaskMod, attention, build_mask, causal_documents
+from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
 from .layers import TransformerBlock, init_weights, swiglu_hidden
 
 HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
@@ -85,8 +85,10 @@ class BLTConfig:
     """SwiGLU hidden width of the global transformer (BLT-1B: 5632)."""
     decoder_ffn_hidden: int | None = None
     """SwiGLU hidden width of the decoder (BLT-1B: 2816)."""
-    attention: Literal["sdpa", "flex"] = "sdpa"
-    """sdpa: dense masks, any device; flex: FlexAttention block masks (GPU, or CPU under torch.compile)."""
+    attention: Literal["sdpa", "dense", "flex"] = "sdpa"
+    """sdpa: SDPA over window blocks, per-patch gathers in cross-attention, any device; dense: SDPA over dense
+    masks, quadratic in the row (the reference the others match); flex: FlexAttention block masks (GPU, or CPU
+    under torch.compile). See models/attention.py."""
     doubled_cross_attn_residual: bool = False
     """Add the cross-attention input twice (x + x + attn), as the released checkpoints were trained."""
 
@@ -161,7 +163,8 @@ class LocalEncoder(nn.Module):
         x = self.tok_embeddings(ids)
         if self.ngram_embeddings is not None:
             x = x + self.ngram_embeddings(ids)
-        cross_mask = build_mask(_patch_slots_read_own_bytes(patches, k), B, P * k, L, ids.device, self.config.attention)
+        # Slot q of patch q // k reads that patch's bytes (padding patches have none: see SlotsReadGroup).
+        cross_mask = build_mask(SlotsReadGroup(patches.patch_ids, k, ~patches.mask), B, P * k, L, ids.device, self.config.attention)
         positions = torch.arange(L, device=ids.device)
         slots = None  # [B, P * k, d]: the patches' query slots
         for i, layer in enumerate(self.layers):
@@ -215,7 +218,7 @@ class LocalDecoder(nn.Module):
         P, k, d = global_out.shape[1], self.config.cross_attn_k, self.config.decoder_dim
         h = self.input_projection(byte_states) if self.input_projection is not None else byte_states
         slots = self.patch_projection(global_out).reshape(B, P * k, d)
-        cross_mask = build_mask(_bytes_read_their_patch(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
+        cross_mask = build_mask(ReadGroupSlots(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
         positions = torch.arange(L, device=h.device)
         for i, layer in enumerate(self.layers):
             if i == 0 or self.config.decoder_cross_attn_all_layers:
@@ -269,22 +272,3 @@ def _max_pool(x: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch
     pooled = pooled.scatter_reduce(1, patch_ids[..., None].expand(B, L, d), x, "amax", include_self=True)
     return pooled.masked_fill(pooled == float("-inf"), 0.0)
 
-
-def _patch_slots_read_own_bytes(patches: Patches, k: int) -> MaskMod:
-    """Encoder cross-attention: slot q of patch q // k reads that patch's bytes. A padding patch has no
-    bytes; its slots read the whole row instead, so their softmax is defined (nothing reads them)."""
-    patch_ids, real = patches.patch_ids, patches.mask
-
-    def mask_mod(b, h, q, kv):
-        return (patch_ids[b, kv] == q // k) | ~real[b, q // k]
-
-    return mask_mod
-
-
-def _bytes_read_their_patch(decoder_patch_ids: torch.Tensor, k: int) -> MaskMod:
-    """Decoder cross-attention: byte q reads the k slots of global output decoder_patch_ids[q]."""
-
-    def mask_mod(b, h, q, kv):
-        return decoder_patch_ids[b, q] == kv // k
-
-    return mask_mod

@@ -1,0 +1,241 @@
+"""Training throughput and peak memory of BLT and its entropy model, beside Hugging Face's BltForCausalLM.
+
+For each shape (rows x bytes a row; default 4x1024 and 1x8192) three models train on rows of real text
+(documents of a JSONL corpus, each BOS + bytes + EOS, laid end to end and cut into rows):
+
+- blt:     our ByteLatentTransformer at BLT_48M, with 4-byte static patches (blt_lightning.patching)
+- hf_blt:  transformers' BltForCausalLM at the same shape (hf_config), given the same patch lengths
+- entropy: our EntropyModel at ENTROPY_SMALL
+
+A step is forward, next-byte cross entropy, backward and an AdamW step, in float32. --warmup steps run
+untimed, then --steps are timed one by one; bytes/s is the ids of a batch (B x L, specials included) over
+a step's seconds. Patches are made before the clock starts, for both BLTs.
+
+Every (model, shape) runs in a process of its own, --repeats times, so that each has a clean peak memory:
+the Linux peak resident set size (VmHWM), reset just before the first step (/proc/self/clear_refs) and
+read after the last. "training_peak_mb" is that peak less the resident size just before the first step
+(weights, batch, runtime), i.e. what training adds: gradients, AdamW state, activations, masks.
+
+    python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
+
+Prints one JSON object on stdout; progress goes to stderr. transformers is optional: without it the
+hf_blt entries say so.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from blt_lightning.models import EntropyModel, EntropyModelConfig
+from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer
+from blt_lightning.patching import PatchingConfig, patch
+from blt_lightning.vocab import PAD, VOCAB_SIZE, encode
+
+# 48M parameters: global 4 x 512, encoder 1 x 256, decoder 2 x 256, k = 2, n-grams 3-8 x 20,000 rows.
+BLT_48M = BLTConfig(encoder_dim=256, encoder_layers=1, encoder_heads=4, global_dim=512, global_layers=4, global_heads=8,
+                    decoder_dim=256, decoder_layers=2, decoder_heads=4, local_window=512, cross_attn_k=2,
+                    ngram_sizes=(3, 4, 5, 6, 7, 8), ngram_table_size=20_000,
+                    encoder_ffn_hidden=768, global_ffn_hidden=1536, decoder_ffn_hidden=768,
+                    doubled_cross_attn_residual=True)  # as BltForCausalLM computes it
+ENTROPY_SMALL = EntropyModelConfig(dim=256, n_layers=4, n_heads=4, sliding_window=512)
+PATCHING = PatchingConfig(mode="static", patch_size=4)
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "en_moby_dick.jsonl.gz"
+MODELS = ("blt", "hf_blt", "entropy")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def hf_config(c: BLTConfig):
+    """BltConfig of BltForCausalLM with c's shape; patches come from outside (patch_in_forward off)."""
+    from transformers import BltConfig
+
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    local = lambda dim, layers, heads, hidden, all_layers: dict(
+        hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=hidden,
+        hidden_size_global=c.global_dim, cross_attn_k=c.cross_attn_k, cross_attn_all_layers=all_layers,
+        rms_norm_eps=c.norm_eps, rope_parameters=rope)
+    return BltConfig(
+        vocab_size=VOCAB_SIZE, patch_in_forward=False, cross_attn_k=c.cross_attn_k, local_attention_window_len=c.local_window,
+        encoder_hash_byte_group_size=list(c.ngram_sizes), encoder_hash_byte_group_vocab=c.ngram_table_size,
+        encoder_hash_byte_group_nb_functions=c.hash_functions, use_cache=False, rope_parameters=rope,
+        encoder_config=local(c.encoder_dim, c.encoder_layers, c.encoder_heads, c.encoder_ffn_hidden, c.encoder_cross_attn_all_layers),
+        decoder_config=local(c.decoder_dim, c.decoder_layers, c.decoder_heads, c.decoder_ffn_hidden, c.decoder_cross_attn_all_layers),
+        global_config=dict(hidden_size=c.global_dim, num_hidden_layers=c.global_layers, num_attention_heads=c.global_heads,
+                           intermediate_size=c.global_ffn_hidden, rms_norm_eps=c.norm_eps, rope_parameters=rope),
+    )
+
+
+def load_rows(corpus: Path, rows: int, length: int) -> torch.Tensor:
+    """[rows, length + 1] ids: the corpus's documents end to end, starting over if it runs out."""
+    with gzip.open(corpus, "rt", encoding="utf-8") if corpus.suffix == ".gz" else open(corpus, encoding="utf-8") as lines:
+        ids = torch.cat([encode(json.loads(line)["text"].encode("utf-8")) for line in lines])
+    needed = rows * (length + 1)
+    return ids.repeat(-(-needed // len(ids)))[:needed].view(rows, length + 1)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # 5: reset the peak resident set size to the current one (Linux 4.0+)
+
+
+def build(model: str, batches: list[torch.Tensor], attention: str):
+    """(module, loss of batch i) for one model; patches are made now, off the clock."""
+    cross_entropy = lambda logits, ids: F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
+    if model == "entropy":
+        net = EntropyModel(ENTROPY_SMALL)
+        return net, lambda i: cross_entropy(net(batches[i][:, :-1]), batches[i])
+    patches = [patch(ids[:, :-1], PATCHING) for ids in batches]
+    if model == "blt":
+        net = ByteLatentTransformer(replace(BLT_48M, attention=attention))
+        return net, lambda i: cross_entropy(net(batches[i][:, :-1], patches[i]), batches[i])
+    from transformers import BltForCausalLM
+
+    net = BltForCausalLM(hf_config(BLT_48M))  # its labels= would shift the targets once more: ours are shifted
+    return net, lambda i: cross_entropy(net(input_ids=batches[i][:, :-1], patch_lengths=patches[i].lengths).logits, batches[i])
+
+
+def worker(job: dict) -> dict:
+    """Train one model at one shape in this process; its speed and memory."""
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    count = job["warmup"] + job["steps"]
+    batches = list(load_rows(Path(job["corpus"]), count * job["rows"], job["length"]).split(job["rows"]))
+    net, loss_of = build(job["model"], batches, job["attention"])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    before = resident_bytes()
+    reset_peak()
+    seconds = []
+    for i in range(count):
+        start = time.perf_counter()
+        loss = loss_of(i)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= job["warmup"]:
+            seconds.append(time.perf_counter() - start)
+    result = {"params": sum(p.numel() for p in net.parameters()), "step_seconds": [round(s, 3) for s in seconds],
+              "resident_before_mb": round(before / 2**20, 1), "peak_resident_mb": round(peak_resident_bytes() / 2**20, 1),
+              "training_peak_mb": round((peak_resident_bytes() - before) / 2**20, 1), "final_loss": round(loss.item(), 4)}
+    if job["model"] == "hf_blt":
+        import transformers
+
+        result.update(transformers=transformers.__version__, attn_implementation=net.config._attn_implementation)
+    return result
+
+
+def run_worker(job: dict) -> dict:
+    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout)
+
+
+def summary(runs: list[dict], ids_per_step: int) -> dict:
+    """Median over the runs of each run's median step; the best single step; the largest peak."""
+    if any("error" in r for r in runs):
+        return {"error": next(r["error"] for r in runs if "error" in r)}
+    medians = [statistics.median(r["step_seconds"]) for r in runs]
+    best = min(min(r["step_seconds"]) for r in runs)
+    first = {k: v for k, v in runs[0].items() if k not in ("step_seconds", "resident_before_mb", "peak_resident_mb",
+                                                           "training_peak_mb", "final_loss")}
+    return {**first,
+            "bytes_per_s": round(ids_per_step / statistics.median(medians)),
+            "bytes_per_s_best_step": round(ids_per_step / best),
+            "bytes_per_s_per_run": [round(ids_per_step / m) for m in medians],
+            "training_peak_mb": max(r["training_peak_mb"] for r in runs),
+            "peak_resident_mb": max(r["peak_resident_mb"] for r in runs),
+            "resident_before_mb": runs[0]["resident_before_mb"],
+            "final_loss": runs[0]["final_loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="4x1024,1x8192", help="comma-separated ROWSxBYTES")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per model and shape, taking turns")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for all")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL (.gz or plain), a 'text' field a line")
+    parser.add_argument("--attention", choices=("sdpa", "dense", "flex"), default="sdpa",
+                        help="our BLT's attention (dense: the quadratic reference)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    models = args.models.split(",")
+    if unknown := [m for m in models if m not in MODELS]:
+        parser.error(f"unknown models {unknown}: choose from {list(MODELS)}")
+    if min(args.steps, args.repeats, args.threads) < 1 or args.warmup < 0:
+        parser.error("steps, repeats and threads must be at least 1, warmup at least 0")
+    try:
+        import transformers
+        from transformers import BltForCausalLM  # noqa: F401
+        hf_missing = None
+    except ImportError:
+        hf_missing = "transformers (with BltForCausalLM) is not installed"
+
+    results = {}
+    for shape in args.shapes.split(","):
+        rows, length = map(int, shape.split("x"))
+        runs = {m: [] for m in models}
+        for repeat in range(args.repeats):
+            for model in models:
+                if model == "hf_blt" and hf_missing:
+                    continue
+                log(f"{shape} {model} run {repeat + 1}/{args.repeats}")
+                runs[model].append(run_worker(dict(model=model, rows=rows, length=length, warmup=args.warmup, steps=args.steps,
+                                                   threads=args.threads, corpus=str(args.corpus), attention=args.attention)))
+        out = {m: {"skipped": hf_missing} if m == "hf_blt" and hf_missing else summary(runs[m], rows * length) for m in models}
+        if all("bytes_per_s" in out.get(m, {}) for m in ("blt", "hf_blt")):
+            out["blt_vs_hf"] = {"throughput": round(out["blt"]["bytes_per_s"] / out["hf_blt"]["bytes_per_s"], 2),
+                                "training_peak_memory": round(out["blt"]["training_peak_mb"] / out["hf_blt"]["training_peak_mb"], 3),
+                                "peak_resident_memory": round(out["blt"]["peak_resident_mb"] / out["hf_blt"]["peak_resident_mb"], 3)}
+        results[shape] = out
+
+    print(json.dumps({
+        "benchmark": "training steps (forward, cross entropy, backward, AdamW), float32",
+        "bytes_per_s": "ids per step (rows x bytes, specials included) / median step seconds; median over runs",
+        "memory": "peak resident set size (VmHWM, reset before the first step); training_peak_mb = that peak less the "
+                  "resident size before the first step; the largest over runs",
+        "blt_config": asdict(replace(BLT_48M, attention=args.attention)),
+        "hf_blt": ("BltForCausalLM at the same widths, layers, heads, FFN widths, window, k and n-gram tables, given our "
+                   "static patch lengths; its local masks are dense ([B, 1, L, L] sliding-window, [P * k, L] and [L, P * k] "
+                   "cross-attention) and it knows no documents"),
+        "entropy_config": asdict(ENTROPY_SMALL),
+        "patching": asdict(PATCHING),
+        "corpus": str(args.corpus),
+        "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
+        "torch": torch.__version__, "transformers": None if hf_missing else transformers.__version__,
+        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown"),
+        "shapes": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Callbacks the fault tests add to CLI runs (`--config` a YAML naming them, PYTHONPATH=tests)."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordBatches(Callback):
+    """Append (global step, rank, digest of the ids) of every training batch to a JSON-lines file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        digest = hashlib.sha256(batch["ids"].numpy().tobytes()).hexdigest()[:16]
+        record = {"step": trainer.global_step, "rank": trainer.global_rank, "ids": digest,
+                  "shards": sorted(set(batch["shard"].tolist()))}
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), f"{self.path}.rank{trainer.global_rank}.weights")
+
+
+class SendSignal(Callback):
+    """Send this process `signal` when a training batch starts at global step `step`."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL"):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class DieWhileSaving(Callback):
+    """SIGKILL this process halfway through writing the first checkpoint saved at or after step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        save = torch.save
+
+        def save_half_then_die(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save_half_then_die
+
+
+class DivergeAt(Callback):
+    """Turn the output layer's weights to inf when the batch at global step `step` starts: the loss diverges."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.output.weight.fill_(float("inf"))

@@ -1,0 +1,103 @@
+"""Runs that are killed resume exactly: real CLI processes, killed with real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2) -> subprocess.CompletedProcess:
+    """`blt-lightning fit` of a tiny entropy model for 10 steps (epochs of 3 batches), as its own process,
+    with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM."""
+    listed = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+               "init_args": {"monitor": None, "every_n_train_steps": 3, "save_last": True}},
+              {"class_path": "blt_lightning.callbacks.CheckpointOnTerminate"}]
+    config = root / "callbacks.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"trainer": {"callbacks": listed + callbacks}}))  # JSON is YAML
+    args = [
+        sys.executable, "-m", "blt_lightning", "fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"),
+        "--config", str(config), "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "10", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000", "--data.seq_len", "32",
+        "--data.batch_size", "4", "--data.num_workers", str(workers), "--data.batches_per_epoch", "3",
+        "--data.shuffle_rows", "8", "--model.init_args.model.dim", "32", "--model.init_args.model.n_layers", "1",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+
+
+def record(path: Path) -> dict:
+    return {"class_path": "probes.RecordBatches", "init_args": {"path": str(path)}}
+
+
+def signal_at(step: int, name: str) -> dict:
+    return {"class_path": "probes.SendSignal", "init_args": {"step": step, "signal": name}}
+
+
+def batches(path: Path) -> dict[int, str]:
+    """Global step -> digest of the batch trained at it."""
+    lines = Path(f"{path}.rank0").read_text().splitlines()
+    return {r["step"]: r["ids"] for r in map(json.loads, lines)}
+
+
+def last_checkpoint(root: Path) -> dict:
+    (path,) = root.glob("entropy-tiny/version_*/checkpoints/last.ckpt")
+    return torch.load(path, weights_only=False)
+
+
+def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_same_weights(corpus, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli_run(whole, corpus, [record(whole / "batches")]).returncode == 0
+    expected = batches(whole / "batches")
+    assert sorted(expected) == list(range(10)) and len(set(expected.values())) == 10
+
+    # SIGKILL when step 6 starts: nothing is saved then; the last checkpoint is step 3's, the end of epoch 0.
+    killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert last_checkpoint(cut)["global_step"] == 3
+
+    # Resumed, it is sent SIGTERM during step 7: it saves last.ckpt after that step (mid epoch 2, where
+    # the second of two DataLoader workers is next) and exits.
+    terminated = cli_run(cut, corpus, [record(cut / "b"), signal_at(6, "SIGTERM")], "--ckpt_path", "last")
+    assert terminated.returncode == 0, terminated.stderr[-3000:]
+    assert "SIGTERM: saved" in terminated.stderr + terminated.stdout
+    assert last_checkpoint(cut)["global_step"] == 7
+
+    resumed = cli_run(cut, corpus, [record(cut / "c")], "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert batches(cut / "b") == {s: expected[s] for s in range(3, 7)}
+    assert batches(cut / "c") == {s: expected[s] for s in range(7, 10)}
+    assert len(list(cut.glob("entropy-tiny/version_*"))) == 1, "a resumed run continues in its own folder"
+
+    final, reference = torch.load(f"{cut / 'c'}.rank0.weights"), torch.load(f"{whole / 'batches'}.rank0.weights")
+    assert final.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), f"{name} differs after resuming"
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(corpus, tmp_path):
+    died = cli_run(tmp_path, corpus, [{"class_path": "probes.DieWhileSaving", "init_args": {"step": 5}}], workers=0)
+    assert died.returncode == -signal.SIGKILL
+    assert list(tmp_path.rglob(".*.ckpt.partial")), "the kill did not come during a save"
+    assert last_checkpoint(tmp_path)["global_step"] == 3  # step 6's save was cut in half
+    resumed = cli_run(tmp_path, corpus, [], "--ckpt_path", "last", workers=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_checkpoint(tmp_path)["global_step"] == 9  # it trained on from step 3, saving every 3 steps
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    run = cli_run(tmp_path, corpus, [{"class_path": "probes.DivergeAt", "init_args": {"step": 4}}], workers=0)
+    assert run.returncode != 0
+    assert "step 4: the training loss is not finite" in run.stderr
+    checkpoint = last_checkpoint(tmp_path)
+    assert checkpoint["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
