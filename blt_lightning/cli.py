@@ -37,9 +37,9 @@ class SaveConfigPerAttempt(SaveConfigCallback):
     resumed into its folder (Lightning's callback would refuse to overwrite config.yaml)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.already_saved and trainer.log_dir is not None:
-            existing = len(list(Path(trainer.log_dir).glob("config*.yaml"))) if trainer.is_global_zero else 0
-            existing = trainer.strategy.broadcast(existing)
+        log_dir = trainer.log_dir  # on every rank: it broadcasts
+        if not self.already_saved and log_dir is not None:  # only rank zero's name is used
+            existing = len(list(Path(log_dir).glob("config*.yaml")))
             self.config_filename = f"config.resume-{existing}.yaml" if existing else "config.yaml"
         super().setup(trainer, pl_module, stage)
 

@@ -1,0 +1,75 @@
+"""Bad shards are named or skipped, and no rank waits forever for another."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blt_lightning.data import EvalStream, ShardError, TrainStream, read_manifest
+from blt_lightning.prepare import MANIFEST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def truncate(path: str) -> None:
+    """Cut a shard inside its members (not in the zero blocks that end a tar, which readers skip)."""
+    data = Path(path).read_bytes().rstrip(b"\0")
+    Path(path).write_bytes(data[: len(data) // 2 + 7])
+
+
+def test_a_truncated_shard_is_named_or_skipped_and_counted(shards):
+    split = read_manifest(str(shards / MANIFEST))["validation"]
+    truncate(split[1].url)
+    with pytest.raises(ShardError, match=f"{split[1].url}: (corrupt|truncated) shard"):
+        list(EvalStream(split, 32, 4, 0, 1, 0))
+
+    with pytest.warns(UserWarning, match=rf"skipped the rest of a bad shard \(1 so far in this reader\): {split[1].url}"):
+        batches = list(EvalStream(split, 32, 4, 0, 1, 0, skip_bad_shards=True))
+    # The shard's missing rows come as padding, so every rank still runs the batches it planned.
+    assert len(batches) == len(EvalStream(split, 32, 4, 0, 1, 0))
+    assert any((b["shard"] == -1).any() for b in batches[:-1])
+
+
+def test_a_corrupt_training_shard_is_named_or_skipped(shards):
+    split = read_manifest(str(shards / MANIFEST))["train"]
+    Path(split[0].url).write_bytes(b"not a tar file " * 100)
+    with pytest.raises(ShardError, match=split[0].url):
+        list(TrainStream(split, 16, 2, 0, 1, 0, shuffle_rows=4, mix_shards=len(split), batches_per_epoch=50))
+    with pytest.warns(UserWarning, match=split[0].url):
+        batches = list(TrainStream(split, 16, 2, 0, 1, 0, 4, len(split), 50, skip_bad_shards=True))
+    assert len(batches) == 50 and all(0 not in b["shard"].tolist() for b in batches)
+
+
+def test_a_reader_whose_every_shard_is_bad_stops_instead_of_spinning(shards):
+    split = read_manifest(str(shards / MANIFEST))["train"][:1]
+    Path(split[0].url).write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(ShardError, match="no document could be read"):
+        list(TrainStream(split, 16, 2, 0, 1, 0, 4, 1, 5, skip_bad_shards=True))
+
+
+def ddp_fit(root: Path, data_args: list[str]) -> subprocess.CompletedProcess:
+    """Two ranks of real DDP on CPU through the CLI and Lightning's launcher, a few steps."""
+    args = [sys.executable, "-m", "blt_lightning", "fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"),
+            "--trainer.default_root_dir", str(root), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--data.sources", "null", "--data.seq_len", "32",
+            "--data.batch_size", "2", "--data.num_workers", "0", "--model.init_args.model.dim", "16",
+            "--model.init_args.model.n_layers", "1", *data_args]
+    return subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ranks_with_unequal_shards_or_a_bad_shard_do_not_hang(shards, tmp_path):
+    manifest = json.loads((shards / MANIFEST).read_text())["splits"]
+    train = [str(shards / s["path"]) for s in manifest["train"]["shards"]][:5]  # 3 for rank 0, 2 for rank 1
+    val = [str(shards / s["path"]) for s in manifest["validation"]["shards"]][:3]
+    urls = ["--data.train_shards", json.dumps(train), "--data.val_shards", json.dumps(val)]
+    run = ddp_fit(tmp_path / "unequal", urls + ["--data.batches_per_epoch", "3"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 4: validation bpb" in run.stdout
+
+    truncate(val[2])  # rank 0's second validation shard: rank 0 fails, rank 1 must not wait for it forever
+    run = ddp_fit(tmp_path / "bad", urls + ["--data.batches_per_epoch", "3"])
+    assert run.returncode != 0 and f"{val[2]}: corrupt shard" in run.stderr
