@@ -443,6 +443,9 @@ class ByteShardDataModule(L.LightningDataModule):
         self.batches_per_epoch, self.seed, self.skip_bad_shards = batches_per_epoch, seed, skip_bad_shards
         self.shards: dict[str, list[Shard]] = {}
         self.rank, self.world_size = 0, 1
+        # Sources are prepared once, by global rank 0: default_root_dir is shared by every node (it holds
+        # the checkpoints too), and nodes preparing the same shards at once would write over each other.
+        self.prepare_data_per_node = False
 
     def _prepared_dir(self) -> Path:
         if self.shard_dir is not None:
