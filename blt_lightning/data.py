@@ -234,7 +234,7 @@ class TrainStream(IterableDataset):
 
     def layout(self) -> dict:
         """What the order of batches depends on besides the epoch: a resumed run must have the same."""
-        return {"shards": [s.url for s in self.shards], "seq_len": self.seq_len, "batch_size": self.batch_size,
+        return {"shards": [s.url.rsplit("/", 1)[-1] for s in self.shards], "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "world_size": self.world_size, "seed": self.seed, "shuffle_rows": self.shuffle_rows,
                 "mix_shards": self.mix_shards, "batches_per_epoch": self.batches_per_epoch}
 

@@ -1,16 +1,22 @@
 import logging
+import shutil
 import re
 from pathlib import Path
 
+import jsonargparse
 import pytest
 import torch
+import yaml
+from lightning.pytorch.strategies import Strategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from blt_lightning.cli import BLTLightningCLI, main
+from blt_lightning.models.layers import TransformerBlock
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set((ROOT / "configs/trainer").glob("*.yaml")))
+TRAINER_CONFIGS = sorted((ROOT / "configs/trainer").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -76,3 +82,42 @@ def test_configs_compose_and_print(corpus, tmp_path, capsys):
         main(["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--config", str(override), "--print_config"])
     printed = capsys.readouterr().out
     assert "seq_len: 48" in printed and "n_layers: 1" in printed
+
+
+@pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.stem)
+def test_every_trainer_config_composes_with_a_model_config(config, capsys):
+    """A trainer config is a second --config on any model config; its strategy builds (FSDP: each
+    transformer block wrapped), though GPU ones cannot run here."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/blt/tiny.yaml"), "--config", str(config), "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["precision"] == yaml.safe_load(config.read_text())["trainer"]["precision"]
+    assert trainer["callbacks"], "a trainer config must not drop the model config's callbacks"
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy | str)
+    strategy = parser.instantiate(parser.parse_object({"strategy": trainer["strategy"]})).strategy
+    if config.stem == "fsdp":
+        assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+
+
+def test_gradient_accumulation_and_the_global_batch_in_bytes(corpus, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "3"])
+    assert "global batch: 4 rows x 32 bytes x 1 ranks x 3 accumulated = 384 bytes per optimizer step" in caplog.text
+    ckpt = torch.load(tmp_path / "entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_blocks_compute_what_eager_ones_do():
+    from blt_lightning import EntropyLM
+    from blt_lightning.models import EntropyModelConfig
+
+    torch.manual_seed(0)
+    eager = EntropyLM(EntropyModelConfig(dim=32, n_layers=2, n_heads=2), seq_len=16)
+    compiled = EntropyLM(EntropyModelConfig(dim=32, n_layers=2, n_heads=2), seq_len=16, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.configure_model()
+    assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
+    ids = torch.randint(4, 260, (2, 16))
+    torch.testing.assert_close(compiled(ids), eager(ids), atol=1e-5, rtol=1e-5)
