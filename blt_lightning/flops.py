@@ -31,26 +31,29 @@ def cross_attention_flops(dim: int, queries: float, kv: float, keys_per_query: f
     return 2 * 2 * dim * dim * (queries + kv) + 4 * dim * keys_per_query * queries
 
 
-def entropy_model_flops_per_byte(config: EntropyModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per byte of the entropy model over rows of seq_len."""
-    keys = mean_keys(seq_len, config.sliding_window)
+def entropy_model_flops_per_byte(config: EntropyModelConfig, seq_len: int, attention: bool = True) -> float:
+    """Forward FLOPs per byte of the entropy model over rows of seq_len (without attention scores and
+    their weighted sums unless `attention`: what is left are the weight matrices' products)."""
+    keys = mean_keys(seq_len, config.sliding_window) if attention else 0
     return config.n_layers * block_flops(config.dim, config.ffn_hidden, keys) + 2 * config.dim * VOCAB_SIZE
 
 
-def blt_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_size: float) -> float:
-    """Forward FLOPs per byte of the Byte Latent Transformer, with patches of `mean_patch_size` bytes."""
+def blt_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_size: float, attention: bool = True) -> float:
+    """Forward FLOPs per byte of the Byte Latent Transformer, with patches of `mean_patch_size` bytes
+    (`attention` as for the entropy model)."""
     c, k = config, config.cross_attn_k
     patches = 1 / mean_patch_size  # per byte
+    on = 1 if attention else 0
 
     def hidden(dim: int, configured: int | None) -> int:
         return configured or swiglu_hidden(dim, c.ffn_multiple_of)
 
-    local_keys = mean_keys(seq_len, c.local_window)
-    patch_keys = mean_keys(max(1, round(seq_len * patches)), None)
+    local_keys = on * mean_keys(seq_len, c.local_window)
+    patch_keys = on * mean_keys(max(1, round(seq_len * patches)), None)
 
     encoder = c.encoder_layers * block_flops(c.encoder_dim, hidden(c.encoder_dim, c.encoder_ffn_hidden), local_keys)
     encoder_cross = c.encoder_layers if c.encoder_cross_attn_all_layers else 1
-    encoder += encoder_cross * cross_attention_flops(c.encoder_dim, patches * k, 1, mean_patch_size)
+    encoder += encoder_cross * cross_attention_flops(c.encoder_dim, patches * k, 1, on * mean_patch_size)
     encoder += patches * 2 * c.encoder_dim * c.encoder_dim * k if k > 1 else 0  # pooled patch -> k slots
 
     width_in = k * c.encoder_dim
@@ -60,7 +63,7 @@ def blt_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_size: float) 
     d = c.decoder_dim
     decoder = c.decoder_layers * block_flops(d, hidden(d, c.decoder_ffn_hidden), local_keys)
     decoder_cross = c.decoder_layers if c.decoder_cross_attn_all_layers else 1
-    decoder += decoder_cross * cross_attention_flops(d, 1, patches * k, k)
+    decoder += decoder_cross * cross_attention_flops(d, 1, patches * k, on * k)
     decoder += patches * 2 * c.global_dim * d * k  # global output -> k slots
     decoder += 2 * c.encoder_dim * d if c.encoder_dim != d else 0
     decoder += 2 * d * VOCAB_SIZE
