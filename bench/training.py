@@ -7,14 +7,25 @@ For each shape (rows x bytes a row; default 4x1024 and 1x8192) three models trai
 - hf_blt:  transformers' BltForCausalLM at the same shape (hf_config), given the same patch lengths
 - entropy: our EntropyModel at ENTROPY_SMALL
 
+The two BLTs have the same shape, down to the parameter count the JSON reports for each: widths, layers,
+heads (of size 64), SwiGLU widths (768, 1536, 768: BltConfig's defaults differ, so each is set), a sliding
+window of 512 bytes in the local models, k = 2, 6 x 20,000 hash n-gram rows, the doubled cross-attention
+residual. BltForCausalLM's local masks are dense ([B, 1, L, L] sliding window, [P * k, L] and [L, P * k]
+cross-attention); ours run in blocks and gathers (BLTConfig.attention "sdpa"; --attention dense times our
+quadratic reference instead).
+
 A step is forward, next-byte cross entropy, backward and an AdamW step, in float32. --warmup steps run
 untimed, then --steps are timed one by one; bytes/s is the ids of a batch (B x L, specials included) over
 a step's seconds. Patches are made before the clock starts, for both BLTs.
 
-Every (model, shape) runs in a process of its own, --repeats times, so that each has a clean peak memory:
-the Linux peak resident set size (VmHWM), reset just before the first step (/proc/self/clear_refs) and
-read after the last. "training_peak_mb" is that peak less the resident size just before the first step
-(weights, batch, runtime), i.e. what training adds: gradients, AdamW state, activations, masks.
+Every (model, shape) runs in a process of its own, --repeats times, so that each has a clean peak memory.
+Two measures, both over whole training steps:
+- peak_resident_mb: the Linux peak resident set size (VmHWM), reset just before the first step
+  (/proc/self/clear_refs) and read after the last; training_peak_mb is that less the resident size just
+  before the first step (weights, batch, runtime), i.e. what training adds. This is what the machine
+  sees, and includes what glibc's malloc keeps of freed memory (fragmentation).
+- peak_malloc_mb: the most bytes malloc reports in use (mallinfo2: heap plus mmapped), read after every
+  aten op of one more step: the memory the tensors need, without what the allocator keeps back.
 
     python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
 
@@ -23,6 +34,7 @@ hf_blt entries say so.
 """
 
 import argparse
+import ctypes
 import gzip
 import json
 import os
@@ -62,24 +74,31 @@ def hf_config(c: BLTConfig):
     from transformers import BltConfig
 
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    local = lambda dim, layers, heads, hidden, all_layers: dict(
-        hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=hidden,
-        hidden_size_global=c.global_dim, cross_attn_k=c.cross_attn_k, cross_attn_all_layers=all_layers,
-        rms_norm_eps=c.norm_eps, rope_parameters=rope)
+
+    def local(dim, layers, heads, hidden, all_layers):
+        return {"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
+                "intermediate_size": hidden, "hidden_size_global": c.global_dim, "cross_attn_k": c.cross_attn_k,
+                "cross_attn_all_layers": all_layers, "rms_norm_eps": c.norm_eps, "rope_parameters": rope}
+
     return BltConfig(
-        vocab_size=VOCAB_SIZE, patch_in_forward=False, cross_attn_k=c.cross_attn_k, local_attention_window_len=c.local_window,
+        vocab_size=VOCAB_SIZE, patch_in_forward=False, use_cache=False, rope_parameters=rope,
+        cross_attn_k=c.cross_attn_k, local_attention_window_len=c.local_window,
         encoder_hash_byte_group_size=list(c.ngram_sizes), encoder_hash_byte_group_vocab=c.ngram_table_size,
-        encoder_hash_byte_group_nb_functions=c.hash_functions, use_cache=False, rope_parameters=rope,
-        encoder_config=local(c.encoder_dim, c.encoder_layers, c.encoder_heads, c.encoder_ffn_hidden, c.encoder_cross_attn_all_layers),
-        decoder_config=local(c.decoder_dim, c.decoder_layers, c.decoder_heads, c.decoder_ffn_hidden, c.decoder_cross_attn_all_layers),
-        global_config=dict(hidden_size=c.global_dim, num_hidden_layers=c.global_layers, num_attention_heads=c.global_heads,
-                           intermediate_size=c.global_ffn_hidden, rms_norm_eps=c.norm_eps, rope_parameters=rope),
+        encoder_hash_byte_group_nb_functions=c.hash_functions,
+        encoder_config=local(c.encoder_dim, c.encoder_layers, c.encoder_heads, c.encoder_ffn_hidden,
+                             c.encoder_cross_attn_all_layers),
+        decoder_config=local(c.decoder_dim, c.decoder_layers, c.decoder_heads, c.decoder_ffn_hidden,
+                             c.decoder_cross_attn_all_layers),
+        global_config={"hidden_size": c.global_dim, "num_hidden_layers": c.global_layers,
+                       "num_attention_heads": c.global_heads, "intermediate_size": c.global_ffn_hidden,
+                       "rms_norm_eps": c.norm_eps, "rope_parameters": rope},
     )
 
 
 def load_rows(corpus: Path, rows: int, length: int) -> torch.Tensor:
     """[rows, length + 1] ids: the corpus's documents end to end, starting over if it runs out."""
-    with gzip.open(corpus, "rt", encoding="utf-8") if corpus.suffix == ".gz" else open(corpus, encoding="utf-8") as lines:
+    opener = gzip.open if corpus.suffix == ".gz" else open
+    with opener(corpus, "rt", encoding="utf-8") as lines:
         ids = torch.cat([encode(json.loads(line)["text"].encode("utf-8")) for line in lines])
     needed = rows * (length + 1)
     return ids.repeat(-(-needed // len(ids)))[:needed].view(rows, length + 1)
@@ -100,6 +119,35 @@ def reset_peak() -> None:
         f.write("5")  # 5: reset the peak resident set size to the current one (Linux 4.0+)
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_peak(step) -> int | None:
+    """Most bytes in use by malloc after any aten op of step() (glibc only; None elsewhere)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _Mallinfo2
+
+    class Sample(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args, kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            info = mallinfo2()
+            self.peak = max(self.peak, info.uordblks + info.hblkhd)
+            return out
+
+    with Sample() as sample:  # backward ops run in this thread too, so they are sampled
+        step()
+    return sample.peak
+
+
 def build(model: str, batches: list[torch.Tensor], attention: str):
     """(module, loss of batch i) for one model; patches are made now, off the clock."""
     cross_entropy = lambda logits, ids: F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
@@ -113,7 +161,8 @@ def build(model: str, batches: list[torch.Tensor], attention: str):
     from transformers import BltForCausalLM
 
     net = BltForCausalLM(hf_config(BLT_48M))  # its labels= would shift the targets once more: ours are shifted
-    return net, lambda i: cross_entropy(net(input_ids=batches[i][:, :-1], patch_lengths=patches[i].lengths).logits, batches[i])
+    logits = lambda i: net(input_ids=batches[i][:, :-1], patch_lengths=patches[i].lengths).logits
+    return net, lambda i: cross_entropy(logits(i), batches[i])
 
 
 def worker(job: dict) -> dict:
@@ -127,17 +176,25 @@ def worker(job: dict) -> dict:
     before = resident_bytes()
     reset_peak()
     seconds = []
-    for i in range(count):
-        start = time.perf_counter()
+
+    def step(i):
         loss = loss_of(i)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for i in range(count):
+        start = time.perf_counter()
+        loss = step(i)
         if i >= job["warmup"]:
             seconds.append(time.perf_counter() - start)
+    peak_rss = peak_resident_bytes()
+    peak_malloc = malloc_peak(lambda: step(0))
     result = {"params": sum(p.numel() for p in net.parameters()), "step_seconds": [round(s, 3) for s in seconds],
-              "resident_before_mb": round(before / 2**20, 1), "peak_resident_mb": round(peak_resident_bytes() / 2**20, 1),
-              "training_peak_mb": round((peak_resident_bytes() - before) / 2**20, 1), "final_loss": round(loss.item(), 4)}
+              "resident_before_mb": round(before / 2**20, 1), "peak_resident_mb": round(peak_rss / 2**20, 1),
+              "training_peak_mb": round((peak_rss - before) / 2**20, 1),
+              "peak_malloc_mb": peak_malloc and round(peak_malloc / 2**20, 1), "final_loss": round(loss, 4)}
     if job["model"] == "hf_blt":
         import transformers
 
@@ -147,28 +204,47 @@ def worker(job: dict) -> dict:
 
 def run_worker(job: dict) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps(job)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout)
 
 
+MEMORY = ("peak_resident_mb", "training_peak_mb", "peak_malloc_mb")
+# The issue's targets for our BLT against BltForCausalLM: ratios of bytes/s (at least) and of peak memory (at most).
+TARGETS = {"4x1024": {"throughput": 1.0}, "1x8192": {"throughput": 3.0, "memory": 0.5}}
+
+
 def summary(runs: list[dict], ids_per_step: int) -> dict:
-    """Median over the runs of each run's median step; the best single step; the largest peak."""
+    """Median over the runs of each run's median step; the best single step; the largest peaks."""
     if any("error" in r for r in runs):
         return {"error": next(r["error"] for r in runs if "error" in r)}
     medians = [statistics.median(r["step_seconds"]) for r in runs]
-    best = min(min(r["step_seconds"]) for r in runs)
-    first = {k: v for k, v in runs[0].items() if k not in ("step_seconds", "resident_before_mb", "peak_resident_mb",
-                                                           "training_peak_mb", "final_loss")}
-    return {**first,
+    kept = {k: v for k, v in runs[0].items() if k not in ("step_seconds", "final_loss", *MEMORY)}
+    return {**kept,
             "bytes_per_s": round(ids_per_step / statistics.median(medians)),
-            "bytes_per_s_best_step": round(ids_per_step / best),
+            "bytes_per_s_best_step": round(ids_per_step / min(min(r["step_seconds"]) for r in runs)),
             "bytes_per_s_per_run": [round(ids_per_step / m) for m in medians],
-            "training_peak_mb": max(r["training_peak_mb"] for r in runs),
-            "peak_resident_mb": max(r["peak_resident_mb"] for r in runs),
-            "resident_before_mb": runs[0]["resident_before_mb"],
+            **{k: max(r[k] for r in runs) if runs[0][k] is not None else None for k in MEMORY},
             "final_loss": runs[0]["final_loss"]}
+
+
+def versus(ours: dict, theirs: dict, targets: dict) -> dict:
+    """Our bytes/s and peaks as fractions of Hugging Face's, and the targets for this shape."""
+    ratios = {"throughput": round(ours["bytes_per_s"] / theirs["bytes_per_s"], 2)}
+    ratios.update({k: round(ours[k] / theirs[k], 3) for k in MEMORY if ours[k] and theirs[k]})
+    if targets:
+        ratios["targets"] = {"throughput_at_least": targets["throughput"],
+                             "throughput_met": ratios["throughput"] >= targets["throughput"]}
+        if "memory" in targets:
+            ratios["targets"]["memory_at_most"] = targets["memory"]
+            ratios["targets"].update({f"{k}_met": ratios[k] <= targets["memory"] for k in MEMORY if k in ratios})
+    return ratios
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as info:
+        return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
 
 
 def main() -> None:
@@ -179,7 +255,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--repeats", type=int, default=1, help="processes per model and shape, taking turns")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for all")
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL (.gz or plain), a 'text' field a line")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
+                        help="JSONL (.gz or plain), a 'text' field a line")
     parser.add_argument("--attention", choices=("sdpa", "dense", "flex"), default="sdpa",
                         help="our BLT's attention (dense: the quadratic reference)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -209,30 +286,30 @@ def main() -> None:
                 if model == "hf_blt" and hf_missing:
                     continue
                 log(f"{shape} {model} run {repeat + 1}/{args.repeats}")
-                runs[model].append(run_worker(dict(model=model, rows=rows, length=length, warmup=args.warmup, steps=args.steps,
-                                                   threads=args.threads, corpus=str(args.corpus), attention=args.attention)))
-        out = {m: {"skipped": hf_missing} if m == "hf_blt" and hf_missing else summary(runs[m], rows * length) for m in models}
+                job = {"model": model, "rows": rows, "length": length, "warmup": args.warmup, "steps": args.steps,
+                       "threads": args.threads, "corpus": str(args.corpus), "attention": args.attention}
+                runs[model].append(run_worker(job))
+        out = {m: {"skipped": hf_missing} if not runs[m] else summary(runs[m], rows * length) for m in models}
         if all("bytes_per_s" in out.get(m, {}) for m in ("blt", "hf_blt")):
-            out["blt_vs_hf"] = {"throughput": round(out["blt"]["bytes_per_s"] / out["hf_blt"]["bytes_per_s"], 2),
-                                "training_peak_memory": round(out["blt"]["training_peak_mb"] / out["hf_blt"]["training_peak_mb"], 3),
-                                "peak_resident_memory": round(out["blt"]["peak_resident_mb"] / out["hf_blt"]["peak_resident_mb"], 3)}
+            out["blt_vs_hf"] = versus(out["blt"], out["hf_blt"], TARGETS.get(shape, {}))
         results[shape] = out
 
     print(json.dumps({
         "benchmark": "training steps (forward, cross entropy, backward, AdamW), float32",
         "bytes_per_s": "ids per step (rows x bytes, specials included) / median step seconds; median over runs",
-        "memory": "peak resident set size (VmHWM, reset before the first step); training_peak_mb = that peak less the "
-                  "resident size before the first step; the largest over runs",
+        "memory": "peak_resident_mb: peak resident set size (VmHWM) over the training steps; training_peak_mb: that "
+                  "less the resident size before the first step; peak_malloc_mb: most bytes in use by malloc after any "
+                  "aten op of one more step (no allocator fragmentation); each the largest over runs",
         "blt_config": asdict(replace(BLT_48M, attention=args.attention)),
-        "hf_blt": ("BltForCausalLM at the same widths, layers, heads, FFN widths, window, k and n-gram tables, given our "
-                   "static patch lengths; its local masks are dense ([B, 1, L, L] sliding-window, [P * k, L] and [L, P * k] "
-                   "cross-attention) and it knows no documents"),
+        "hf_blt": ("BltForCausalLM at the same widths, layers, heads, FFN widths, window, k and n-gram tables, "
+                   "given our static patch lengths; its local masks are dense ([B, 1, L, L] sliding window, "
+                   "[P * k, L] and [L, P * k] cross-attention), and it knows no documents"),
         "entropy_config": asdict(ENTROPY_SMALL),
         "patching": asdict(PATCHING),
         "corpus": str(args.corpus),
         "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
         "torch": torch.__version__, "transformers": None if hf_missing else transformers.__version__,
-        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown"),
+        "cpu": cpu_name(),
         "shapes": results,
     }, indent=2))
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -127,8 +129,6 @@ def test_a_tiny_model_overfits_one_batch():
 
 def test_sdpa_and_flex_attention_agree():
     pytest.importorskip("torch.nn.attention.flex_attention", reason="this PyTorch has no FlexAttention")
-    from dataclasses import replace
-
     ids = rows(4)
     patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids)
     sdpa = blt(TINY)
@@ -146,3 +146,27 @@ def test_a_patch_budget_pads_without_changing_outputs():
     assert budget.lengths.shape[1] == patches.lengths.shape[1] + 7
     model = blt()
     torch.testing.assert_close(model(ids, budget), model(ids, patches), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, block", [(3, 256), (8, 3), (64, 5), (None, 4)],
+                         ids=["window-3", "window-8-blocks-of-3", "window-over-row", "no-window"])
+@pytest.mark.parametrize("config", MODES, ids=lambda c: c.mode)
+def test_sdpa_attention_equals_dense_attention(config, window, block, monkeypatch):
+    """The sdpa path (self-attention in blocks, cross-attention by gathers) gives the logits and gradients of
+    dense masks: two documents in a row, a row starting inside one, padding, a row of padding only, padding
+    patches (a patch budget), rows of 41 ids (no multiple of a block), windows within and over the row."""
+    monkeypatch.setattr("blt_lightning.models.attention.BLOCK", block)
+    ids = torch.cat([rows(6), torch.full((1, rows(6).shape[1]), PAD)])
+    patcher = patcher_for(config)
+    patches = patcher(ids, num_patches=patcher(ids).lengths.shape[1] + 3)
+    weights = torch.randn(*ids.shape, VOCAB_SIZE, generator=torch.Generator().manual_seed(1))
+    results = []
+    for attention in ("sdpa", "dense"):
+        model = blt(replace(TINY, local_window=window, attention=attention)).train()
+        logits = model(ids, patches)
+        (logits * weights).sum().backward()
+        results.append((logits, {name: p.grad for name, p in model.named_parameters()}))
+    (sdpa, sdpa_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(sdpa, dense, rtol=1e-5, atol=1e-6)
+    for name, grad in dense_grads.items():  # within 1e-4 of each gradient's largest entry
+        torch.testing.assert_close(sdpa_grads[name], grad, rtol=0, atol=1e-4 * float(grad.abs().max()) + 1e-9, msg=name)

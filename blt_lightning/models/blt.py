@@ -86,9 +86,9 @@ class BLTConfig:
     decoder_ffn_hidden: int | None = None
     """SwiGLU hidden width of the decoder (BLT-1B: 2816)."""
     attention: Literal["sdpa", "dense", "flex"] = "sdpa"
-    """sdpa: SDPA over window blocks, per-patch gathers in cross-attention, any device; dense: SDPA over dense
-    masks, quadratic in the row (the reference the others match); flex: FlexAttention block masks (GPU, or CPU
-    under torch.compile). See models/attention.py."""
+    """sdpa: SDPA a block of queries at a time, cross-attention by per-patch gathers; cost linear in the row
+    (with a window), any device. dense: SDPA over dense masks, quadratic in the row (the reference the others
+    match). flex: FlexAttention block masks (GPU, or CPU under torch.compile). See models/attention.py."""
     doubled_cross_attn_residual: bool = False
     """Add the cross-attention input twice (x + x + attn), as the released checkpoints were trained."""
 
@@ -164,7 +164,8 @@ class LocalEncoder(nn.Module):
         if self.ngram_embeddings is not None:
             x = x + self.ngram_embeddings(ids)
         # Slot q of patch q // k reads that patch's bytes (padding patches have none: see SlotsReadGroup).
-        cross_mask = build_mask(SlotsReadGroup(patches.patch_ids, k, ~patches.mask), B, P * k, L, ids.device, self.config.attention)
+        cross_mask = build_mask(SlotsReadGroup(patches.patch_ids, k, ~patches.mask), B, P * k, L, ids.device,
+                                self.config.attention)
         positions = torch.arange(L, device=ids.device)
         slots = None  # [B, P * k, d]: the patches' query slots
         for i, layer in enumerate(self.layers):

@@ -1,8 +1,8 @@
 """Transformer building blocks shared by the entropy model and BLT's local and global models.
 
 Pre-norm blocks with RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward, no biases.
-Attention runs under a mask from models/attention.py (dense for SDPA, or a FlexAttention block mask);
-window_mask is the one a KV-cached stream of a single document needs.
+Attention runs under a mask from models/attention.py (dense, in blocks for SDPA, or a FlexAttention block
+mask); window_mask is the one a KV-cached stream of a single document needs.
 """
 
 from dataclasses import dataclass
@@ -73,7 +73,7 @@ class Attention(nn.Module):
             if cache.keys[layer] is not None:
                 k, v = torch.cat([cache.keys[layer], k], dim=2), torch.cat([cache.values[layer], v], dim=2)
             cache.keys[layer], cache.values[layer] = k[:, :, -cache.keep :], v[:, :, -cache.keep :]
-        y = attention(q, k, v, mask)  # a dense bool mask (SDPA) or a FlexAttention block mask
+        y = attention(q, k, v, mask)  # under any mask from build_mask, or a dense bool mask
         return self.wo(y.transpose(1, 2).reshape(B, L, D))
 
 
