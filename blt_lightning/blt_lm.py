@@ -65,18 +65,19 @@ class BLTLM(ByteLMModule):
         ids, doc_ids = batch["ids"][:, :-1], batch["doc_ids"][:, :-1]
         stored = batch.get("entropies")
         patches = self.patch(ids, doc_ids, stored[:, :-1] if stored is not None else None)
+        patches_per_row = patches.mask.sum(-1)
         if self._trainer is not None:
             split = "train" if self.training else "test" if self.trainer.testing else "val"
             self.log(f"{split}/mean_patch_size", patches.mean_size, batch_size=len(ids))
-            self.log(f"{split}/patches_per_row", patches.mask.sum(-1).float().mean(), batch_size=len(ids))
+            self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids))
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
-        self._count_cost(patches, entropy_model_ran=self.entropy_model is not None and stored is None)
+        self._count_cost(patches, int(patches_per_row.sum()), self.entropy_model is not None and stored is None)
         return self.next_byte_cross_entropy(logits, targets), targets
 
-    def _count_cost(self, patches: Patches, entropy_model_ran: bool) -> None:
-        """FLOPs of this batch on this device, from its positions per patch; its patches."""
-        self.patches_in_batch = int(patches.mask.sum())
+    def _count_cost(self, patches: Patches, n_patches: int, entropy_model_ran: bool) -> None:
+        """FLOPs of this batch on this device, from its positions per (real) patch; its patches."""
+        self.patches_in_batch = n_patches
         positions = patches.patch_ids.numel()
         per_byte = blt_flops_per_byte(self.model.config, self.seq_len, positions / max(1, self.patches_in_batch))
         if self.training:

@@ -28,8 +28,8 @@ class CheckpointOnTerminate(Callback):
     """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then let the run exit.
 
     Lightning turns SIGTERM into an exception at the next batch on every rank at once (this callback
-    does so for a single process); it saves the checkpoint there (all ranks take part, as sharded strategies need), where the training data's
-    position is exact, so `--ckpt_path last` resumes as if nothing had happened. Other exceptions
+    does so for a single process); it saves the checkpoint there (all ranks take part, as sharded
+    strategies need), where the training data's position is exact, so `--ckpt_path last` resumes as if nothing had happened. Other exceptions
     save nothing: a run stopped by a non-finite loss keeps its last good checkpoint. Under SLURM,
     Lightning itself saves and requeues on SIGUSR1 (see configs/launch/slurm.sbatch).
     """
