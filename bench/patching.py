@@ -56,7 +56,7 @@ def load_rows(corpus: Path, seq_len: int, needed: int) -> torch.Tensor:
     def documents():
         with opener(corpus, "rt", encoding="utf-8") as lines:
             for line in lines:
-                yield 0, json.loads(line)["text"].encode("utf-8"), None
+                yield 0, json.loads(line)["text"].encode("utf-8"), {}
 
     # pack_rows makes rows of seq_len + 1 ids that overlap by one (inputs and targets, for training);
     # dropping each row's last id tiles the text without overlap.

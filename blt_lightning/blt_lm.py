@@ -1,11 +1,13 @@
 """BLTLM: stage two. Trains the Byte Latent Transformer, with the frozen stage-one entropy model patching."""
 
+from dataclasses import asdict
+
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
-from .patcher import Patcher, load_entropy_model
+from .patcher import CARRIED_ENTROPY_MODEL, Patcher, load_entropy_model
 from .patching import Patches, PatchingConfig
 from .training import ByteLMModule, OptimizerConfig
 from .visualize import patch_figure
@@ -32,8 +34,9 @@ class BLTLM(ByteLMModule):
             model: Shape of the Byte Latent Transformer.
             patching: How bytes become patches: entropy, monotonic and combined modes use the entropy
                 model (with a threshold from `blt-lightning calibrate`); static, space and byte do not.
-            entropy_checkpoint: Stage-one checkpoint whose frozen entropy model patches (entropy modes).
-                Batches that carry stored entropies (`blt-lightning entropies`) are patched from those.
+            entropy_checkpoint: Stage-one checkpoint whose frozen entropy model patches (entropy modes), or a
+                stage-two checkpoint (which carries its entropy model). Batches that carry stored entropies
+                (`blt-lightning entropies`) are patched from those.
             patch_budget: Pad every row to this many patches, so shapes stay fixed (torch.compile).
             figure_text: Text whose entropies and patches are drawn to TensorBoard at each validation.
             optimizer: Optimizer and learning-rate schedule.
@@ -48,11 +51,12 @@ class BLTLM(ByteLMModule):
             if entropy_checkpoint is None:
                 raise ValueError(f"{patching.mode} patching needs entropy_checkpoint (a stage-one checkpoint)")
             entropy_model, context = load_entropy_model(entropy_checkpoint)
-        self.entropy_model = entropy_model  # frozen: no gradients, never in the optimizer
+        self.entropy_model, self.entropy_context = entropy_model, context  # frozen: no gradients, never in the optimizer
         self.entropy_flops_per_byte = entropy_model_flops_per_byte(entropy_model.config, context) if entropy_model else 0.0
         self.patcher = Patcher(patching, entropy_model, context)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
+        self._tested = torch.zeros(3, dtype=torch.float64)  # of this test run: bytes patched, their patches, entropy-model runs
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, self.patch(ids, None, None))
@@ -72,7 +76,10 @@ class BLTLM(ByteLMModule):
             self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids))
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
-        self._count_cost(patches, int(patches_per_row.sum()), self.entropy_model is not None and stored is None)
+        entropy_model_ran = self.entropy_model is not None and stored is None
+        self._count_cost(patches, int(patches_per_row.sum()), entropy_model_ran)
+        if self._trainer is not None and self.trainer.testing:
+            self._tested += torch.tensor([patches.mean_size * patches.byte_patches, patches.byte_patches, entropy_model_ran])
         return self.next_byte_cross_entropy(logits, targets), targets
 
     def _count_cost(self, patches: Patches, n_patches: int, entropy_model_ran: bool) -> None:
@@ -85,6 +92,26 @@ class BLTLM(ByteLMModule):
         if entropy_model_ran:
             per_byte += self.entropy_flops_per_byte
         self.flops_per_batch = positions * per_byte
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._tested.zero_()
+
+    def inference_cost(self) -> dict:
+        """Mean patch size over the test run's bytes, and forward FLOPs per byte at it (with the entropy
+        model's, when it patched on the fly)."""
+        n_bytes, n_patches, entropy_runs = self.trainer.strategy.reduce(self._tested.to(self.device), reduce_op="sum").tolist()
+        mean_patch_size = n_bytes / max(1.0, n_patches)
+        flops = blt_flops_per_byte(self.model.config, self.seq_len, mean_patch_size)
+        entropy_flops = self.entropy_flops_per_byte if entropy_runs else 0.0
+        return {"mean_patch_size": mean_patch_size, "patches": int(n_patches), "flops_per_byte": flops + entropy_flops,
+                "entropy_model_flops_per_byte": entropy_flops}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The entropy model's weights are in the state dict; its shape goes beside them, so that the
+        checkpoint alone can be evaluated, sampled from or fine-tuned (it loads as its own entropy_checkpoint)."""
+        if self.entropy_model is not None:
+            checkpoint[CARRIED_ENTROPY_MODEL] = {"config": asdict(self.entropy_model.config), "context": self.entropy_context}
 
     def train(self, mode: bool = True):
         super().train(mode)

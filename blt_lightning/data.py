@@ -24,6 +24,7 @@ picklable object, so spawned workers work.
   names the shard, or with `skip_bad_shards` are skipped with a warning that counts them.
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import braceexpand
 import lightning as L
@@ -78,10 +80,17 @@ class ShardError(ValueError):
     """A shard that cannot be read: missing, corrupt, truncated, or not what its manifest says."""
 
 
-def shard_samples(url: str, documents: int | None = None) -> Iterator[tuple[bytes, torch.Tensor | None]]:
-    """The documents of one shard, in order: raw bytes, and their stored entropies [len + 2] (BOS to EOS)
-    when the shard has them (written by `blt-lightning entropies`). With `documents` (from the manifest)
-    a shard that ends early is an error: a tar cut at a member boundary reads as a shorter valid tar."""
+class Sample(NamedTuple):
+    """A document as a shard stores it."""
+
+    data: bytes
+    entropies: torch.Tensor | None  # [len + 2] (BOS to EOS), when `blt-lightning entropies` stored them
+    meta: dict  # its .json member: source and lang ({} when it has none)
+
+
+def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
+    """The documents of one shard, in order. With `documents` (from the manifest) a shard that ends early
+    is an error: a tar cut at a member boundary reads as a shorter valid tar."""
     try:
         stream = wds.gopen(url)  # opened here, so that it is closed here even when a reader stops midway
     except Exception as error:
@@ -101,19 +110,21 @@ def shard_samples(url: str, documents: int | None = None) -> Iterator[tuple[byte
         raise ShardError(f"{url}: truncated shard, {count} documents where the manifest says {documents}")
 
 
-def _checked(url: str, samples: Iterator[dict]) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+def _checked(url: str, samples: Iterator[dict]) -> Iterator[Sample]:
     for sample in samples:
         key = sample.get("__key__")
         if "bin" not in sample:
             raise ShardError(f"{url}: sample {key!r} has no .bin member")
-        data, stored = sample["bin"], sample.get(ENTROPY_MEMBER)
-        if stored is None:
-            yield data, None
-            continue
-        entropies = torch.frombuffer(bytearray(stored), dtype=torch.float16).float()
-        if len(entropies) != len(data) + 2:
-            raise ShardError(f"{url}: sample {key!r} has {len(entropies)} entropies for {len(data) + 2} ids")
-        yield data, entropies
+        data, stored, entropies = sample["bin"], sample.get(ENTROPY_MEMBER), None
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except ValueError as error:
+            raise ShardError(f"{url}: sample {key!r} has a .json member that is not JSON ({error})") from None
+        if stored is not None:
+            entropies = torch.frombuffer(bytearray(stored), dtype=torch.float16).float()
+            if len(entropies) != len(data) + 2:
+                raise ShardError(f"{url}: sample {key!r} has {len(entropies)} entropies for {len(data) + 2} ids")
+        yield Sample(data, entropies, meta if isinstance(meta, dict) else {})
 
 
 class BadShards:
@@ -122,7 +133,7 @@ class BadShards:
     def __init__(self, skip: bool):
         self.skip, self.skipped = skip, 0
 
-    def samples(self, shard: "Shard") -> Iterator[tuple[bytes, torch.Tensor | None]]:
+    def samples(self, shard: "Shard") -> Iterator[Sample]:
         """The shard's samples; when skipping, those before the fault (a shard is not re-read)."""
         try:
             yield from shard_samples(shard.url, shard.documents)
@@ -135,36 +146,62 @@ class BadShards:
 
 def shard_documents(url: str) -> Iterator[bytes]:
     """The documents of one shard, in order, as raw bytes."""
-    return (data for data, _ in shard_samples(url))
+    return (sample.data for sample in shard_samples(url))
 
 
-TaggedDocument = tuple[int, bytes, torch.Tensor | None]  # (tag, bytes, stored entropies or None)
-Row = tuple[int, torch.Tensor, torch.Tensor | None]  # (tag, ids [seq_len + 1], entropies or None)
+# Per-id values that travel with the ids, cut into rows the same way: stored next-byte entropies, and in
+# evaluation the source and language of each id's document (as group_key hashes).
+Side = dict[str, torch.Tensor]
+TaggedDocument = tuple[int, bytes, Side]  # (tag, bytes, per-id values [len + 2])
+Row = tuple[int, torch.Tensor, Side]  # (tag, ids [seq_len + 1], per-id values [seq_len + 1])
 
 
 def pack_rows(docs: Iterable[TaggedDocument], seq_len: int, pad_last: bool) -> Iterator[Row]:
     """Rows of `seq_len + 1` ids cut from the documents' ids laid end to end, overlapping by one id, with
-    stored entropies cut the same way when the documents have them.
+    the documents' per-id values cut the same way.
 
     Documents come tagged (with their shard); each row comes with the tag of the document it ends in.
-    With `pad_last`, what is left at the end becomes a last row padded with PAD (entropy 0).
+    With `pad_last`, what is left at the end becomes a last row padded with PAD (per-id values 0).
     """
-    pending, pending_h, tag, with_entropies = torch.empty(0, dtype=torch.long), torch.empty(0), -1, None
-    for tag, data, entropies in docs:
-        if with_entropies is None:
-            with_entropies = entropies is not None
-        elif with_entropies != (entropies is not None):
+    pending, pending_side, tag = torch.empty(0, dtype=torch.long), None, -1
+    for tag, data, side in docs:
+        if pending_side is None:
+            pending_side = {k: v[:0] for k, v in side.items()}
+        elif side.keys() != pending_side.keys():
             raise ValueError(f"shard {tag}: some documents have stored entropies and others do not")
         pending = torch.cat([pending, encode(data)])
-        if with_entropies:
-            pending_h = torch.cat([pending_h, entropies])
+        pending_side = {k: torch.cat([v, side[k]]) for k, v in pending_side.items()}
         full = (len(pending) - 1) // seq_len
         for r in range(full):  # copies: a view would keep the whole document alive in the shuffle buffer
             cut = slice(r * seq_len, (r + 1) * seq_len + 1)
-            yield tag, pending[cut].clone(), pending_h[cut].clone() if with_entropies else None
-        pending, pending_h = pending[full * seq_len :], pending_h[full * seq_len :]
+            yield tag, pending[cut].clone(), {k: v[cut].clone() for k, v in pending_side.items()}
+        pending, pending_side = pending[full * seq_len :], {k: v[full * seq_len :] for k, v in pending_side.items()}
     if pad_last and len(pending) > 1:
-        yield tag, pad_row(pending, seq_len, PAD), pad_row(pending_h, seq_len, 0.0) if with_entropies else None
+        yield tag, pad_row(pending, seq_len, PAD), {k: pad_row(v, seq_len, 0) for k, v in pending_side.items()}
+
+
+def stored_entropies(sample: Sample) -> Side:
+    return {} if sample.entropies is None else {"entropies": sample.entropies}
+
+
+def group_key(name: str) -> int:
+    """A stable 63-bit key of a source or language name (the same in every process, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 1
+
+
+UNKNOWN = "unknown"  # the group of documents that name no source or language
+
+
+def evaluation_groups(sample: Sample, names: dict[int, str]) -> Side:
+    """Stored entropies, plus the keys of the document's source and language for each of its ids (their
+    names are added to `names`): what per-source and per-language bpb are summed by."""
+    length = len(sample.data) + 2
+    side = stored_entropies(sample)
+    for kind in ("source", "lang"):
+        name = str(sample.meta.get(kind) or UNKNOWN)
+        names[group_key(name)] = name
+        side[kind] = torch.full((length,), group_key(name), dtype=torch.long)
+    return side
 
 
 def pad_row(values: torch.Tensor, seq_len: int, fill) -> torch.Tensor:
@@ -190,11 +227,10 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], batch_size: int, seq_len: int,
-               with_entropies: bool) -> dict:
-    """Stack (shard, number, ids, entropies) rows into a batch, topped up to `batch_size` with padding."""
-    empty = (-1, -1, *_empty_row(seq_len, with_entropies))
-    shards, numbers, ids, entropies = zip(*(rows + [empty] * (batch_size - len(rows))))
+def make_batch(rows: list[tuple[int, int, torch.Tensor, Side]], batch_size: int, seq_len: int, side_keys) -> dict:
+    """Stack (shard, number, ids, per-id values) rows into a batch, topped up to `batch_size` with padding."""
+    empty = (-1, -1, *_empty_row(seq_len, side_keys))
+    shards, numbers, ids, sides = zip(*(rows + [empty] * (batch_size - len(rows))))
     ids = torch.stack(ids)
     batch = {
         "ids": ids,  # [B, seq_len + 1]: inputs are ids[:, :-1], targets ids[:, 1:]
@@ -203,8 +239,8 @@ def make_batch(rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]], b
         "row": torch.tensor(numbers),  # [B]: the row's number within its shard (eval; -1 otherwise)
         "bytes": int(is_byte(ids[:, 1:]).sum()),  # bytes among the targets, counted here so no device waits for it
     }
-    if with_entropies:
-        batch["entropies"] = torch.stack(entropies)  # [B, seq_len + 1]: stored next-byte entropies, float32
+    for key in side_keys:  # entropies: [B, seq_len + 1] stored next-byte entropies, float32; source, lang: group keys
+        batch[key] = torch.stack([side[key] for side in sides])
     return batch
 
 
@@ -247,7 +283,7 @@ class TrainStream(IterableDataset):
             raise ValueError(f"reader {reader} of {readers} has no training shard")
         rng = random.Random(f"train/{self.seed}/{self.epoch}/{reader}")  # str seeds ignore PYTHONHASHSEED
         docs = endless_documents(self.shards, mine, rng, self.mix_shards, BadShards(self.skip_bad_shards))
-        rows = shuffle_buffer(((s, -1, row, h) for s, row, h in pack_rows(docs, self.seq_len, pad_last=False)),
+        rows = shuffle_buffer(((s, -1, row, side) for s, row, side in pack_rows(docs, self.seq_len, pad_last=False)),
                               self.shuffle_rows, rng)
         done = self.skip // workers + (part < self.skip % workers)  # batches of this part already trained on
         for _ in range(done * self.batch_size):
@@ -258,12 +294,12 @@ class TrainStream(IterableDataset):
             batches = range(self.batches_per_epoch // workers + (part < self.batches_per_epoch % workers) - done)
         for _ in batches:
             picked = [next(rows) for _ in range(self.batch_size)]
-            yield make_batch(picked, self.batch_size, self.seq_len, picked[0][3] is not None)
+            yield make_batch(picked, self.batch_size, self.seq_len, picked[0][3].keys())
 
 
 def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, mix: int,
                       bad: BadShards) -> Iterator[TaggedDocument]:
-    """(shard, document, entropies) from the shards `mine`, pass after pass, each pass in a fresh shard order.
+    """(shard, document, stored entropies) from the shards `mine`, pass after pass, each pass in a fresh shard order.
 
     `mix` shards are read at once and each next document comes from a random one of them: a shard often
     holds few sources (inputs are read one after another), and reading one shard at a time would feed
@@ -284,13 +320,15 @@ def endless_documents(shards: list[Shard], mine: list[int], rng: random.Random, 
                 reading.pop(i)
             else:
                 read_any = True
-                yield shard, *sample
+                yield shard, sample.data, stored_entropies(sample)
         if not read_any:
             raise ShardError(f"no document could be read from any of the shards {[shards[s].url for s in mine]}")
 
 
 class EvalStream(IterableDataset):
-    """Every row of the shards exactly once across ranks and workers, in a fixed order."""
+    """Every row of the shards exactly once across ranks and workers, in a fixed order. Batches also say
+    which source and language each id's document is of (`source`, `lang`: group keys, named in
+    `group_names`), for bpb per source and per language."""
 
     def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int,
                  skip_bad_shards: bool = False):
@@ -302,30 +340,35 @@ class EvalStream(IterableDataset):
         reader, readers = current_reader(self.rank, self.world_size)
         assert readers == self.world_size * self.workers, "the stream was made for another number of workers"
         with_entropies = self.sizes_known() and any(s.entropies for s in self.shards)  # a manifest says so
-        bad, batch = BadShards(self.skip_bad_shards), []
+        planned_keys = ("entropies",) * with_entropies + ("source", "lang")
+        bad, batch, names = BadShards(self.skip_bad_shards), [], {}
+
+        def batch_of(rows, keys):
+            return make_batch(rows, self.batch_size, self.seq_len, keys) | {"group_names": dict(names)}
+
         for shard in range(reader, len(self.shards), readers):
-            for row in self._shard_rows(shard, bad, with_entropies):
+            for row in self._shard_rows(shard, bad, planned_keys, names):
                 batch.append(row)
                 if len(batch) == self.batch_size:
-                    yield make_batch(batch, self.batch_size, self.seq_len, row[3] is not None)
+                    yield batch_of(batch, row[3].keys())
                     batch = []
         if batch:
-            yield make_batch(batch, self.batch_size, self.seq_len, batch[0][3] is not None)
+            yield batch_of(batch, batch[0][3].keys())
         if reader % self.workers == 0 and self.sizes_known():
             per_rank = self.batches_per_rank()
             for _ in range(max(per_rank) - per_rank[self.rank]):
-                yield make_batch([], self.batch_size, self.seq_len, with_entropies)
+                yield batch_of([], planned_keys)
 
-    def _shard_rows(self, shard: int, bad: BadShards, with_entropies: bool) -> Iterator[tuple]:
-        """(shard, number, ids, entropies) of each row of a shard; rows lost to a skipped bad shard come
+    def _shard_rows(self, shard: int, bad: BadShards, planned_keys: tuple, names: dict[int, str]) -> Iterator[tuple]:
+        """(shard, number, ids, per-id values) of each row of a shard; rows lost to a skipped bad shard come
         as padding when the manifest says how many there are, so batch counts stay as planned."""
-        docs = ((shard, data, h) for data, h in bad.samples(self.shards[shard]))
+        docs = ((shard, sample.data, evaluation_groups(sample, names)) for sample in bad.samples(self.shards[shard]))
         number = -1
-        for number, (_, row, h) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
-            yield shard, number, row, h
+        for number, (_, row, side) in enumerate(pack_rows(docs, self.seq_len, pad_last=True)):
+            yield shard, number, row, side
         if self.sizes_known():
             for _ in range(self.shards[shard].rows(self.seq_len) - number - 1):
-                yield -1, -1, *_empty_row(self.seq_len, with_entropies)
+                yield -1, -1, *_empty_row(self.seq_len, planned_keys)
 
     def __len__(self) -> int:
         if not self.sizes_known():
@@ -378,8 +421,10 @@ class TrainLoader(DataLoader):
         self.resume_from = state["batches"]
 
 
-def _empty_row(seq_len: int, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.full((seq_len + 1,), PAD, dtype=torch.long), torch.zeros(seq_len + 1) if with_entropies else None
+def _empty_row(seq_len: int, side_keys) -> tuple[torch.Tensor, Side]:
+    side = {key: torch.zeros(seq_len + 1, dtype=torch.long if key in ("source", "lang") else torch.float32)
+            for key in side_keys}
+    return torch.full((seq_len + 1,), PAD, dtype=torch.long), side
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,6 +449,7 @@ class ByteShardDataModule(L.LightningDataModule):
         batches_per_epoch: int | None = None,
         seed: int = 0,
         skip_bad_shards: bool = False,
+        test_split: str = "test",
     ):
         """Byte shards streamed with webdataset and packed into rows of `seq_len + 1` ids.
 
@@ -430,6 +476,7 @@ class ByteShardDataModule(L.LightningDataModule):
             seed: Seed of the shard order and row shuffle.
             skip_bad_shards: Skip (with a warning that counts them) shards that cannot be read, or that end
                 before their manifest says, instead of stopping with an error that names the shard.
+            test_split: The manifest's split that `test` evaluates (test_shards, when given, are read instead).
         """
         super().__init__()
         if sources and manifest:
@@ -441,6 +488,7 @@ class ByteShardDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.shuffle_rows, self.mix_shards = shuffle_rows, mix_shards
         self.batches_per_epoch, self.seed, self.skip_bad_shards = batches_per_epoch, seed, skip_bad_shards
+        self.test_split = "test" if test_shards else test_split
         self.shards: dict[str, list[Shard]] = {}
         self.rank, self.world_size = 0, 1
         # Sources are prepared once, by global rank 0: default_root_dir is shared by every node (it holds
@@ -519,7 +567,7 @@ class ByteShardDataModule(L.LightningDataModule):
         return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self._eval_loader(self.test_split)
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("test" if self.shards.get("test") else "validation")
@@ -534,7 +582,7 @@ def iter_documents(data: list[str], split: str = "validation") -> Iterator[bytes
             if not shards:
                 raise ValueError(f"{spec}: the manifest has no {split} split")
             urls = [s.url for s in shards]
-        elif spec.startswith(("pipe:", "http://", "https://")) or spec.split("?")[0].endswith(".tar"):
+        elif is_shard_url(spec):
             urls = expand_urls(spec)
         else:
             for path, source in expand_inputs([spec]):
@@ -542,6 +590,11 @@ def iter_documents(data: list[str], split: str = "validation") -> Iterator[bytes
             continue
         for url in urls:
             yield from shard_documents(url)
+
+
+def is_shard_url(spec: str) -> bool:
+    """Whether a data spec names shards (.tar paths or patterns, pipe: commands, http URLs), not inputs to prepare."""
+    return spec.startswith(("pipe:", "http://", "https://")) or spec.split("?")[0].endswith(".tar")
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:

@@ -39,6 +39,9 @@ class EntropyLM(ByteLMModule):
         self.flops_per_batch = targets.numel() * self.flops_per_byte * (3 if self.training else 1)
         return self.next_byte_cross_entropy(logits, targets), targets
 
+    def inference_cost(self) -> dict:
+        return {"flops_per_byte": self.flops_per_byte}
+
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-position next-byte entropies (nats) of each row's ids."""
         window = entropy_window(self.model, self.seq_len)  # what the patcher sees, also without a sliding window

@@ -43,3 +43,44 @@ class BitsPerByte(Metric):
 
 def bits_per_byte(nats: torch.Tensor, n_bytes: torch.Tensor) -> torch.Tensor:
     return nats / (math.log(2) * n_bytes.double())  # a Python float times a long tensor would be float32
+
+
+class BitsPerByteByGroup:
+    """Nats and bytes summed per group (a document's source, its language), from per-target group keys.
+
+    Totals are Python floats (float64) and ints, kept per rank; `gathered` adds up every rank's through
+    the Lightning strategy, so any number of groups, named on any rank, comes out whole.
+    """
+
+    def __init__(self, kinds: tuple[str, ...] = ("source", "lang")):
+        self.kinds = kinds
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals: dict[str, dict[str, list]] = {kind: {} for kind in self.kinds}  # kind -> name -> [nats, bytes]
+
+    def update(self, cross_entropy: torch.Tensor, targets: torch.Tensor, keys: dict[str, torch.Tensor],
+               names: dict[int, str]) -> None:
+        """keys[kind]: [B, L] group key of each target (as cross_entropy); names: key -> group name."""
+        counted = is_byte(targets)
+        nats = cross_entropy.double()[counted]
+        for kind in self.kinds:
+            groups, inverse = keys[kind][counted].unique(return_inverse=True)
+            sums = torch.zeros(len(groups), dtype=torch.float64, device=nats.device).index_add_(0, inverse, nats)
+            counts = torch.bincount(inverse, minlength=len(groups))
+            for key, n, b in zip(groups.tolist(), sums.tolist(), counts.tolist()):
+                total = self.totals[kind].setdefault(names[key], [0.0, 0])
+                total[0] += n
+                total[1] += b
+
+    def gathered(self, strategy) -> dict[str, dict[str, dict]]:
+        """{kind: {name: {"bpb", "bytes"}}} over all ranks; every rank must call it."""
+        merged = {kind: {} for kind in self.kinds}
+        for rank in range(strategy.world_size):
+            for kind, groups in strategy.broadcast(self.totals, src=rank).items():
+                for name, (n, b) in groups.items():
+                    total = merged[kind].setdefault(name, [0.0, 0])
+                    total[0] += n
+                    total[1] += b
+        return {kind: {name: {"bpb": n / (math.log(2) * b), "bytes": b} for name, (n, b) in sorted(groups.items())}
+                for kind, groups in merged.items()}

@@ -17,9 +17,12 @@ from .models.entropy import entropy_of
 from .patching import ENTROPY_MODES, Patches, PatchingConfig, patch, spacelike
 from .vocab import BOS, PAD
 
+CARRIED_ENTROPY_MODEL = "entropy_model"  # the key under which a stage-two checkpoint describes its entropy model
+
 
 def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> tuple[EntropyModel, int]:
-    """The frozen entropy model of a stage-one checkpoint, and the row length it was trained on."""
+    """The frozen entropy model of a checkpoint, and the row length it was trained on: a stage-one checkpoint,
+    or a stage-two one (which carries the entropy model that patched it)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no entropy model checkpoint here (train one: blt-lightning fit --config configs/entropy/tiny.yaml)")
@@ -28,20 +31,24 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
     except Exception as error:  # not a torch file, truncated, or pickled from code that is gone
         raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint: it does not load ({error})") from None
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    config = hparams.get("model")
-    if isinstance(config, dict):  # LightningCLI saves the init arguments as the config's plain values
-        config = EntropyModelConfig(**config)
-    if not isinstance(config, EntropyModelConfig) or "seq_len" not in hparams:
-        raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint: it holds no entropy model config")
+    carried = ckpt.get(CARRIED_ENTROPY_MODEL) if isinstance(ckpt, dict) else None
+    if carried is not None:  # stage two's: its config and context as saved by BLTLM, its weights under entropy_model.
+        config, context, prefix = EntropyModelConfig(**carried["config"]), carried["context"], "entropy_model."
+    else:
+        config, context, prefix = hparams.get("model"), hparams.get("seq_len"), "model."
+        if isinstance(config, dict):  # LightningCLI saves the init arguments as the config's plain values
+            config = EntropyModelConfig(**config)
+        if not isinstance(config, EntropyModelConfig) or context is None:
+            raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint, nor a stage-two one with an entropy model")
     with torch.device(map_location):  # real weights go in, whatever default device is in force
         model = EntropyModel(config)
-    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    weights = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise ValueError(f"{path}: its weights do not fit its entropy model config ({error})") from None
     model.requires_grad_(False)
-    return model.eval(), hparams["seq_len"]
+    return model.eval(), context
 
 
 def entropy_window(model: EntropyModel, context: int | None) -> int:

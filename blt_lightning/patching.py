@@ -66,6 +66,7 @@ class Patches:
     mask: torch.Tensor  # [B, P] bool: the slot holds a patch of the row (False past its last patch)
     padding: torch.Tensor  # [B, P] bool: the patch is a run of PAD
     mean_size: float  # bytes per patch, over the patches that hold bytes (as the paper counts)
+    byte_patches: int  # patches that hold bytes: mean_size's denominator
 
 
 def spacelike(ids: torch.Tensor) -> torch.Tensor:
@@ -144,7 +145,7 @@ def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, num_patches: in
     padding = mask & (per_patch((ids == PAD).long()) == lengths)
     with_bytes = int((byte_counts > 0).sum())
     mean_size = int(byte_counts.sum()) / with_bytes if with_bytes else 0.0
-    return Patches(starts, patch_ids, lengths, mask, padding, mean_size)
+    return Patches(starts, patch_ids, lengths, mask, padding, mean_size, with_bytes)
 
 
 def patch(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Tensor | None = None,

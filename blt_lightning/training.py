@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
-from .metrics import BitsPerByte
+from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import TransformerBlock
 from .vocab import BOS, PAD
 
@@ -58,6 +58,8 @@ class ByteLMModule(L.LightningModule):
         # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row.
         self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
+        self.test_groups = BitsPerByteByGroup()  # per source and language, when the batches say which
+        self.test_report: dict = {}  # of the last test run: what `evaluate` writes
         self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes, patches) of recent batches
         self._fit_counts, self._fit_start = collections.Counter(), None
         # Of the last batch, set by cross_entropy: FLOPs on this device (ThroughputMonitor reads them) and
@@ -104,8 +106,19 @@ class ByteLMModule(L.LightningModule):
         self.log("val/bpb", self.val_bpb, prog_bar=True, batch_size=len(batch["ids"]))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_bpb.update(*self.cross_entropy(batch))
+        cross_entropy, targets = self.cross_entropy(batch)
+        self.test_bpb.update(cross_entropy, targets)
+        if "group_names" in batch:
+            keys = {kind: batch[kind][:, 1:] for kind in self.test_groups.kinds}
+            self.test_groups.update(cross_entropy, targets, keys, batch["group_names"])
         self.log("test/bpb", self.test_bpb, batch_size=len(batch["ids"]))
+
+    def on_test_epoch_start(self) -> None:
+        self.test_groups.reset()
+
+    def inference_cost(self) -> dict:
+        """What a byte of the last test run cost to predict (FLOPs per byte; BLT: also its patches)."""
+        raise NotImplementedError
 
     # -- optimisation ---------------------------------------------------------------------------------
 
@@ -155,14 +168,17 @@ class ByteLMModule(L.LightningModule):
         self._report("validation", self.val_bpb)
 
     def on_test_epoch_end(self) -> None:
-        self._report("test", self.test_bpb)
+        bpb, n_bytes = self._report("test", self.test_bpb)
+        groups = self.test_groups.gathered(self.trainer.strategy)  # on every rank: it gathers
+        self.test_report = {"bpb": bpb, "bytes": n_bytes, "byte_perplexity": 2**bpb,
+                            "per_source": groups["source"], "per_lang": groups["lang"], **self.inference_cost()}
 
-    def _report(self, split: str, metric: BitsPerByte) -> None:
-        if self.trainer.sanity_checking:
-            return
+    def _report(self, split: str, metric: BitsPerByte) -> tuple[float, int]:
         bpb, n_bytes = metric.totals()  # on every rank: it gathers
-        step = f"step {self.global_step}: " if self.trainer.state.fn == "fit" else ""  # test runs start at step 0
-        self.print(f"{step}{split} bpb {bpb:.4f} over {n_bytes:,} bytes")
+        if not self.trainer.sanity_checking:
+            step = f"step {self.global_step}: " if self.trainer.state.fn == "fit" else ""  # test runs start at step 0
+            self.print(f"{step}{split} bpb {bpb:.4f} over {n_bytes:,} bytes")
+        return bpb, n_bytes
 
     def on_fit_start(self) -> None:
         """The global batch, stated once; hyperparameters with val/bpb as their metric, for TensorBoard."""

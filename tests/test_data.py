@@ -19,7 +19,7 @@ def documents_of(shards: list[Shard]) -> list[bytes]:
 def test_packing_round_trips_every_document():
     docs = [b"first", b"", "second \u00fc".encode(), b"x" * 23, b"\xff\x00"]
     for seq_len in (1, 4, 7, 64):
-        rows = [row for _, row, _ in pack_rows(((0, d, None) for d in docs), seq_len, pad_last=True)]
+        rows = [row for _, row, _ in pack_rows(((0, d, {}) for d in docs), seq_len, pad_last=True)]
         assert all(len(r) == seq_len + 1 for r in rows)
         assert all(torch.equal(a[-1:], b[:1]) for a, b in zip(rows, rows[1:])), "rows overlap by one id"
         stream = torch.cat([rows[0]] + [r[1:] for r in rows[1:]])
@@ -104,7 +104,7 @@ def test_datamodule_from_urls_and_manifest(shards, tmp_path):
 
 
 def test_rows_do_not_keep_their_document_alive():
-    (_, row, _), *_ = pack_rows([(0, b"x" * 100_000, None)], 8, pad_last=False)
+    (_, row, _), *_ = pack_rows([(0, b"x" * 100_000, {})], 8, pad_last=False)
     assert row.untyped_storage().nbytes() == 9 * 8
 
 

@@ -1,0 +1,106 @@
+"""`evaluate`: bpb over a whole set, per source and per language, of checkpoints of both stages."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blt_lightning.evaluate import evaluate
+from blt_lightning.flops import blt_flops_per_byte
+from blt_lightning.loading import load_lm
+from blt_lightning.prepare import MANIFEST
+from blt_lightning.vocab import encode, is_byte
+
+from conftest import make_documents, write_jsonl
+
+CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+
+
+def test_bpb_is_the_sum_over_documents_and_splits_by_source_and_language(entropy_checkpoint, tmp_path):
+    docs = make_documents(30, seed=1)
+    for doc in docs[::4]:
+        del doc["lang"]  # counted under "unknown"
+    corpus = write_jsonl(tmp_path / "eval.jsonl", docs)
+    # Rows longer than the whole set: every document is read with all of its context, so the bpb must be
+    # that of each document scored on its own, summed in nats and bytes.
+    report = evaluate(str(entropy_checkpoint), [str(corpus)], tmp_path / "out", seq_len=8192, batch_size=2, **CPU)
+
+    model = load_lm(entropy_checkpoint).model
+    nats, by_source, by_lang = 0.0, {}, {}
+    for doc in docs:
+        ids = encode(doc["text"].encode())
+        with torch.no_grad():
+            logits = model(ids[None, :-1])[0]
+        counted = is_byte(ids[1:])
+        doc_nats = float(F.cross_entropy(logits.double(), ids[1:], reduction="none")[counted].sum())
+        nats += doc_nats
+        for groups, name in ((by_source, doc["source"]), (by_lang, doc.get("lang", "unknown"))):
+            total = groups.setdefault(name, [0.0, 0])
+            total[0] += doc_nats
+            total[1] += int(counted.sum())
+    n_bytes = sum(len(doc["text"].encode()) for doc in docs)
+    assert report["bytes"] == n_bytes
+    assert report["bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
+    assert report["byte_perplexity"] == pytest.approx(2 ** report["bpb"])
+    for kind, expected in (("per_source", by_source), ("per_lang", by_lang)):
+        assert set(report[kind]) == set(expected)
+        for name, (group_nats, group_bytes) in expected.items():
+            assert report[kind][name]["bytes"] == group_bytes
+            assert report[kind][name]["bpb"] == pytest.approx(group_nats / (math.log(2) * group_bytes), rel=1e-5)
+    assert "unknown" in report["per_lang"]
+    assert report["flops_per_byte"] == load_lm(entropy_checkpoint).flops_per_byte
+
+
+def test_blt_report_on_a_manifest_split_with_patches_and_flops(blt_checkpoint, shards, tmp_path):
+    report = evaluate(str(blt_checkpoint), [str(shards / MANIFEST)], tmp_path, split="validation", **CPU)
+    manifest = json.loads((shards / MANIFEST).read_text())["splits"]["validation"]
+    assert report["bytes"] == manifest["bytes"] and report["model"] == "BLTLM"
+    assert sum(g["bytes"] for g in report["per_source"].values()) == manifest["bytes"]
+    assert sum(g["bpb"] * g["bytes"] for g in report["per_lang"].values()) == pytest.approx(report["bpb"] * report["bytes"])
+    module = load_lm(blt_checkpoint)
+    assert 1.0 < report["mean_patch_size"] < 32
+    assert report["flops_per_byte"] == pytest.approx(
+        blt_flops_per_byte(module.model.config, module.seq_len, report["mean_patch_size"]) + module.entropy_flops_per_byte)
+
+
+def test_a_stage_two_checkpoint_carries_its_entropy_model(blt_checkpoint, tmp_path):
+    """Evaluating, sampling or fine-tuning a stage-two checkpoint needs nothing else: not the stage-one file."""
+    ckpt = torch.load(blt_checkpoint, weights_only=False)
+    ckpt["hyper_parameters"]["entropy_checkpoint"] = str(tmp_path / "gone.ckpt")
+    moved = tmp_path / "moved.ckpt"
+    torch.save(ckpt, moved)
+    module = load_lm(moved)
+    original = load_lm(blt_checkpoint)
+    for (name, a), (_, b) in zip(module.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert module.patcher.window == original.patcher.window
+
+
+def test_bad_checkpoints_and_data_are_named(entropy_checkpoint, tmp_path):
+    from blt_lightning.cli import main
+
+    not_a_checkpoint = write_jsonl(tmp_path / "x.jsonl", [{"text": "hi"}])
+    with pytest.raises(SystemExit, match="x.jsonl: not a checkpoint"):
+        main(["evaluate", "--checkpoint", str(not_a_checkpoint), "--data", str(not_a_checkpoint)])
+    with pytest.raises(SystemExit, match="missing.json: no manifest"):
+        main(["evaluate", "--checkpoint", str(entropy_checkpoint), "--data", str(tmp_path / "missing.json")])
+
+
+def test_two_ranks_report_what_one_does(blt_checkpoint, shards, tmp_path):
+    """DDP on CPU through the command line: the groups each rank saw are merged, nothing counted twice."""
+    one = evaluate(str(blt_checkpoint), [str(shards / MANIFEST)], tmp_path, **CPU)
+    out = tmp_path / "two.json"
+    result = subprocess.run([sys.executable, "-m", "blt_lightning", "evaluate", "--checkpoint", str(blt_checkpoint),
+                             "--data", str(shards / MANIFEST), "--json", str(out), "--output-dir", str(tmp_path),
+                             "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["bytes"] == one["bytes"] and two["patches"] == one["patches"]
+    assert two["bpb"] == pytest.approx(one["bpb"], rel=1e-6)
+    for kind in ("per_source", "per_lang"):
+        assert {k: g["bytes"] for k, g in two[kind].items()} == {k: g["bytes"] for k, g in one[kind].items()}
