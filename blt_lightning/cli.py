@@ -15,7 +15,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from . import calibrate, prepare, store_entropies, visualize
+from . import calibrate, evaluate, prepare, store_entropies, visualize
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -29,6 +29,7 @@ TOOLS = {
     "entropies": store_entropies.main,
     "calibrate": calibrate.main,
     "patch": visualize.main,
+    "evaluate": evaluate.main,
 }
 
 
