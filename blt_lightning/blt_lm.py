@@ -27,6 +27,7 @@ class BLTLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
+        flops_budget: float | None = None,
     ):
         """Stage two of BLT: local encoder, global latent transformer and local decoder over patches.
 
@@ -43,8 +44,11 @@ class BLTLM(ByteLMModule):
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++
                 compiler). Patch counts vary per batch: a patch_budget keeps the global model's shapes fixed.
+            flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
+                trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
+                of the first validation batches (FlopBudget).
         """
-        super().__init__(optimizer, seq_len, compile)
+        super().__init__(optimizer, seq_len, compile, flops_budget)
         self.save_hyperparameters(logger=False)
         entropy_model, context = None, None
         if patching.needs_entropies:
@@ -89,9 +93,21 @@ class BLTLM(ByteLMModule):
         per_byte = blt_flops_per_byte(self.model.config, self.seq_len, positions / max(1, self.patches_in_batch))
         if self.training:
             per_byte *= 3  # backward: twice the forward
-        if entropy_model_ran:
-            per_byte += self.entropy_flops_per_byte
-        self.flops_per_batch = positions * per_byte
+        self.model_flops_per_batch = positions * per_byte
+        self.flops_per_batch = self.model_flops_per_batch + positions * self.entropy_flops_per_byte * entropy_model_ran
+
+    def training_flops_per_byte(self, batches) -> float:
+        """Trained FLOPs per position (3x forward) at the mean patch size of `batches`."""
+        positions, patches = 0, 0
+        for batch in batches:
+            stored = batch.get("entropies")
+            ids = batch["ids"][:, :-1]
+            found = self.patch(ids, batch["doc_ids"][:, :-1], stored[:, :-1] if stored is not None else None)
+            positions, patches = positions + ids.numel(), patches + int(found.mask.sum())
+        if not patches:
+            raise ValueError("no batch to measure the mean patch size on")
+        self.budget_patch_size = positions / patches
+        return 3 * blt_flops_per_byte(self.model.config, self.seq_len, self.budget_patch_size)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
@@ -110,6 +126,7 @@ class BLTLM(ByteLMModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The entropy model's weights are in the state dict; its shape goes beside them, so that the
         checkpoint alone can be evaluated, sampled from or fine-tuned (it loads as its own entropy_checkpoint)."""
+        super().on_save_checkpoint(checkpoint)
         if self.entropy_model is not None:
             checkpoint[CARRIED_ENTROPY_MODEL] = {"config": asdict(self.entropy_model.config), "context": self.entropy_context}
 

@@ -1,5 +1,6 @@
 """Callbacks the configs use."""
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -41,9 +42,49 @@ class CheckpointOnTerminate(Callback):
             raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        checkpoint = trainer.checkpoint_callback
-        if not isinstance(exception, SIGTERMException) or checkpoint is None or checkpoint.dirpath is None:
+        if isinstance(exception, SIGTERMException) and (path := save_last(trainer)):
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+
+
+def save_last(trainer) -> Path | None:
+    """Save last.ckpt where the run's ModelCheckpoint keeps it (every rank takes part); None without one."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or checkpoint.dirpath is None:
+        return None
+    path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+    trainer.save_checkpoint(path)
+    return path
+
+
+class FlopBudget(Callback):
+    def __init__(self, flops: float, sample_batches: int = 8):
+        """Train for a budget of FLOPs instead of a number of steps: max_steps becomes the budget over
+        the FLOPs of an optimizer step (the trained model's training FLOPs per byte, for BLT at the mean
+        patch size of the first validation batches, times the global batch in bytes). The frozen entropy
+        model's FLOPs are not counted, as in the BLT paper's FLOP-matched comparisons.
+
+        Args:
+            flops: Training FLOPs to spend, all ranks together.
+            sample_batches: Validation batches the mean patch size is measured on.
+        """
+        self.flops, self.sample_batches = flops, sample_batches
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
             return
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
-        rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+        data = trainer.datamodule
+        batches = itertools.islice(iter(data.val_dataloader()), self.sample_batches)
+        per_byte = pl_module.training_flops_per_byte(batches)
+        step_bytes = data.batch_size * pl_module.seq_len * trainer.world_size * trainer.accumulate_grad_batches
+        # Ranks measure on different batches: rank 0's count stands for all, so every rank stops together.
+        steps = trainer.strategy.broadcast(max(1, round(self.flops / (per_byte * step_bytes))), src=0)
+        trainer.fit_loop.epoch_loop.max_steps = steps  # before configure_optimizers, which sizes the schedule by it
+        patch = getattr(pl_module, "budget_patch_size", None)
+        at = f" at a mean patch size of {patch:.2f}" if patch else ""
+        rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte{at} x {step_bytes:,} "
+                       f"bytes per step = {steps:,} steps")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # The budget seldom ends on a validation step, where ModelCheckpoint saves: last.ckpt must hold the
+        # weights (and trained FLOPs) the whole budget bought.
+        save_last(trainer)

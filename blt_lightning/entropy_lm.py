@@ -15,6 +15,7 @@ class EntropyLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
+        flops_budget: float | None = None,
     ):
         """Stage one of BLT: the entropy model, a small byte LM.
 
@@ -23,8 +24,10 @@ class EntropyLM(ByteLMModule):
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
+            flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
+                trainer.max_steps: the steps are derived from its FLOPs per byte (FlopBudget).
         """
-        super().__init__(optimizer, seq_len, compile)
+        super().__init__(optimizer, seq_len, compile, flops_budget)
         self.save_hyperparameters(logger=False)
         self.model = EntropyModel(model)
         self.flops_per_byte = entropy_model_flops_per_byte(model, seq_len)  # forward; training is 3x
@@ -36,8 +39,11 @@ class EntropyLM(ByteLMModule):
         ids, doc_ids = batch["ids"], batch["doc_ids"]
         logits = self.model(ids[:, :-1], doc_ids[:, :-1])
         targets = ids[:, 1:]
-        self.flops_per_batch = targets.numel() * self.flops_per_byte * (3 if self.training else 1)
+        self.flops_per_batch = self.model_flops_per_batch = targets.numel() * self.flops_per_byte * (3 if self.training else 1)
         return self.next_byte_cross_entropy(logits, targets), targets
+
+    def training_flops_per_byte(self, batches) -> float:
+        return 3 * self.flops_per_byte
 
     def inference_cost(self) -> dict:
         return {"flops_per_byte": self.flops_per_byte}

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
+from .callbacks import FlopBudget
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import TransformerBlock
 from .vocab import BOS, PAD
@@ -52,9 +53,10 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class ByteLMModule(L.LightningModule):
     """Subclasses build `self.model` and say how ids become per-target cross entropy and what a byte costs."""
 
-    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False):
+    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False, flops_budget: float | None = None):
         super().__init__()
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
+        self.flops_budget = flops_budget
         # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row.
         self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
@@ -62,13 +64,19 @@ class ByteLMModule(L.LightningModule):
         self.test_report: dict = {}  # of the last test run: what `evaluate` writes
         self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes, patches) of recent batches
         self._fit_counts, self._fit_start = collections.Counter(), None
-        # Of the last batch, set by cross_entropy: FLOPs on this device (ThroughputMonitor reads them) and
+        # Of the last batch, set by cross_entropy: FLOPs on this device (ThroughputMonitor reads them), those
+        # of the model being trained alone (not the frozen entropy model: what a FLOP budget counts), and
         # patches (None for models without patches).
-        self.flops_per_batch, self.patches_in_batch = 0.0, None
+        self.flops_per_batch, self.model_flops_per_batch, self.patches_in_batch = 0.0, 0.0, None
+        self.trained_flops = 0.0  # all ranks together, since the run began (resumes with it)
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for; sets
-        self.flops_per_batch (and patches_in_batch) for the batch."""
+        self.flops_per_batch, model_flops_per_batch (and patches_in_batch) for the batch."""
+        raise NotImplementedError
+
+    def training_flops_per_byte(self, batches) -> float:
+        """FLOPs per position of a training step of the model (3x forward), patched as `batches` are."""
         raise NotImplementedError
 
     def next_byte_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,8 @@ class ByteLMModule(L.LightningModule):
                     module.compile()
 
     def configure_callbacks(self):
-        return [ThroughputMonitor(batch_size_fn=rows_in_batch)]  # FLOPs/s and, on GPUs, MFU
+        budget = [FlopBudget(self.flops_budget)] if self.flops_budget else []
+        return [ThroughputMonitor(batch_size_fn=rows_in_batch), *budget]  # FLOPs/s and, on GPUs, MFU
 
     # -- steps ----------------------------------------------------------------------------------------
 
@@ -98,6 +107,8 @@ class ByteLMModule(L.LightningModule):
                 "(a lower learning rate or gradient clipping may help)."
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        self.trained_flops += self.model_flops_per_batch * self.trainer.world_size  # ranks' batches cost about the same
+        self.log("train/flops", self.trained_flops, batch_size=1)
         self._count(batch["bytes"], self.patches_in_batch)
         return loss
 
@@ -137,6 +148,12 @@ class ByteLMModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, int(total), cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["trained_flops"] = self.trained_flops
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trained_flops = checkpoint.get("trained_flops", 0.0)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)

@@ -1,0 +1,164 @@
+"""`compare`: BLT against its baselines at equal training FLOPs, on any data, in one command.
+
+    blt-lightning compare --data corpus/ --eval other-language.jsonl --budget 1e13 3e13 --output-dir runs/compare
+
+1. The data are prepared into shards once (train / validation / test splits), under --output-dir.
+2. Stage one: an entropy model is trained on them (--entropy-config) and its threshold calibrated for a
+   mean patch size of --patch-size (what the entropy-patched experiments use).
+3. Every experiment of --experiments (configs/experiments/NAME.yaml: a byte-level transformer, static,
+   space and entropy patches, BLT without hash n-grams) trains for each --budget of training FLOPs; its
+   steps follow from its FLOPs per byte (FlopBudget). The frozen entropy model's FLOPs are not counted.
+4. Each is evaluated on the held-out test split and on every --eval file (as `evaluate` does).
+5. results.md, results.csv and results.json hold the table (bpb, training FLOPs, inference FLOPs per
+   byte, mean patch size, wall time); bpb_vs_flops.png plots bpb against training FLOPs. The runs sit
+   side by side in TensorBoard (`tensorboard --logdir OUTPUT_DIR`), each with its hyperparameters.
+
+Runs happen in subprocesses (`python -m blt_lightning fit`), so --config files (configs/trainer/gpu.yaml,
+say) apply to every one. A run already in results.json is not run again: rerun the command to go on
+after an interruption.
+"""
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluate import evaluate
+from .prepare import MANIFEST, PrepareOptions, prepare
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = ("byte", "static", "space", "entropy", "entropy-no-ngrams")
+PREPARE = PrepareOptions(val_fraction=0.05, test_fraction=0.05)
+
+
+def fit(configs: list[Path | str], overrides: list[str], root: Path, run_name: str) -> tuple[Path, float]:
+    """Train one run in a subprocess; its last checkpoint and the wall seconds it took."""
+    command = [sys.executable, "-m", "blt_lightning", "fit", *[a for c in configs for a in ("--config", str(c))],
+               "--trainer.default_root_dir", str(root), "--run_name", run_name, *overrides]
+    print(f"== {run_name}: {' '.join(command[3:])}", flush=True)
+    start = time.perf_counter()
+    if subprocess.run(command).returncode != 0:
+        raise RuntimeError(f"the run {run_name} failed (its output is above; command: {' '.join(command)})")
+    seconds = time.perf_counter() - start
+    checkpoints = sorted((root / run_name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return checkpoints[-1], seconds
+
+
+def stage_one(args, manifest: Path, data: list[str]) -> tuple[Path, Path]:
+    """The entropy model's checkpoint and the patching YAML calibrated for it."""
+    from .calibrate import main as calibrate
+
+    patching = args.output_dir / f"patching-entropy-{args.patch_size}.yaml"
+    existing = sorted((args.output_dir / "entropy-model").glob("version_*/checkpoints/last.ckpt"))
+    if existing and patching.is_file():
+        return existing[-1], patching
+    checkpoint, _ = fit([args.entropy_config, *args.config], data, args.output_dir, "entropy-model")
+    calibrate(["--checkpoint", str(checkpoint), "--data", str(manifest), "--target", str(args.patch_size),
+               "--output", str(patching)])
+    return checkpoint, patching
+
+
+def table_row(name: str, budget: float, checkpoint: Path, seconds: float, held_out: dict, extra: dict[str, dict]) -> dict:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    params = sum(v.numel() for k, v in state["state_dict"].items() if not k.startswith("entropy_model."))
+    return {"experiment": name, "budget_flops": budget, "training_flops": state.get("trained_flops"),
+            "steps": state["global_step"], "params": params, "bpb": held_out["bpb"],
+            **{f"bpb:{label}": report["bpb"] for label, report in extra.items()},
+            "inference_flops_per_byte": held_out["flops_per_byte"],
+            "of_which_entropy_model": held_out.get("entropy_model_flops_per_byte", 0.0),
+            "mean_patch_size": held_out.get("mean_patch_size", 1.0), "train_seconds": round(seconds, 1),
+            "checkpoint": str(checkpoint)}
+
+
+def write_results(rows: list[dict], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [c for c in columns if c != "checkpoint"]
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 100 else f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in shown) + " |" for row in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "bpb_vs_flops.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(row["experiment"] for row in rows):
+        points = sorted((row["training_flops"], row["bpb"]) for row in rows if row["experiment"] == name)
+        axes.plot(*zip(*points), marker="o", label=name)
+    axes.set_xscale("log")
+    axes.set_xlabel("training FLOPs")
+    axes.set_ylabel("held-out bits per byte")
+    axes.set_title("bpb against training FLOPs")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="blt-lightning compare", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--data", nargs="+", default=["data/corpus"],
+                        help="text, JSON-lines files or directories to train and hold out from")
+    parser.add_argument("--eval", nargs="*", default=[], help="extra files every model is evaluated on")
+    parser.add_argument("--budget", type=float, nargs="+", default=[1e13], help="training FLOPs per run")
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
+                        help="names in configs/experiments/, or YAML paths")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--patch-size", type=float, default=4.5, help="mean patch size the entropy threshold is calibrated for")
+    parser.add_argument("--entropy-config", type=Path, default=CONFIGS / "entropy/tiny.yaml", help="stage one's config")
+    parser.add_argument("--config", type=Path, nargs="*", default=[], help="more configs for every run (a trainer YAML)")
+    args = parser.parse_args(argv)
+
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_info = prepare(args.data, out / "shards", PREPARE) if not (out / "shards" / MANIFEST).is_file() else None
+    manifest = out / "shards" / MANIFEST
+    if manifest_info is not None:
+        print(f"prepared {args.data} under {manifest.parent}", flush=True)
+    data = ["--data.init_args.sources", "null", "--data.init_args.manifest", str(manifest)]
+
+    experiments = [Path(e) if e.endswith(".yaml") else CONFIGS / "experiments" / f"{e}.yaml" for e in args.experiments]
+    if missing := [str(e) for e in experiments if not e.is_file()]:
+        parser.error(f"no experiment config {missing}")
+    needs_entropy = [e for e in experiments if "mode: entropy" in e.read_text()]
+    entropy_checkpoint, patching = stage_one(args, manifest, data) if needs_entropy else (None, None)
+
+    done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
+    rows = list(done)
+    for budget in args.budget:
+        for experiment in experiments:
+            name = f"{experiment.stem}-{budget:.0e}"
+            if any(row["experiment"] == experiment.stem and row["budget_flops"] == budget for row in done):
+                continue
+            configs = [experiment, *args.config]
+            overrides = data + ["--model.init_args.flops_budget", str(budget)]
+            if experiment in needs_entropy:
+                configs.append(patching)
+                overrides += ["--model.init_args.entropy_checkpoint", str(entropy_checkpoint)]
+            checkpoint, seconds = fit(configs, overrides, out, name)
+            held_out = evaluate(str(checkpoint), [str(manifest)], out / "evaluate", enable_progress_bar=False)
+            extra = {Path(f).name.split(".")[0]: evaluate(str(checkpoint), [f], out / "evaluate", enable_progress_bar=False)
+                     for f in args.eval}
+            rows.append(table_row(experiment.stem, budget, checkpoint, seconds, held_out, extra))
+            write_results(rows, out)  # after every run: an interrupted comparison keeps what it finished
+    write_results(rows, out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'bpb_vs_flops.png'}; "
+          f"tensorboard --logdir {out}")

@@ -1,0 +1,55 @@
+"""FLOP-matched training (FlopBudget) and the `compare` command."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from blt_lightning.cli import main
+from blt_lightning.compare import main as compare
+from blt_lightning.flops import entropy_model_flops_per_byte
+from blt_lightning.models import EntropyModelConfig
+
+from test_cli import ROOT, fit_args
+
+
+def test_a_flop_budget_sets_the_steps_and_the_last_checkpoint_holds_them(corpus, tmp_path):
+    config = yaml.safe_load((ROOT / "configs/entropy/tiny.yaml").read_text())["model"]["init_args"]["model"]
+    per_step = 3 * entropy_model_flops_per_byte(EntropyModelConfig(**config), 32) * 4 * 32  # 4 rows of 32 bytes
+    main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "-1", "--model.init_args.flops_budget", str(5 * per_step)])
+    last = torch.load(tmp_path / "entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
+    # 5 steps, though validation (where ModelCheckpoint saves) ran at steps 2 and 4 only.
+    assert last["global_step"] == 5
+    assert last["trained_flops"] == pytest.approx(5 * per_step)
+
+
+def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus):
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(yaml.safe_dump({
+        "trainer": {"val_check_interval": 2, "limit_val_batches": 2, "enable_progress_bar": False},
+        "data": {"init_args": {"seq_len": 32, "batch_size": 4, "num_workers": 0}},
+    }))
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"text": "Ein kurzer Text.", "lang": "de"}) + "\n")
+    out = tmp_path / "out"
+    compare(["--data", str(corpus), "--eval", str(extra), "--experiments", "byte", "static", "--budget", "3e8", "1e9",
+             "--output-dir", str(out), "--config", str(quick)])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["experiment"], float(r["budget_flops"])) for r in rows] == [("byte", 3e8), ("static", 3e8), ("byte", 1e9), ("static", 1e9)]
+    for row in rows:
+        assert 0 < float(row["bpb"]) < 9 and 0 < float(row["bpb:extra"]) < 9
+        # Whole steps: at most one step's FLOPs past the budget (and at least one step).
+        assert float(row["training_flops"]) > 0 and int(row["steps"]) >= 1
+    static = [r for r in rows if r["experiment"] == "static"]
+    assert 3.0 < float(static[0]["mean_patch_size"]) <= 4.0, "4-byte static patches, fewer at document edges"
+    assert int(static[1]["steps"]) > int(static[0]["steps"]), "a larger budget buys more steps"
+    assert (out / "results.md").read_text().count("\n") == 2 + len(rows)
+    assert (out / "bpb_vs_flops.png").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["byte-1e+09", "byte-3e+08", "evaluate", "shards",
+                                                                   "static-1e+09", "static-3e+08"]
+    # Run again: what is done is not redone.
+    compare(["--data", str(corpus), "--experiments", "byte", "static", "--budget", "3e8", "1e9", "--output-dir", str(out),
+             "--config", str(quick)])
+    assert len(list((out / "byte-3e+08").glob("version_*"))) == 1
