@@ -67,6 +67,7 @@ class Patches:
     padding: torch.Tensor  # [B, P] bool: the patch is a run of PAD
     mean_size: float  # bytes per patch, over the patches that hold bytes (as the paper counts)
     byte_patches: int  # patches that hold bytes: mean_size's denominator
+    next_starts: torch.Tensor  # [B] bool: a byte after the row would begin a patch (what the decoder's last position reads)
 
 
 def spacelike(ids: torch.Tensor) -> torch.Tensor:
@@ -129,9 +130,10 @@ def patch_starts(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Ten
     return starts
 
 
-def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, num_patches: int | None = None) -> Patches:
-    """Patch ids, lengths and mask from start flags. `num_patches` pads every row to that many patches
-    (static shapes); rows with more are an error."""
+def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, next_starts: torch.Tensor,
+                        num_patches: int | None = None) -> Patches:
+    """Patch ids, lengths and mask from start flags (and next_starts, for a byte after each row).
+    `num_patches` pads every row to that many patches (static shapes); rows with more are an error."""
     patch_ids = torch.cumsum(starts, dim=-1) - 1  # [B, L]
     counts = starts.sum(-1)  # [B]
     most = int(counts.max()) if counts.numel() else 0
@@ -145,10 +147,21 @@ def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, num_patches: in
     padding = mask & (per_patch((ids == PAD).long()) == lengths)
     with_bytes = int((byte_counts > 0).sum())
     mean_size = int(byte_counts.sum()) / with_bytes if with_bytes else 0.0
-    return Patches(starts, patch_ids, lengths, mask, padding, mean_size, with_bytes)
+    return Patches(starts, patch_ids, lengths, mask, padding, mean_size, with_bytes, next_starts)
 
 
 def patch(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Tensor | None = None,
           doc_ids: torch.Tensor | None = None, num_patches: int | None = None) -> Patches:
-    """Patches of rows of ids [B, L] (entropies [B, L] for the entropy modes)."""
-    return patches_from_starts(patch_starts(ids, config, entropies, doc_ids), ids, num_patches)
+    """Patches of rows of ids [B, L] (entropies [B, L] for the entropy modes).
+
+    Whether a byte after a row would begin a patch depends on the row alone (on H(L-1), the last ids), and
+    tells which patch the row's last position may read: the rules run over the row and one byte more."""
+    def extend(x: torch.Tensor, value) -> torch.Tensor:  # value None: repeat the last column (of a row that has one)
+        if value is None and x.shape[1]:
+            return torch.cat([x, x[:, -1:]], dim=1)
+        column = torch.full((x.shape[0], 1), value or 0, dtype=x.dtype, device=x.device)
+        return torch.cat([x, column], dim=1)
+
+    starts = patch_starts(extend(ids, OFFSET), config, None if entropies is None else extend(entropies, 0.0),
+                          None if doc_ids is None else extend(doc_ids, None))
+    return patches_from_starts(starts[:, :-1], ids, starts[:, -1], num_patches)

@@ -258,11 +258,12 @@ def patch_document_ids(doc_ids: torch.Tensor, patches: Patches) -> torch.Tensor:
 
 def decoder_patch_ids(ids: torch.Tensor, patches: Patches) -> torch.Tensor:
     """[B, L] the global output each byte reads: byte i predicts byte i + 1, so it may read patches that
-    end at or before i. It reads the last of them: the patch before the one holding i + 1 (a patch
-    starting at i + 1 counts as holding it, one past the row's end too). At EOS a document's patch is
-    complete whatever follows, so EOS reads its own patch and never depends on the next id."""
-    counts = patches.starts.sum(-1, keepdim=True)
-    next_patch = torch.cat([patches.patch_ids[:, 1:], counts], dim=1)
+    end at or before i. It reads the last of them: the patch before the one holding i + 1. Past the row's
+    end, a byte i + 1 would hold a new patch if patches.next_starts says so, else continue i's (as in
+    generation, where that is known before i + 1 is drawn). At EOS a document's patch is complete whatever
+    follows, so EOS reads its own patch and never depends on the next id."""
+    after_row = patches.patch_ids[:, -1:] + patches.next_starts[:, None].long()
+    next_patch = torch.cat([patches.patch_ids[:, 1:], after_row], dim=1)
     return torch.where(ids == EOS, patches.patch_ids, next_patch - 1)
 
 
