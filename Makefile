@@ -8,14 +8,14 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup clean
+.PHONY: demo test compare setup clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,hf]"
 	touch $@
 
 # The newest checkpoint of a run name (test runs add version folders without checkpoints).
@@ -38,6 +38,13 @@ demo: setup
 		--model.init_args.entropy_checkpoint $(LATEST_ENTROPY) --trainer.default_root_dir $(RUNS) \
 		--trainer.enable_progress_bar false --ckpt_path $(LATEST_BLT)
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUNS)"
+
+# BLT against its FLOP-matched baselines (configs/experiments/): make compare DATA="corpus/" EVAL="x.jsonl" BUDGET="3e12 1e13"
+DATA ?= data/corpus
+EVAL ?=
+BUDGET ?= 1e13
+compare: setup
+	$(PY) -m blt_lightning compare --data $(DATA) --eval $(EVAL) --budget $(BUDGET) --output-dir $(RUNS)/compare
 
 test: setup
 	$(PY) -m pytest -q

@@ -28,6 +28,7 @@ class BLTLM(ByteLMModule):
         seq_len: int = 1024,
         compile: bool = False,
         flops_budget: float | None = None,
+        init_from: str | None = None,
     ):
         """Stage two of BLT: local encoder, global latent transformer and local decoder over patches.
 
@@ -47,8 +48,11 @@ class BLTLM(ByteLMModule):
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of the first validation batches (FlopBudget).
+            init_from: A stage-two checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts
+                `fit` from: fine-tuning; not its optimizer state or step, nor its entropy model (entropy_checkpoint's).
+                Resuming (--ckpt_path) takes precedence.
         """
-        super().__init__(optimizer, seq_len, compile, flops_budget)
+        super().__init__(optimizer, seq_len, compile, flops_budget, init_from)
         self.save_hyperparameters(logger=False)
         entropy_model, context = None, None
         if patching.needs_entropies:

@@ -16,6 +16,7 @@ class EntropyLM(ByteLMModule):
         seq_len: int = 1024,
         compile: bool = False,
         flops_budget: float | None = None,
+        init_from: str | None = None,
     ):
         """Stage one of BLT: the entropy model, a small byte LM.
 
@@ -26,8 +27,10 @@ class EntropyLM(ByteLMModule):
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte (FlopBudget).
+            init_from: A checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts `fit`
+                from: fine-tuning; not its optimizer state or step. Resuming (--ckpt_path) takes precedence.
         """
-        super().__init__(optimizer, seq_len, compile, flops_budget)
+        super().__init__(optimizer, seq_len, compile, flops_budget, init_from)
         self.save_hyperparameters(logger=False)
         self.model = EntropyModel(model)
         self.flops_per_byte = entropy_model_flops_per_byte(model, seq_len)  # forward; training is 3x

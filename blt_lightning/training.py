@@ -1,12 +1,14 @@
 """What every byte LM's LightningModule shares: AdamW with warmup and cosine decay, the loss over
 predicted ids (a run stops at a non-finite loss), bits-per-byte for validation and test, throughput
 (bytes and patches per second; FLOPs and MFU through Lightning's ThroughputMonitor), optional
-torch.compile of the transformer blocks, and the TensorBoard HParams."""
+torch.compile of the transformer blocks, the TensorBoard HParams, and fine-tuning from a checkpoint's
+weights (init_from)."""
 
 import collections
 import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -53,10 +55,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class ByteLMModule(L.LightningModule):
     """Subclasses build `self.model` and say how ids become per-target cross entropy and what a byte costs."""
 
-    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False, flops_budget: float | None = None):
+    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False, flops_budget: float | None = None,
+                 init_from: str | None = None):
         super().__init__()
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
         self.flops_budget = flops_budget
+        self.init_from = init_from
+        self._restored = False  # from a checkpoint of this module (loaded or resumed): init_from is not for it
         # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row.
         self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
@@ -81,6 +86,13 @@ class ByteLMModule(L.LightningModule):
 
     def next_byte_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def setup(self, stage: str) -> None:
+        """Fine-tuning starts from init_from's weights; not at construction, where the model may be built on the
+        meta device (config checks) or be about to take a checkpoint's weights."""
+        if stage == "fit" and self.init_from is not None and not self._restored:
+            load_weights(self.model, self.init_from)
+            rank_zero_info(f"model weights from {self.init_from}")
 
     def configure_model(self) -> None:
         if self.compile_blocks:  # block by block: the masks and patching around them stay eager
@@ -154,6 +166,7 @@ class ByteLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.trained_flops = checkpoint.get("trained_flops", 0.0)
+        self._restored = True
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
@@ -214,6 +227,22 @@ class ByteLMModule(L.LightningModule):
                 writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
                 for summary in hparams(params, {"val/bpb": 0.0}):  # declares the metric; no value is written
                     writer.add_summary(summary)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """`model`'s weights from a checkpoint of either stage (its `model.` entries, as `fit` and `import-hf` write
+    them); not its optimizer state or step."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: init_from names no checkpoint (train one, or write one with `blt-lightning import-hf`)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    except Exception as error:  # not a torch file, no state dict, or pickled from code that is gone
+        raise ValueError(f"{path}: init_from is not a checkpoint of this project ({error})") from None
+    try:
+        model.load_state_dict({name.removeprefix("model."): w for name, w in state.items() if name.startswith("model.")})
+    except RuntimeError as error:
+        raise ValueError(f"{path}: its weights do not fit this model's config ({error})") from None
 
 
 def flatten_hparams(params: dict, prefix: str = "") -> dict:

@@ -1,0 +1,234 @@
+"""import-hf and export-hf against transformers' BltForCausalLM: tiny random models, float32 on the CPU."""
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_documents, write_jsonl
+
+transformers = pytest.importorskip("transformers", minversion="5.23",
+                                   reason="the hf extra (transformers>=5.23) is not installed")
+from safetensors.torch import load_file, save_file  # noqa: E402  (after the skip: safetensors comes with transformers)
+
+from blt_lightning.blt_lm import BLTLM  # noqa: E402
+from blt_lightning.cli import main  # noqa: E402
+from blt_lightning.evaluate import evaluate  # noqa: E402
+from blt_lightning.generate import main as generate  # noqa: E402
+from blt_lightning.hf import entropy_names, hf_config_kwargs  # noqa: E402
+from blt_lightning.hf_export import export_hf  # noqa: E402
+from blt_lightning.hf_import import import_hf  # noqa: E402
+from blt_lightning.loading import load_lm  # noqa: E402
+from blt_lightning.models.blt import BLTConfig  # noqa: E402
+from blt_lightning.patching import PatchingConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS, LENGTH = 4, 40  # longer than the local window (16) and the patcher's (8)
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def tiny_hf_config(**overrides):
+    """A tiny BltConfig: k * encoder width (64) != global width (48), so the global input projection exists; two
+    hash functions; cross-attention in every decoder layer; windows shorter than the rows."""
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+
+    def local(layers: int, all_layers: bool) -> dict:
+        return {"hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 2, "intermediate_size": 64,
+                "hidden_size_global": 48, "cross_attn_k": 2, "cross_attn_all_layers": all_layers,
+                "rope_parameters": rope}
+
+    patcher = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 96,
+               "sliding_window": 8, "max_position_embeddings": 64,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    return transformers.BltConfig(**{
+        "max_position_embeddings": 64, "patch_in_forward": True, "patching_mode": "entropy", "patch_size": 4,
+        "patching_threshold": 5.0, "max_patch_length": 6, "local_attention_window_len": 16, "cross_attn_k": 2,
+        "encoder_hash_byte_group_size": [3, 4, 5], "encoder_hash_byte_group_vocab": 101,
+        "encoder_hash_byte_group_nb_functions": 2, "patcher_config": patcher, "encoder_config": local(1, False),
+        "decoder_config": local(2, True), "rope_parameters": rope, "use_cache": False,
+        "global_config": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+                          "rope_parameters": rope}} | overrides)
+
+
+def random_blt(config):
+    """A BltForCausalLM with random weights, norm gains included (ones would hide swapped norms)."""
+    model = transformers.BltForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def fit_one_step(root: Path, corpus: Path, *overrides: str) -> Path:
+    """`fit` of configs/blt/tiny.yaml (then `overrides`) for one step on `corpus`; its last checkpoint."""
+    main(["fit", "--config", str(ROOT / "configs/blt/tiny.yaml"), *overrides, "--trainer.default_root_dir", str(root),
+          "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000", "--data.seq_len", "32",
+          "--data.batch_size", "2", "--data.num_workers", "0"])
+    return root / "blt-tiny" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """A few documents: enough for a training step or an evaluation, quickly."""
+    return write_jsonl(tmp_path / "small.jsonl", make_documents(8))
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    """One document a row, as BltForCausalLM knows rows: BOS, then bytes."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 260, (ROWS, LENGTH), generator=generator)
+    ids[:, 0] = 1
+    return ids
+
+
+@pytest.fixture(scope="module")
+def hf_blt(ids, tmp_path_factory):
+    """(folder, model): a tiny BltForCausalLM that patches itself, saved by save_pretrained; its threshold lies
+    between two of its patcher's entropies on `ids` (none within rounding of it), so that patches vary."""
+    torch.manual_seed(0)
+    model = random_blt(tiny_hf_config())
+    entropies = model.model.patcher(ids)[0][:, 1:].flatten().sort().values
+    middle = len(entropies) // 2
+    assert entropies[middle + 1] - entropies[middle] > 1e-4, "the threshold would sit within rounding of an entropy"
+    model.config.patching_threshold = float(entropies[middle] + entropies[middle + 1]) / 2
+    folder = tmp_path_factory.mktemp("hf") / "blt"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def imported(hf_blt, tmp_path_factory) -> dict[str, Path]:
+    return import_hf(hf_blt[0], tmp_path_factory.mktemp("imported"))
+
+
+def test_imported_blt_computes_bltforcausallm_logits_with_its_patcher(hf_blt, imported, ids):
+    _, hf = hf_blt
+    lm = load_lm(imported["blt"])
+    assert lm.patcher.config == PatchingConfig("entropy", threshold=hf.config.patching_threshold, max_patch_length=6)
+    with torch.no_grad():
+        ours, theirs = lm(ids), hf(ids).logits
+        lengths = hf.model.patcher(ids, patch_size=4, threshold=hf.config.patching_threshold, max_patch_length=6)[1]
+    # Not a row's last position, which BltForCausalLM decides from how the batch's patch lengths are padded (hf.py).
+    torch.testing.assert_close(ours[:, :-1], theirs[:, :-1], **TOLERANCE)
+
+
+def test_imported_entropy_model_computes_the_patchers_entropies(hf_blt, imported, ids):
+    _, hf = hf_blt
+    with torch.no_grad():
+        theirs = hf.model.patcher(ids)[0]
+    torch.testing.assert_close(load_lm(imported["blt"]).patcher.entropies(ids), theirs, **TOLERANCE)
+    stage_one = load_lm(imported["entropy"])
+    torch.testing.assert_close(stage_one.model.entropies(ids, window=8), theirs, **TOLERANCE)
+
+
+def test_imported_blt_computes_bltforcausallm_logits_given_patch_lengths(ids, tmp_path):
+    torch.manual_seed(1)
+    hf = random_blt(tiny_hf_config(patch_in_forward=False, patching_mode="static", patch_size=3, max_patch_length=None))
+    hf.save_pretrained(tmp_path / "blt")
+    written = import_hf(tmp_path / "blt", tmp_path / "imported")
+    assert "entropy" not in written, "a model without a patcher brings no entropy model"
+    lm = load_lm(written["blt"])
+    assert lm.patcher.config == PatchingConfig("static", patch_size=3)
+    patches = lm.patch(ids, None, None)
+    # An empty patch after the row: BltForCausalLM then takes the byte after it to start a patch, as ours does.
+    with torch.no_grad():
+        theirs = hf(ids, patch_lengths=F.pad(patches.lengths, (0, 1))).logits
+        torch.testing.assert_close(lm(ids), theirs, **TOLERANCE)
+
+
+def test_a_separate_entropy_model_in_any_of_its_formats(hf_blt, imported, ids, tmp_path):
+    _, hf = hf_blt
+    hf.model.patcher.save_pretrained(tmp_path / "patcher")  # the folder BltPatcher writes
+    written = import_hf(hf_blt[0], tmp_path / "from_patcher", entropy_model=tmp_path / "patcher")
+    with torch.no_grad():
+        theirs = hf.model.patcher(ids)[0]
+    torch.testing.assert_close(load_lm(written["blt"]).patcher.entropies(ids), theirs, **TOLERANCE)
+
+    # The reference code's folders: its names are ours, its RoPE interleaved as transformers'.
+    embedded = load_lm(imported["entropy"]).model
+    args = {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seqlen": 64, "vocab_size": 260, "multiple_of": 32}
+    hf_state = hf.model.patcher.state_dict()
+    state = {ours: hf_state[theirs].contiguous() for ours, (theirs, _) in entropy_names(embedded.config, "").items()}
+    training = tmp_path / "reference_training"  # as facebook/blt-1b's entropy_model/: the loader fixes a 512 window
+    training.mkdir()
+    (training / "params.json").write_text(json.dumps({"entropy_model": args}))
+    torch.save({"model": state}, training / "consolidated.pth")
+    hub = tmp_path / "reference_hub"  # as facebook/blt-entropy: LMTransformer.save_pretrained, the window in its args
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({"args": args | {"sliding_window": 8}}))
+    save_file(state, hub / "model.safetensors")
+    for folder, window in ((training, 512), (hub, 8)):
+        model = load_lm(import_hf(hf_blt[0], tmp_path / f"from_{folder.name}", entropy_model=folder)["entropy"]).model
+        assert model.config == replace(embedded.config, sliding_window=window)
+        assert all(torch.equal(w, embedded.state_dict()[name]) for name, w in model.state_dict().items())
+
+
+def test_export_then_import_is_the_identity(hf_blt, imported, ids, tmp_path):
+    folder, hf = hf_blt
+    exported = export_hf(imported["blt"], tmp_path / "exported")
+    original, again = load_file(folder / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    reloaded, info = transformers.BltForCausalLM.from_pretrained(exported, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
+
+    reimported = import_hf(exported, tmp_path / "reimported")
+    for stage in ("blt", "entropy"):
+        first, second = (torch.load(written[stage], weights_only=False) for written in (imported, reimported))
+        assert first["hyper_parameters"]["model"] == second["hyper_parameters"]["model"]
+        assert first["state_dict"].keys() == second["state_dict"].keys()
+        assert all(torch.equal(w, second["state_dict"][name]) for name, w in first["state_dict"].items())
+
+
+def test_export_of_a_trained_checkpoint_gives_the_same_logits(small_corpus, ids, tmp_path):
+    checkpoint = fit_one_step(tmp_path, small_corpus, "--model.init_args.model.doubled_cross_attn_residual", "true")
+    hf = transformers.BltForCausalLM.from_pretrained(export_hf(checkpoint, tmp_path / "exported")).eval()
+    lm = load_lm(checkpoint)
+    with torch.no_grad():
+        patches = lm.patch(ids, None, None)
+        for row, lengths, next_starts in zip(ids, patches.lengths, patches.next_starts):
+            # Given patch lengths, BltForCausalLM's last position reads its own patch when one more (empty) follows.
+            theirs = hf(row[None], patch_lengths=F.pad(lengths[lengths > 0], (0, int(next_starts)))[None]).logits
+            torch.testing.assert_close(lm(row[None]), theirs, **TOLERANCE)
+
+
+def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
+    folder = shutil.copytree(hf_blt[0], tmp_path / "gqa")
+    config = json.loads((folder / "config.json").read_text())
+    config["encoder_config"]["num_key_value_heads"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"gqa/config.json: encoder_config.num_key_value_heads = 1: grouped-query"):
+        import_hf(folder, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"x.ckpt: model.doubled_cross_attn_residual = False"):
+        hf_config_kwargs(BLTConfig(), PatchingConfig("static"), None, 1024, "x.ckpt")
+    with pytest.raises(ValueError, match=r"x.ckpt: patching.mode = 'monotonic': BltConfig has no such patching"):
+        hf_config_kwargs(BLTConfig(doubled_cross_attn_residual=True), PatchingConfig("monotonic"), None, 1024, "x.ckpt")
+
+
+def test_evaluate_and_generate_run_on_an_imported_checkpoint(imported, small_corpus, tmp_path, capsys):
+    report = evaluate(str(imported["blt"]), [str(small_corpus)], tmp_path, batch_size=4, accelerator="cpu", devices=1,
+                      enable_progress_bar=False)
+    assert report["model"] == "BLTLM" and 0 < report["bpb"] < 16 and report["mean_patch_size"] > 1
+    generate(["--checkpoint", str(imported["blt"]), "--prompt", "doc", "--max-bytes", "8", "--temperature", "0",
+              "--device", "cpu"])
+    assert "8 bytes in" in capsys.readouterr().err
+
+
+def test_fit_with_init_from_starts_from_the_imported_weights(imported, small_corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt: init_from names no checkpoint"):
+        BLTLM(BLTConfig(encoder_dim=32, global_dim=64, decoder_dim=32, encoder_heads=2, global_heads=2, decoder_heads=2,
+                        global_layers=1, decoder_layers=1, ngram_table_size=11), seq_len=16,
+              init_from=str(tmp_path / "nope.ckpt")).setup("fit")
+    # At learning rate 0, AdamW leaves the weights as they start: those of init_from, not a random init.
+    trained = torch.load(fit_one_step(tmp_path, small_corpus, "--config", str(imported["finetune"]),
+                                      "--model.init_args.optimizer.lr", "0"), weights_only=False)
+    start = torch.load(imported["blt"], weights_only=False)["state_dict"]
+    assert trained["global_step"] == 1 and trained["state_dict"].keys() == start.keys()
+    assert all(torch.equal(w, trained["state_dict"][name]) for name, w in start.items())
