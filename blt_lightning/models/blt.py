@@ -80,7 +80,7 @@ class BLTConfig:
     ffn_multiple_of: int = 256
     """SwiGLU hidden widths are 2/3 of 4 * dim rounded up to a multiple of this, unless set below."""
     encoder_ffn_hidden: int | None = None
-    """SwiGLU hidden width of the encoder (BLT-1B: 2730)."""
+    """SwiGLU hidden width of the encoder (BLT-1B: 2816)."""
     global_ffn_hidden: int | None = None
     """SwiGLU hidden width of the global transformer (BLT-1B: 5632)."""
     decoder_ffn_hidden: int | None = None
