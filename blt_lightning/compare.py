@@ -83,11 +83,21 @@ def write_results(rows: list[dict], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     shown = [c for c in columns if c != "checkpoint"]
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 100 else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in shown) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, row.get(c, "")) for c in shown) + " |" for row in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bpb_vs_flops.png")
+
+
+def cell(column: str, value) -> str:
+    """A value of the markdown table: bpb to 4 decimals, FLOPs to 3 digits, seconds whole."""
+    if not isinstance(value, float):
+        return str(value)
+    if column.startswith("bpb"):
+        return f"{value:.4f}"
+    if column == "mean_patch_size":
+        return f"{value:.2f}"
+    return f"{value:.0f}" if column == "train_seconds" else f"{value:.3g}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
