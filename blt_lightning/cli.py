@@ -15,7 +15,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from . import calibrate, evaluate, prepare, store_entropies, visualize
+from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -30,6 +30,10 @@ TOOLS = {
     "calibrate": calibrate.main,
     "patch": visualize.main,
     "evaluate": evaluate.main,
+    "compare": compare.main,
+    "generate": generate.main,
+    "import-hf": hf_import.main,
+    "export-hf": hf_export.main,
 }
 
 

@@ -53,3 +53,20 @@ def entropy_checkpoint(tmp_path_factory) -> Path:
           "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000",
           "--data.seq_len", "32", "--data.batch_size", "4", "--data.num_workers", "0"])
     return root / "entropy-tiny" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def blt_checkpoint(entropy_checkpoint, tmp_path_factory) -> Path:
+    """A stage-two checkpoint written by the CLI: a few steps of the tiny BLT config, patched in monotonic
+    mode by the stage-one checkpoint's entropy model."""
+    from blt_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("stage_two")
+    corpus = write_jsonl(root / "corpus.jsonl", make_documents(240))
+    main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/blt/tiny.yaml"),
+          "--model.init_args.patching.mode", "monotonic", "--model.init_args.entropy_checkpoint", str(entropy_checkpoint),
+          "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
+          "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000",
+          "--data.seq_len", "32", "--data.batch_size", "4", "--data.num_workers", "0"])
+    return root / "blt-tiny" / "version_0" / "checkpoints" / "last.ckpt"

@@ -1,0 +1,155 @@
+"""A ByteLatentTransformer fed one document a chunk at a time (for generation, a byte at a time), with
+KV caches: the local encoder's and decoder's self-attention keep the keys of the last `local_window`
+bytes, the global transformer those of every patch so far. A byte then costs one pass of the local
+models, and a patch one pass of the global model, instead of a pass of everything over the whole
+document for every byte.
+
+The logits are those ByteLatentTransformer.forward gives a row holding the document from its start:
+- a byte's encoder states depend on the ids up to it, so they are computed once, when it comes;
+- a patch's vector (max-pool, then cross-attention over its bytes) is made once its last byte is in,
+  and the global model then advances by that patch;
+- byte i's decoder reads the global output of the last patch that ends at or before i (see
+  decoder_patch_ids): its own patch if byte i + 1 starts the next one, else the one before. Patch starts
+  depend on earlier ids only, so the patcher knows whether i + 1 starts a patch before i + 1 is chosen;
+  the caller says so (`next_starts`).
+Masks are built for the "sdpa" attention whatever the model's config says: all three compute the same.
+"""
+
+from itertools import accumulate
+
+import torch
+
+from ..vocab import BOS, EOS, PAD
+from .attention import ReadGroupSlots, SlotsReadGroup, build_mask
+from .blt import ByteLatentTransformer, _max_pool
+from .layers import KVCache, window_mask
+
+UNBOUNDED = 2**62  # keys a cache keeps for attention without a window: all (a larger slice start makes torch warn)
+
+
+class BLTStream:
+    def __init__(self, model: ByteLatentTransformer):
+        """An empty stream: the next id fed is the first of a row (a document's BOS)."""
+        c = self.config = model.config
+        self.model = model
+        self.device = model.decoder.output.weight.device
+        self.encoder_cache = KVCache.empty(c.encoder_layers, c.local_window or UNBOUNDED, self.device)
+        self.decoder_cache = KVCache.empty(c.decoder_layers, c.local_window or UNBOUNDED, self.device)
+        self.global_cache = KVCache.empty(c.global_layers, UNBOUNDED, self.device)
+        # The ids before the newest, for hash n-grams: PAD before the row starts, as ngram_hashes pads.
+        self.ngram_context = torch.full((max(c.ngram_sizes, default=1) - 1,), PAD, dtype=torch.long, device=self.device)
+        # Encoder layers whose states pool into patches (cross-attention after each of them).
+        last = [c.encoder_layers - 1]
+        self.pooling_layers = list(range(c.encoder_layers)) if c.encoder_cross_attn_all_layers else last
+        # Their states [1, n, d_enc] of the bytes of the patch not yet complete.
+        self.open_patch = [torch.empty(1, 0, c.encoder_dim, device=self.device) for _ in self.pooling_layers]
+        self.latest_slots = None  # [1, k, d_dec]: the decoder's keys of the last complete patch's global output
+        self.position = 0  # ids fed
+        self.patches = 0  # complete patches, run through the global model
+        self.ended = False
+
+    @torch.inference_mode()
+    def feed(self, ids: list[int], starts: list[bool], next_starts: bool) -> torch.Tensor:
+        """Next-byte logits [L, VOCAB_SIZE] for the next L ids of the document. starts: which of them start
+        a patch; next_starts: whether the id after them will (then their last patch is complete). EOS
+        completes its patch: the document ends there."""
+        if not ids or self.ended or EOS in ids[:-1] or BOS in (ids[1:] if self.position == 0 else ids):
+            raise ValueError("a stream holds one document: BOS only first, nothing after EOS")
+        if not (starts[0] or self.open_patch[0].shape[1]):
+            raise ValueError("the first id after a complete patch starts a patch")
+        self.ended = ids[-1] == EOS
+        ends = starts[1:] + [next_starts or self.ended]  # each id is the last of its patch
+        positions = torch.arange(self.position, self.position + len(ids), device=self.device)
+        key_positions = torch.cat([self.encoder_cache.positions, positions])
+        local_mask = window_mask(positions, key_positions, self.config.local_window)  # [L, kept + L]
+        byte_states, pooling_states = self._encode(torch.tensor(ids, device=self.device), local_mask, positions)
+        patch_vectors = self._complete_patches(pooling_states, starts, ends)  # [1, C, k * d_enc]
+        slots = self._global(patch_vectors) if patch_vectors is not None else None  # [1, C * k, d_dec]
+        logits = self._decode(byte_states, slots, ends, local_mask, positions)
+        for cache in (self.encoder_cache, self.decoder_cache):
+            cache.positions = key_positions[-cache.keep :]
+        self.position += len(ids)
+        return logits
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final byte states [1, L, d_enc], and the states of the pooling layers."""
+        encoder = self.model.encoder
+        x = encoder.tok_embeddings(ids)[None]
+        if encoder.ngram_embeddings is not None:
+            window = torch.cat([self.ngram_context, ids])
+            x = x + encoder.ngram_embeddings(window[None])[:, len(self.ngram_context) :]
+            self.ngram_context = window[len(window) - len(self.ngram_context) :]
+        pooling_states = []
+        for i, layer in enumerate(encoder.layers):
+            x = layer(x, mask, positions, self.encoder_cache, i)
+            if i in self.pooling_layers:
+                pooling_states.append(x)
+        return x, pooling_states
+
+    def _complete_patches(self, pooling_states: list[torch.Tensor], starts: list[bool],
+                          ends: list[bool]) -> torch.Tensor | None:
+        """Patch vectors [1, C, k * d_enc] of the C patches this chunk completes (None if none), as
+        LocalEncoder makes them; the bytes after the last complete patch stay open."""
+        encoder, c = self.model.encoder, self.config
+        n_open = self.open_patch[0].shape[1]
+        states = [torch.cat([held, new], dim=1) for held, new in zip(self.open_patch, pooling_states)]
+        n_patches = sum(ends)
+        n_closed = n_open + len(ends) - ends[::-1].index(True) if n_patches else 0  # bytes of complete patches
+        self.open_patch = [s[:, n_closed:] for s in states]
+        if not n_patches:
+            return None
+        # Patch index of each byte of the complete patches: the open patch (its start fed earlier) is 0.
+        patch_starts = ([True] + [False] * (n_open - 1) if n_open else []) + starts
+        patch_ids = [n - 1 for n in accumulate(map(int, patch_starts[:n_closed]))]
+        patch_ids = torch.tensor(patch_ids, device=self.device)[None]  # [1, n_closed]
+        k, d = c.cross_attn_k, c.encoder_dim
+        keyless = torch.zeros(1, n_patches, dtype=torch.bool, device=self.device)
+        cross_mask = build_mask(SlotsReadGroup(patch_ids, k, keyless), 1, n_patches * k, n_closed, self.device, "sdpa")
+        slots = None  # [1, C * k, d]
+        for j, layer_states in enumerate(states):
+            x = layer_states[:, :n_closed]
+            if slots is None:
+                pooled = _max_pool(x, patch_ids, n_patches)
+                if encoder.patch_projection is not None:
+                    pooled = encoder.patch_projection(pooled)
+                slots = pooled.reshape(1, n_patches * k, d)
+            update = encoder.cross_attn[j](slots, x, cross_mask)
+            slots = (2 * slots if c.doubled_cross_attn_residual else slots) + update
+        return slots.reshape(1, n_patches, k * d)
+
+    def _global(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+        """The global model advanced by C new patches; the decoder's keys of their outputs, [1, C * k, d_dec]."""
+        transformer, c = self.model.global_transformer, self.config
+        h = transformer.input_projection(patch_vectors) if transformer.input_projection is not None else patch_vectors
+        positions = torch.arange(self.patches, self.patches + h.shape[1], device=self.device)
+        key_positions = torch.cat([self.global_cache.positions, positions])
+        mask = window_mask(positions, key_positions, None)
+        for i, layer in enumerate(transformer.layers):
+            h = layer(h, mask, positions, self.global_cache, i)
+        self.global_cache.positions = key_positions
+        self.patches += h.shape[1]
+        return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
+
+    def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool], mask: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Logits [L, VOCAB_SIZE]: each byte reads the last patch complete at it (one of the new ones or,
+        before the first of them, the latest of an earlier chunk)."""
+        decoder, c = self.model.decoder, self.config
+        k = c.cross_attn_k
+        held = [] if self.latest_slots is None else [self.latest_slots]
+        keys = torch.cat(held + ([slots] if slots is not None else []), dim=1)  # [1, T * k, d_dec]
+        self.latest_slots = keys[:, -k:]
+        reads = [n - (0 if held else 1) for n in accumulate(map(int, ends))]  # the patch of keys each byte reads
+        if reads[0] == reads[-1]:  # one patch for all (always so a byte at a time): its k keys, no mask
+            keys, cross_mask = keys[:, reads[0] * k : (reads[0] + 1) * k], None
+        else:
+            reads = torch.tensor(reads, device=self.device)[None]
+            cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], keys.shape[1], self.device, "sdpa")
+        h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
+        for i, layer in enumerate(decoder.layers):
+            if i == 0 or c.decoder_cross_attn_all_layers:
+                update = decoder.cross_attn[i if c.decoder_cross_attn_all_layers else 0](h, keys, cross_mask)
+                h = (2 * h if c.doubled_cross_attn_residual else h) + update
+            h = layer(h, mask, positions, self.decoder_cache, i)
+        return decoder.output(decoder.norm(h))[0]
