@@ -1,13 +1,11 @@
 """BLTLM: stage two. Trains the Byte Latent Transformer, with the frozen stage-one entropy model patching."""
 
-from dataclasses import asdict
-
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
-from .patcher import CARRIED_ENTROPY_MODEL, Patcher, load_entropy_model
+from .patcher import CARRIED_ENTROPY_MODEL, Patcher, carried_entropy_model, load_entropy_model
 from .patching import Patches, PatchingConfig
 from .training import ByteLMModule, OptimizerConfig
 from .visualize import patch_figure
@@ -73,10 +71,14 @@ class BLTLM(ByteLMModule):
         with torch.no_grad():
             return self.patcher(ids, doc_ids, entropies, self.patch_budget)
 
+    def patch_batch(self, batch: dict[str, torch.Tensor]) -> Patches:
+        """Patches of a batch's inputs: from its stored entropies if it has them, else as the patcher decides."""
+        stored = batch.get("entropies")
+        return self.patch(batch["ids"][:, :-1], batch["doc_ids"][:, :-1], stored[:, :-1] if stored is not None else None)
+
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, doc_ids = batch["ids"][:, :-1], batch["doc_ids"][:, :-1]
-        stored = batch.get("entropies")
-        patches = self.patch(ids, doc_ids, stored[:, :-1] if stored is not None else None)
+        patches = self.patch_batch(batch)
         patches_per_row = patches.mask.sum(-1)
         if self._trainer is not None:
             split = "train" if self.training else "test" if self.trainer.testing else "val"
@@ -84,10 +86,10 @@ class BLTLM(ByteLMModule):
             self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids))
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
-        entropy_model_ran = self.entropy_model is not None and stored is None
+        entropy_model_ran = self.entropy_model is not None and "entropies" not in batch
         self._count_cost(patches, int(patches_per_row.sum()), entropy_model_ran)
         if self._trainer is not None and self.trainer.testing:
-            self._tested += torch.tensor([patches.mean_size * patches.byte_patches, patches.byte_patches, entropy_model_ran])
+            self._tested += torch.tensor([patches.patched_bytes, patches.byte_patches, entropy_model_ran])
         return self.next_byte_cross_entropy(logits, targets), targets
 
     def _count_cost(self, patches: Patches, n_patches: int, entropy_model_ran: bool) -> None:
@@ -100,18 +102,15 @@ class BLTLM(ByteLMModule):
         self.model_flops_per_batch = positions * per_byte
         self.flops_per_batch = self.model_flops_per_batch + positions * self.entropy_flops_per_byte * entropy_model_ran
 
-    def training_flops_per_byte(self, batches) -> float:
-        """Trained FLOPs per position (3x forward) at the mean patch size of `batches`."""
+    def training_flops_per_byte(self, batches) -> tuple[float, float]:
+        """Trained FLOPs per position (3x forward) at the mean patch size of `batches` (positions per patch)."""
         positions, patches = 0, 0
         for batch in batches:
-            stored = batch.get("entropies")
-            ids = batch["ids"][:, :-1]
-            found = self.patch(ids, batch["doc_ids"][:, :-1], stored[:, :-1] if stored is not None else None)
-            positions, patches = positions + ids.numel(), patches + int(found.mask.sum())
+            found = self.patch_batch(batch)
+            positions, patches = positions + found.patch_ids.numel(), patches + int(found.mask.sum())
         if not patches:
             raise ValueError("no batch to measure the mean patch size on")
-        self.budget_patch_size = positions / patches
-        return 3 * blt_flops_per_byte(self.model.config, self.seq_len, self.budget_patch_size)
+        return 3 * blt_flops_per_byte(self.model.config, self.seq_len, positions / patches), positions / patches
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
@@ -132,7 +131,7 @@ class BLTLM(ByteLMModule):
         checkpoint alone can be evaluated, sampled from or fine-tuned (it loads as its own entropy_checkpoint)."""
         super().on_save_checkpoint(checkpoint)
         if self.entropy_model is not None:
-            checkpoint[CARRIED_ENTROPY_MODEL] = {"config": asdict(self.entropy_model.config), "context": self.entropy_context}
+            checkpoint[CARRIED_ENTROPY_MODEL] = carried_entropy_model(self.entropy_model.config, self.entropy_context)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -74,15 +74,13 @@ class FlopBudget(Callback):
             return
         data = trainer.datamodule
         batches = itertools.islice(iter(data.val_dataloader()), self.sample_batches)
-        per_byte = pl_module.training_flops_per_byte(batches)
+        per_byte, patch_size = pl_module.training_flops_per_byte(batches)
         step_bytes = data.batch_size * pl_module.seq_len * trainer.world_size * trainer.accumulate_grad_batches
         # Ranks measure on different batches: rank 0's count stands for all, so every rank stops together.
         steps = trainer.strategy.broadcast(max(1, round(self.flops / (per_byte * step_bytes))), src=0)
         trainer.fit_loop.epoch_loop.max_steps = steps  # before configure_optimizers, which sizes the schedule by it
-        patch = getattr(pl_module, "budget_patch_size", None)
-        at = f" at a mean patch size of {patch:.2f}" if patch else ""
-        rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte{at} x {step_bytes:,} "
-                       f"bytes per step = {steps:,} steps")
+        rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte at a mean patch size "
+                       f"of {patch_size:.2f} x {step_bytes:,} bytes per step = {steps:,} steps")
 
     def on_train_end(self, trainer, pl_module) -> None:
         # The budget seldom ends on a validation step, where ModelCheckpoint saves: last.ckpt must hold the

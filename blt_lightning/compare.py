@@ -44,9 +44,15 @@ def fit(configs: list[Path | str], overrides: list[str], root: Path, run_name: s
     start = time.perf_counter()
     if subprocess.run(command).returncode != 0:
         raise RuntimeError(f"the run {run_name} failed (its output is above; command: {' '.join(command)})")
-    seconds = time.perf_counter() - start
-    checkpoints = sorted((root / run_name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return checkpoints[-1], seconds
+    return last_checkpoint(root / run_name), time.perf_counter() - start
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    """The newest last.ckpt of a run (None: it has none)."""
+    from .cli import latest_version_with_checkpoint  # the CLI imports this module
+
+    version = latest_version_with_checkpoint(run)
+    return run / version / "checkpoints" / "last.ckpt" if version else None
 
 
 def stage_one(args, manifest: Path, data: list[str]) -> tuple[Path, Path]:
@@ -54,9 +60,9 @@ def stage_one(args, manifest: Path, data: list[str]) -> tuple[Path, Path]:
     from .calibrate import main as calibrate
 
     patching = args.output_dir / f"patching-entropy-{args.patch_size}.yaml"
-    existing = sorted((args.output_dir / "entropy-model").glob("version_*/checkpoints/last.ckpt"))
+    existing = last_checkpoint(args.output_dir / "entropy-model")
     if existing and patching.is_file():
-        return existing[-1], patching
+        return existing, patching
     checkpoint, _ = fit([args.entropy_config, *args.config], data, args.output_dir, "entropy-model")
     calibrate(["--checkpoint", str(checkpoint), "--data", str(manifest), "--target", str(args.patch_size),
                "--output", str(patching)])
@@ -138,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    manifest_info = prepare(args.data, out / "shards", PREPARE) if not (out / "shards" / MANIFEST).is_file() else None
     manifest = out / "shards" / MANIFEST
-    if manifest_info is not None:
+    if not manifest.is_file():
+        prepare(args.data, manifest.parent, PREPARE)
         print(f"prepared {args.data} under {manifest.parent}", flush=True)
     data = ["--data.init_args.sources", "null", "--data.init_args.manifest", str(manifest)]
 

@@ -45,8 +45,8 @@ class EntropyLM(ByteLMModule):
         self.flops_per_batch = self.model_flops_per_batch = targets.numel() * self.flops_per_byte * (3 if self.training else 1)
         return self.next_byte_cross_entropy(logits, targets), targets
 
-    def training_flops_per_byte(self, batches) -> float:
-        return 3 * self.flops_per_byte
+    def training_flops_per_byte(self, batches) -> tuple[float, float]:
+        return 3 * self.flops_per_byte, 1.0  # every byte is a position of its own
 
     def inference_cost(self) -> dict:
         return {"flops_per_byte": self.flops_per_byte}

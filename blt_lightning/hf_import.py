@@ -31,7 +31,7 @@ from .hf import (PATCHER, blt_config_from_hf, blt_from_hf, blt_hf_names, entropy
                  ffn_multiple_of, from_hf, patching_from_hf, require, transformers_module)
 from .models import EntropyModel, EntropyModelConfig
 from .models.blt import ByteLatentTransformer
-from .patcher import CARRIED_ENTROPY_MODEL
+from .patcher import CARRIED_ENTROPY_MODEL, carried_entropy_model
 from .vocab import VOCAB_SIZE
 
 REFERENCE_WINDOW = 512  # the reference's loader gives its entropy model this window; params.json does not say it
@@ -167,7 +167,7 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
                    written["entropy"])
         if patching.needs_entropies:  # BLTLM carries its entropy model beside its own, as on_save_checkpoint writes it
             blt_state |= prefixed("entropy_model.", e_state)
-            carried, entropy_checkpoint = {"config": asdict(e_config), "context": context}, str(written["entropy"])
+            carried, entropy_checkpoint = carried_entropy_model(e_config, context), str(written["entropy"])
     blt = lightning_checkpoint(BLTLM, blt_state, model=config, patching=patching, entropy_checkpoint=entropy_checkpoint,
                                seq_len=seq_len or hf.max_position_embeddings)
     if carried is not None:

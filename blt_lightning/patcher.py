@@ -8,6 +8,7 @@ makes a KV cache exact: streaming a document through the model a chunk (or a byt
 entropies of one pass over the whole of it, so the incremental patcher decides what the batch one does.
 """
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,6 +19,11 @@ from .patching import ENTROPY_MODES, Patches, PatchingConfig, patch, spacelike
 from .vocab import BOS, PAD
 
 CARRIED_ENTROPY_MODEL = "entropy_model"  # the key under which a stage-two checkpoint describes its entropy model
+
+
+def carried_entropy_model(config: EntropyModelConfig, context: int) -> dict:
+    """What a stage-two checkpoint holds under CARRIED_ENTROPY_MODEL (its weights are under entropy_model.)."""
+    return {"config": asdict(config), "context": context}
 
 
 def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> tuple[EntropyModel, int]:

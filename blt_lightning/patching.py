@@ -65,9 +65,14 @@ class Patches:
     lengths: torch.Tensor  # [B, P] long: patch lengths, 0 past the row's last patch
     mask: torch.Tensor  # [B, P] bool: the slot holds a patch of the row (False past its last patch)
     padding: torch.Tensor  # [B, P] bool: the patch is a run of PAD
-    mean_size: float  # bytes per patch, over the patches that hold bytes (as the paper counts)
-    byte_patches: int  # patches that hold bytes: mean_size's denominator
+    patched_bytes: int  # bytes of the batch (not specials, not padding)
+    byte_patches: int  # patches that hold bytes
     next_starts: torch.Tensor  # [B] bool: a byte after the row would begin a patch (what the decoder's last position reads)
+
+    @property
+    def mean_size(self) -> float:
+        """Bytes per patch, over the patches that hold bytes (as the paper counts)."""
+        return self.patched_bytes / self.byte_patches if self.byte_patches else 0.0
 
 
 def spacelike(ids: torch.Tensor) -> torch.Tensor:
@@ -145,9 +150,8 @@ def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, next_starts: to
     byte_counts = per_patch(is_byte(ids).long())
     mask = torch.arange(P, device=starts.device)[None, :] < counts[:, None]
     padding = mask & (per_patch((ids == PAD).long()) == lengths)
-    with_bytes = int((byte_counts > 0).sum())
-    mean_size = int(byte_counts.sum()) / with_bytes if with_bytes else 0.0
-    return Patches(starts, patch_ids, lengths, mask, padding, mean_size, with_bytes, next_starts)
+    return Patches(starts, patch_ids, lengths, mask, padding, int(byte_counts.sum()), int((byte_counts > 0).sum()),
+                   next_starts)
 
 
 def patch(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Tensor | None = None,

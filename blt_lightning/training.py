@@ -80,8 +80,9 @@ class ByteLMModule(L.LightningModule):
         self.flops_per_batch, model_flops_per_batch (and patches_in_batch) for the batch."""
         raise NotImplementedError
 
-    def training_flops_per_byte(self, batches) -> float:
-        """FLOPs per position of a training step of the model (3x forward), patched as `batches` are."""
+    def training_flops_per_byte(self, batches) -> tuple[float, float]:
+        """FLOPs per position of a training step of the model (3x forward), patched as `batches` are, and the
+        mean patch size that makes (1 for a model without patches)."""
         raise NotImplementedError
 
     def next_byte_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
