@@ -32,7 +32,7 @@ from torch import nn
 from ..patching import Patches
 from ..vocab import EOS, VOCAB_SIZE, document_ids
 from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
-from .layers import TransformerBlock, init_weights, swiglu_hidden
+from .layers import KVCache, TransformerBlock, init_weights, swiglu_hidden
 
 HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
 
@@ -167,18 +167,31 @@ class LocalEncoder(nn.Module):
         cross_mask = build_mask(SlotsReadGroup(patches.patch_ids, k, ~patches.mask), B, P * k, L, ids.device,
                                 self.config.attention)
         positions = torch.arange(L, device=ids.device)
-        slots = None  # [B, P * k, d]: the patches' query slots
+        pooling_states = []
         for i, layer in enumerate(self.layers):
             x = layer(x, self_mask, positions)
-            if i == len(self.layers) - 1 or self.config.encoder_cross_attn_all_layers:
-                if slots is None:
-                    pooled = _max_pool(x, patches.patch_ids, P)  # [B, P, d]
-                    if self.patch_projection is not None:
-                        pooled = self.patch_projection(pooled)  # [B, P, k * d]
-                    slots = pooled.reshape(B, P * k, d)
-                update = self.cross_attn[i if self.config.encoder_cross_attn_all_layers else 0](slots, x, cross_mask)
-                slots = (2 * slots if self.config.doubled_cross_attn_residual else slots) + update
-        return x, slots.reshape(B, P, k * d)
+            if i in self.pooling_layers:
+                pooling_states.append(x)
+        return x, self.patch_slots(pooling_states, patches.patch_ids, P, cross_mask).reshape(B, P, k * d)
+
+    @property
+    def pooling_layers(self) -> list[int]:
+        """The layers whose byte states the patches read (a cross-attention after each)."""
+        last = len(self.layers) - 1
+        return list(range(last + 1)) if self.config.encoder_cross_attn_all_layers else [last]
+
+    def patch_slots(self, pooling_states: list[torch.Tensor], patch_ids: torch.Tensor, n_patches: int,
+                    cross_mask) -> torch.Tensor:
+        """[B, P * k, d]: the patches' query slots. The first pooling layer's states [B, L, d] of each patch's
+        bytes are max-pooled (and projected to k slots), then each pooling layer's are cross-attended."""
+        B, _, d = pooling_states[0].shape
+        pooled = _max_pool(pooling_states[0], patch_ids, n_patches)  # [B, P, d]
+        if self.patch_projection is not None:
+            pooled = self.patch_projection(pooled)  # [B, P, k * d]
+        slots = pooled.reshape(B, n_patches * self.config.cross_attn_k, d)
+        for cross_attn, x in zip(self.cross_attn, pooling_states):
+            slots = (2 * slots if self.config.doubled_cross_attn_residual else slots) + cross_attn(slots, x, cross_mask)
+        return slots
 
 
 class GlobalTransformer(nn.Module):
@@ -220,12 +233,17 @@ class LocalDecoder(nn.Module):
         h = self.input_projection(byte_states) if self.input_projection is not None else byte_states
         slots = self.patch_projection(global_out).reshape(B, P * k, d)
         cross_mask = build_mask(ReadGroupSlots(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
-        positions = torch.arange(L, device=h.device)
+        return self.decode(h, slots, cross_mask, self_mask, torch.arange(L, device=h.device))
+
+    def decode(self, h: torch.Tensor, slots: torch.Tensor, cross_mask, self_mask, positions: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, L, VOCAB_SIZE] of byte states h [B, L, d_dec] (projected) at `positions`, reading `slots`
+        under cross_mask; with a cache (generation), the self-attention continues what it holds."""
         for i, layer in enumerate(self.layers):
             if i == 0 or self.config.decoder_cross_attn_all_layers:
                 update = self.cross_attn[i if self.config.decoder_cross_attn_all_layers else 0](h, slots, cross_mask)
                 h = (2 * h if self.config.doubled_cross_attn_residual else h) + update
-            h = layer(h, self_mask, positions)
+            h = layer(h, self_mask, positions, cache, i)
         return self.output(self.norm(h))
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..vocab import BOS, EOS, PAD
 from .attention import ReadGroupSlots, SlotsReadGroup, build_mask
-from .blt import ByteLatentTransformer, _max_pool
+from .blt import ByteLatentTransformer
 from .layers import KVCache, window_mask
 
 UNBOUNDED = 2**62  # keys a cache keeps for attention without a window: all (a larger slice start makes torch warn)
@@ -38,11 +38,8 @@ class BLTStream:
         self.global_cache = KVCache.empty(c.global_layers, UNBOUNDED, self.device)
         # The ids before the newest, for hash n-grams: PAD before the row starts, as ngram_hashes pads.
         self.ngram_context = torch.full((max(c.ngram_sizes, default=1) - 1,), PAD, dtype=torch.long, device=self.device)
-        # Encoder layers whose states pool into patches (cross-attention after each of them).
-        last = [c.encoder_layers - 1]
-        self.pooling_layers = list(range(c.encoder_layers)) if c.encoder_cross_attn_all_layers else last
-        # Their states [1, n, d_enc] of the bytes of the patch not yet complete.
-        self.open_patch = [torch.empty(1, 0, c.encoder_dim, device=self.device) for _ in self.pooling_layers]
+        # The states [1, n, d_enc] of the bytes of the patch not yet complete, in each encoder pooling layer.
+        self.open_patch = [torch.empty(1, 0, c.encoder_dim, device=self.device) for _ in model.encoder.pooling_layers]
         self.latest_slots = None  # [1, k, d_dec]: the decoder's keys of the last complete patch's global output
         self.position = 0  # ids fed
         self.patches = 0  # complete patches, run through the global model
@@ -83,7 +80,7 @@ class BLTStream:
         pooling_states = []
         for i, layer in enumerate(encoder.layers):
             x = layer(x, mask, positions, self.encoder_cache, i)
-            if i in self.pooling_layers:
+            if i in encoder.pooling_layers:
                 pooling_states.append(x)
         return x, pooling_states
 
@@ -103,20 +100,11 @@ class BLTStream:
         patch_starts = ([True] + [False] * (n_open - 1) if n_open else []) + starts
         patch_ids = [n - 1 for n in accumulate(map(int, patch_starts[:n_closed]))]
         patch_ids = torch.tensor(patch_ids, device=self.device)[None]  # [1, n_closed]
-        k, d = c.cross_attn_k, c.encoder_dim
+        k = c.cross_attn_k
         keyless = torch.zeros(1, n_patches, dtype=torch.bool, device=self.device)
         cross_mask = build_mask(SlotsReadGroup(patch_ids, k, keyless), 1, n_patches * k, n_closed, self.device, "sdpa")
-        slots = None  # [1, C * k, d]
-        for j, layer_states in enumerate(states):
-            x = layer_states[:, :n_closed]
-            if slots is None:
-                pooled = _max_pool(x, patch_ids, n_patches)
-                if encoder.patch_projection is not None:
-                    pooled = encoder.patch_projection(pooled)
-                slots = pooled.reshape(1, n_patches * k, d)
-            update = encoder.cross_attn[j](slots, x, cross_mask)
-            slots = (2 * slots if c.doubled_cross_attn_residual else slots) + update
-        return slots.reshape(1, n_patches, k * d)
+        slots = encoder.patch_slots([s[:, :n_closed] for s in states], patch_ids, n_patches, cross_mask)
+        return slots.reshape(1, n_patches, k * c.encoder_dim)
 
     def _global(self, patch_vectors: torch.Tensor) -> torch.Tensor:
         """The global model advanced by C new patches; the decoder's keys of their outputs, [1, C * k, d_dec]."""
@@ -147,9 +135,4 @@ class BLTStream:
             reads = torch.tensor(reads, device=self.device)[None]
             cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], keys.shape[1], self.device, "sdpa")
         h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
-        for i, layer in enumerate(decoder.layers):
-            if i == 0 or c.decoder_cross_attn_all_layers:
-                update = decoder.cross_attn[i if c.decoder_cross_attn_all_layers else 0](h, keys, cross_mask)
-                h = (2 * h if c.doubled_cross_attn_residual else h) + update
-            h = layer(h, mask, positions, self.decoder_cache, i)
-        return decoder.output(decoder.norm(h))[0]
+        return decoder.decode(h, keys, cross_mask, mask, positions, self.decoder_cache)[0]
