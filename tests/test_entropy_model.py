@@ -67,3 +67,20 @@ def test_entropies_are_the_next_byte_distributions_entropy():
 def test_reference_shape_and_sizes():
     config = EntropyModelConfig()
     assert (config.dim, config.n_layers, config.n_heads, config.sliding_window, config.ffn_hidden) == (768, 14, 12, 512, 2048)
+
+
+def test_a_stream_through_the_cache_gives_the_windowed_pass_in_bounded_memory():
+    m = model(EntropyModelConfig(dim=32, n_layers=2, n_heads=4, sliding_window=8))
+    ids = torch.randint(4, VOCAB_SIZE, (2, 60))
+    expected = m(ids)  # one pass, window 8
+    cache = m.new_cache()
+    chunks, out, start = [5, 1, 1, 9, 1, 20, 1, 1, 1, 1, 19], [], 0
+    with torch.no_grad():
+        for size in chunks:
+            out.append(m.forward_cached(ids[:, start : start + size], cache))
+            start += size
+            # Keys are written in place after the kept ones: the buffers never hold more than twice the
+            # window and the largest chunk, however long the stream.
+            assert all(k.shape[2] <= 2 * (8 + max(chunks)) for k in cache.keys)
+            assert len(cache.positions) == min(start, 8)
+    torch.testing.assert_close(torch.cat(out, dim=1), expected, rtol=1e-4, atol=1e-5)
