@@ -28,6 +28,7 @@ Two measures, both over whole training steps:
   aten op of one more step: the memory the tensors need, without what the allocator keeps back.
 
     python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
+                              [--activation_checkpointing]
 
 Prints one JSON object on stdout; progress goes to stderr. transformers is optional: without it the
 hf_blt entries say so.
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 
 from blt_lightning.models import EntropyModel, EntropyModelConfig
 from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer
+from blt_lightning.models.layers import TransformerBlock
 from blt_lightning.patching import PatchingConfig, patch
 from blt_lightning.vocab import PAD, VOCAB_SIZE, encode
 
@@ -148,15 +150,18 @@ def malloc_peak(step) -> int | None:
     return sample.peak
 
 
-def build(model: str, batches: list[torch.Tensor], attention: str):
-    """(module, loss of batch i) for one model; patches are made now, off the clock."""
+def build(model: str, batches: list[torch.Tensor], attention: str, recompute: bool = False):
+    """(module, loss of batch i) for one model; patches are made now, off the clock. recompute: our models'
+    blocks are recomputed in backward (activation checkpointing)."""
     cross_entropy = lambda logits, ids: F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
-    if model == "entropy":
-        net = EntropyModel(ENTROPY_SMALL)
-        return net, lambda i: cross_entropy(net(batches[i][:, :-1]), batches[i])
     patches = [patch(ids[:, :-1], PATCHING) for ids in batches]
-    if model == "blt":
-        net = ByteLatentTransformer(replace(BLT_48M, attention=attention))
+    if model in ("entropy", "blt"):
+        net = EntropyModel(ENTROPY_SMALL) if model == "entropy" else ByteLatentTransformer(replace(BLT_48M, attention=attention))
+        for block in net.modules():
+            if isinstance(block, TransformerBlock):
+                block.recompute_in_backward = recompute
+        if model == "entropy":
+            return net, lambda i: cross_entropy(net(batches[i][:, :-1]), batches[i])
         return net, lambda i: cross_entropy(net(batches[i][:, :-1], patches[i]), batches[i])
     from transformers import BltForCausalLM
 
@@ -171,7 +176,7 @@ def worker(job: dict) -> dict:
     torch.manual_seed(0)
     count = job["warmup"] + job["steps"]
     batches = list(load_rows(Path(job["corpus"]), count * job["rows"], job["length"]).split(job["rows"]))
-    net, loss_of = build(job["model"], batches, job["attention"])
+    net, loss_of = build(job["model"], batches, job["attention"], job["recompute"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     before = resident_bytes()
     reset_peak()
@@ -259,6 +264,8 @@ def main() -> None:
                         help="JSONL (.gz or plain), a 'text' field a line")
     parser.add_argument("--attention", choices=("sdpa", "dense", "flex"), default="sdpa",
                         help="our BLT's attention (dense: the quadratic reference)")
+    parser.add_argument("--activation_checkpointing", action="store_true",
+                        help="recompute our models' transformer blocks in backward (BltForCausalLM: as it is)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -287,7 +294,8 @@ def main() -> None:
                     continue
                 log(f"{shape} {model} run {repeat + 1}/{args.repeats}")
                 job = {"model": model, "rows": rows, "length": length, "warmup": args.warmup, "steps": args.steps,
-                       "threads": args.threads, "corpus": str(args.corpus), "attention": args.attention}
+                       "threads": args.threads, "corpus": str(args.corpus), "attention": args.attention,
+                       "recompute": args.activation_checkpointing}
                 runs[model].append(run_worker(job))
         out = {m: {"skipped": hf_missing} if not runs[m] else summary(runs[m], rows * length) for m in models}
         if all("bytes_per_s" in out.get(m, {}) for m in ("blt", "hf_blt")):
@@ -301,6 +309,7 @@ def main() -> None:
                   "less the resident size before the first step; peak_malloc_mb: most bytes in use by malloc after any "
                   "aten op of one more step (no allocator fragmentation); each the largest over runs",
         "blt_config": asdict(replace(BLT_48M, attention=args.attention)),
+        "activation_checkpointing": args.activation_checkpointing,
         "hf_blt": ("BltForCausalLM at the same widths, layers, heads, FFN widths, window, k and n-gram tables, "
                    "given our static patch lengths; its local masks are dense ([B, 1, L, L] sliding window, "
                    "[P * k, L] and [L, P * k] cross-attention), and it knows no documents"),

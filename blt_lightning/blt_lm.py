@@ -25,6 +25,7 @@ class BLTLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         flops_budget: float | None = None,
         init_from: str | None = None,
     ):
@@ -43,6 +44,9 @@ class BLTLM(ByteLMModule):
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++
                 compiler). Patch counts vary per batch: a patch_budget keeps the global model's shapes fixed.
+            activation_checkpointing: Recompute each transformer block in backward instead of keeping its
+                activations: much less memory for long rows, for about a third more compute. (Under FSDP the
+                strategy's activation_checkpointing_policy does the same.)
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of the first validation batches (FlopBudget).
@@ -50,7 +54,7 @@ class BLTLM(ByteLMModule):
                 `fit` from: fine-tuning; not its optimizer state or step, nor its entropy model (entropy_checkpoint's).
                 Resuming (--ckpt_path) takes precedence.
         """
-        super().__init__(optimizer, seq_len, compile, flops_budget, init_from)
+        super().__init__(optimizer, seq_len, compile, flops_budget, init_from, activation_checkpointing)
         self.save_hyperparameters(logger=False)
         entropy_model, context = None, None
         if patching.needs_entropies:

@@ -15,6 +15,7 @@ class EntropyLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         flops_budget: float | None = None,
         init_from: str | None = None,
     ):
@@ -25,12 +26,15 @@ class EntropyLM(ByteLMModule):
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
+            activation_checkpointing: Recompute each transformer block in backward instead of keeping its
+                activations: much less memory for long rows, for about a third more compute. (Under FSDP the
+                strategy's activation_checkpointing_policy does the same.)
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte (FlopBudget).
             init_from: A checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts `fit`
                 from: fine-tuning; not its optimizer state or step. Resuming (--ckpt_path) takes precedence.
         """
-        super().__init__(optimizer, seq_len, compile, flops_budget, init_from)
+        super().__init__(optimizer, seq_len, compile, flops_budget, init_from, activation_checkpointing)
         self.save_hyperparameters(logger=False)
         self.model = EntropyModel(model)
         self.flops_per_byte = entropy_model_flops_per_byte(model, seq_len)  # forward; training is 3x

@@ -56,9 +56,10 @@ class ByteLMModule(L.LightningModule):
     """Subclasses build `self.model` and say how ids become per-target cross entropy and what a byte costs."""
 
     def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False, flops_budget: float | None = None,
-                 init_from: str | None = None):
+                 init_from: str | None = None, activation_checkpointing: bool = False):
         super().__init__()
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
+        self.activation_checkpointing = activation_checkpointing
         self.flops_budget = flops_budget
         self.init_from = init_from
         self._restored = False  # from a checkpoint of this module (loaded or resumed): init_from is not for it
@@ -96,9 +97,10 @@ class ByteLMModule(L.LightningModule):
             rank_zero_info(f"model weights from {self.init_from}")
 
     def configure_model(self) -> None:
-        if self.compile_blocks:  # block by block: the masks and patching around them stay eager
-            for module in self.model.modules():
-                if isinstance(module, TransformerBlock):
+        for module in self.model.modules():
+            if isinstance(module, TransformerBlock):
+                module.recompute_in_backward = self.activation_checkpointing
+                if self.compile_blocks:  # block by block: the masks and patching around them stay eager
                     module.compile()
 
     def configure_callbacks(self):

@@ -176,3 +176,32 @@ def test_sdpa_attention_equals_dense_attention(config, window, block, monkeypatc
     torch.testing.assert_close(sdpa, dense, rtol=1e-5, atol=1e-6)
     for name, grad in dense_grads.items():  # within 1e-4 of each gradient's largest entry
         torch.testing.assert_close(sdpa_grads[name], grad, rtol=0, atol=1e-4 * float(grad.abs().max()) + 1e-9, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_keeping_less_for_backward():
+    from blt_lightning import BLTLM
+
+    ids = rows(0)
+    patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[:, :-1])
+
+    def gradients_and_kept_bytes(recompute: bool):
+        lm = BLTLM(TINY, seq_len=ids.shape[1] - 1, activation_checkpointing=recompute)
+        lm.model.load_state_dict(blt().state_dict())
+        lm.configure_model()  # where the option reaches the blocks
+        kept = {}
+
+        def pack(t):  # what autograd keeps for backward, by storage
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = lm.model(ids[:, :-1], patches)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return {n: p.grad for n, p in lm.model.named_parameters()}, sum(kept.values())
+
+    plain, plain_kept = gradients_and_kept_bytes(False)
+    recomputed, recomputed_kept = gradients_and_kept_bytes(True)
+    assert recomputed.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
+    assert recomputed_kept < 0.5 * plain_kept
