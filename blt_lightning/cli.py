@@ -6,6 +6,7 @@ The model and the DataModule are chosen by class path in the YAML (subclass mode
 every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ import jsonargparse
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 
@@ -62,14 +64,31 @@ class BLTLightningCLI(LightningCLI):
             name = self._get(self.config, "run_name")
             # `fit --ckpt_path last` continues the run it resumes: same folder, so its last.ckpt is found.
             resuming = self.subcommand == "fit" and self._get(self.config, "ckpt_path") == "last"
-            version = latest_version_with_checkpoint(Path(root) / name) if resuming else None
-            kwargs["logger"] = TensorBoardLogger(root, name=name, version=version, default_hp_metric=False)
+            slurm = SLURMEnvironment.detect()
+            version = latest_version_with_checkpoint(Path(root) / name) if resuming else slurm_job_version() if slurm else None
+            kwargs["logger"] = logger = TensorBoardLogger(root, name=name, version=version, default_hp_metric=False)
+            if slurm:
+                # A pre-empted SLURM job saves hpc_ckpt_N.ckpt in default_root_dir, and Lightning resumes any SLURM
+                # job from the newest one there: in the run's folder, a requeued job (same job id, same folder)
+                # finds its own, and a new job never takes another run's. Shards stay where they were.
+                if getattr(self.datamodule, "shard_dir", "") is None:
+                    self.datamodule.shard_dir = str(Path(root) / "shards")
+                kwargs["default_root_dir"] = logger.log_dir
         return super().instantiate_trainer(**kwargs)
 
 
+def slurm_job_version() -> str:
+    """The run folder of a SLURM job: named by its job id (array job and task for an array), which a requeued
+    job keeps."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    return f"slurm-{job}"
+
+
 def latest_version_with_checkpoint(run: Path) -> str | None:
-    """The newest version folder of a run that holds checkpoints/last.ckpt (None: there is none)."""
-    found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest version folder of a run (version_N, or slurm-JOB) that holds checkpoints/last.ckpt (None: there
+    is none)."""
+    found = sorted(run.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     return found[-1].parents[1].name if found else None
 
 

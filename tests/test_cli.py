@@ -121,3 +121,30 @@ def test_compiled_blocks_compute_what_eager_ones_do():
     assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
     ids = torch.randint(4, 260, (2, 16))
     torch.testing.assert_close(compiled(ids), eager(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(corpus, tmp_path, monkeypatch, caplog):
+    """Under SLURM a run's folder is named by its job id, and Lightning's hpc checkpoints (saved on pre-emption,
+    resumed from by any SLURM job) live in it: not in the default_root_dir every run shares."""
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "blt", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    args = [*fit_args(tmp_path, corpus), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    main(["fit", *args])
+    run = tmp_path / "entropy-tiny/slurm-4242"
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    assert (tmp_path / "shards/manifest.json").exists(), "shards stay under default_root_dir"
+    # Pre-empted at step 2: Lightning saved hpc_ckpt_1.ckpt in the job's default_root_dir, its run folder. Another
+    # run's, left in the shared root, must not be taken.
+    shutil.copy(run / "checkpoints/last.ckpt", run / "hpc_ckpt_1.ckpt")
+    (tmp_path / "hpc_ckpt_7.ckpt").write_bytes(b"another run's")
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    main(["fit", *args, "--trainer.max_steps", "4"])  # requeued: the same job id
+    assert f"Restored all states from the checkpoint at {run / 'hpc_ckpt_1.ckpt'}" in caplog.text
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    assert sorted(p.name for p in (tmp_path / "entropy-tiny").iterdir()) == ["slurm-4242"]
+    monkeypatch.setenv("SLURM_JOB_ID", "4343")  # a new job of the same run name starts from step 0
+    main(["fit", *args])
+    assert torch.load(tmp_path / "entropy-tiny/slurm-4343/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
