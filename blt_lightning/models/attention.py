@@ -81,7 +81,7 @@ BLOCK = 256
 class SelfAttentionBlocks:
     """CausalDocuments as sdpa runs it: queries in blocks of `size`, so that blocks of keys no query of a
     block can see are never computed.
-    - windowed (a window shorter than the row): block i's queries can only see keys of blocks i - back ..
+    - windowed (rows longer than window_block_keys): block i's queries can only see keys of blocks i - back ..
       i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: one SDPA
       call over all blocks, each against its own copy of those keys.
     - causal: block i's queries see keys of blocks 0 .. i. allowed [B, 1, L, L]: one SDPA call a block,
@@ -111,7 +111,7 @@ def build_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: t
 
         return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
     if implementation == "sdpa" and isinstance(mask_mod, CausalDocuments) and q_len == kv_len:
-        if mask_mod.window is not None and mask_mod.window < q_len:
+        if mask_mod.window is not None and window_block_keys(mask_mod.window) < q_len:
             return _window_blocks(mask_mod, batch, q_len, device)
         return SelfAttentionBlocks(build_mask(mask_mod, batch, q_len, kv_len, device, "dense"), BLOCK, windowed=False)
     if implementation == "sdpa" and isinstance(mask_mod, (SlotsReadGroup, ReadGroupSlots)):
@@ -122,12 +122,25 @@ def build_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: t
     return mask_mod(b, None, q, kv).expand(batch, 1, q_len, kv_len)
 
 
+def _window_layout(window: int) -> tuple[int, int]:
+    """Queries per block under a sliding window, and the blocks before its own that a block reaches back to."""
+    size = min(BLOCK, window)
+    return size, -(-(window - 1) // size)
+
+
+def window_block_keys(window: int) -> int:
+    """Keys a block of queries meets under a sliding window. Only on rows longer than this do window blocks
+    skip work (else they only add copies)."""
+    size, back = _window_layout(window)
+    return (back + 1) * size
+
+
 def _window_blocks(mask_mod: CausalDocuments, batch: int, length: int, device: torch.device) -> SelfAttentionBlocks:
     """The mask evaluated where each block's queries meet the keys of its `back` blocks before and its own.
     The row is padded to whole blocks; keys outside it are masked out, and padding queries ask as the
     row's last position (which sees itself), so no query has an empty softmax to turn gradients into NaN."""
-    size = min(BLOCK, mask_mod.window)
-    n, back = -(-length // size), -(-(mask_mod.window - 1) // size)
+    size, back = _window_layout(mask_mod.window)
+    n = -(-length // size)
     keys = (back + 1) * size
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     q = torch.arange(n * size, device=device).view(1, n, size, 1)
