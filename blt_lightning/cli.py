@@ -57,6 +57,7 @@ class BLTLightningCLI(LightningCLI):
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
     def instantiate_trainer(self, **kwargs):
+        self.slurm_run_dir = None
         # Unless a logger is configured, log to TensorBoard under default_root_dir, so that every output of
         # a run (shards, checkpoints, config.yaml, events) lives under the one directory the user chose.
         if self._get(self.config_init, "trainer", default={}).get("logger") is None:
@@ -64,17 +65,26 @@ class BLTLightningCLI(LightningCLI):
             name = self._get(self.config, "run_name")
             # `fit --ckpt_path last` continues the run it resumes: same folder, so its last.ckpt is found.
             resuming = self.subcommand == "fit" and self._get(self.config, "ckpt_path") == "last"
-            slurm = SLURMEnvironment.detect()
-            version = latest_version_with_checkpoint(Path(root) / name) if resuming else slurm_job_version() if slurm else None
+            version = latest_version_with_checkpoint(Path(root) / name) if resuming else None
+            # A fit under SLURM is its job's run, named by the job id, which a requeued job keeps.
+            slurm = self.subcommand == "fit" and SLURMEnvironment.detect()
+            if slurm and version is None:
+                version = slurm_job_version()
             kwargs["logger"] = logger = TensorBoardLogger(root, name=name, version=version, default_hp_metric=False)
             if slurm:
-                # A pre-empted SLURM job saves hpc_ckpt_N.ckpt in default_root_dir, and Lightning resumes any SLURM
-                # job from the newest one there: in the run's folder, a requeued job (same job id, same folder)
-                # finds its own, and a new job never takes another run's. Shards stay where they were.
+                # Lightning saves a pre-empted job's hpc_ckpt_N.ckpt in default_root_dir and resumes any SLURM job
+                # from the newest one there: in the run's folder, a new job never takes another run's. Shards stay.
                 if getattr(self.datamodule, "shard_dir", "") is None:
                     self.datamodule.shard_dir = str(Path(root) / "shards")
-                kwargs["default_root_dir"] = logger.log_dir
+                kwargs["default_root_dir"] = self.slurm_run_dir = logger.log_dir
         return super().instantiate_trainer(**kwargs)
+
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        """trainer.fit; a requeued SLURM job resumes from the newest checkpoint in its run's folder: the hpc one
+        Lightning saved on SIGUSR1, or last.ckpt (SIGTERM, validation), which Lightning alone would not take."""
+        if self.slurm_run_dir is not None and ckpt_path in (None, "last"):
+            ckpt_path = newest_checkpoint(Path(self.slurm_run_dir)) or ckpt_path
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
 
 def slurm_job_version() -> str:
@@ -83,6 +93,12 @@ def slurm_job_version() -> str:
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
     return f"slurm-{job}"
+
+
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """The newest of a run folder's hpc_ckpt_N.ckpt and checkpoints/last.ckpt (None: neither exists)."""
+    found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("last.ckpt")]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def latest_version_with_checkpoint(run: Path) -> str | None:

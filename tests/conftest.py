@@ -1,11 +1,21 @@
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from blt_lightning.prepare import PrepareOptions, prepare
+
+
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch):
+    """The suite may itself run in a SLURM job, whose variables change how fits name their folders and resume:
+    tests see none unless they set them."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+
 
 WORDS = ["the", "byte", "latent", "patch", "entropy", "model", "über", "naïve", "данные", "字节", "パッチ", "שלום"]
 

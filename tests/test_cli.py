@@ -124,27 +124,30 @@ def test_compiled_blocks_compute_what_eager_ones_do():
 
 
 def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(corpus, tmp_path, monkeypatch, caplog):
-    """Under SLURM a run's folder is named by its job id, and Lightning's hpc checkpoints (saved on pre-emption,
-    resumed from by any SLURM job) live in it: not in the default_root_dir every run shares."""
+    """Under SLURM a fit's folder is named by its job id and holds Lightning's hpc checkpoints (saved on SIGUSR1;
+    any SLURM job resumes from one in its default_root_dir): a requeued job resumes from the newest checkpoint
+    of its own run, hpc or last.ckpt, and never from another run's."""
     for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "blt", "SLURM_PROCID": "0",
                         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    args = [*fit_args(tmp_path, corpus), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    main(["fit", *args])
-    run = tmp_path / "entropy-tiny/slurm-4242"
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
-    assert (tmp_path / "shards/manifest.json").exists(), "shards stay under default_root_dir"
-    # Pre-empted at step 2: Lightning saved hpc_ckpt_1.ckpt in the job's default_root_dir, its run folder. Another
-    # run's, left in the shared root, must not be taken.
-    shutil.copy(run / "checkpoints/last.ckpt", run / "hpc_ckpt_1.ckpt")
-    (tmp_path / "hpc_ckpt_7.ckpt").write_bytes(b"another run's")
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
-    main(["fit", *args, "--trainer.max_steps", "4"])  # requeued: the same job id
-    assert f"Restored all states from the checkpoint at {run / 'hpc_ckpt_1.ckpt'}" in caplog.text
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    args = [*fit_args(tmp_path, corpus), "--trainer.val_check_interval", "2"]
+    run = tmp_path / "entropy-tiny/slurm-4242"
+
+    def fit(job: str, steps: int, resumed_from: Path | None) -> None:
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        caplog.clear()
+        main(["fit", *args, "--trainer.max_steps", str(steps)])
+        restored = re.findall(r"Restored all states from the checkpoint at (\S+)", caplog.text)
+        assert restored == ([str(resumed_from)] if resumed_from else [])
+        assert torch.load(tmp_path / f"entropy-tiny/slurm-{job}/checkpoints/last.ckpt", weights_only=False)["global_step"] == steps
+
+    (tmp_path / "hpc_ckpt_7.ckpt").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "hpc_ckpt_7.ckpt").write_bytes(b"another run's, in the shared root")
+    fit("4242", 2, None)
+    assert (tmp_path / "shards/manifest.json").exists(), "shards stay under default_root_dir"
+    fit("4242", 4, run / "checkpoints/last.ckpt")  # requeued after SIGTERM, which saved last.ckpt only
+    shutil.copy(run / "checkpoints/last.ckpt", run / "hpc_ckpt_1.ckpt")  # SIGUSR1 at step 4: Lightning's save
+    fit("4242", 6, run / "hpc_ckpt_1.ckpt")  # requeued: the hpc checkpoint is the newest
     assert sorted(p.name for p in (tmp_path / "entropy-tiny").iterdir()) == ["slurm-4242"]
-    monkeypatch.setenv("SLURM_JOB_ID", "4343")  # a new job of the same run name starts from step 0
-    main(["fit", *args])
-    assert torch.load(tmp_path / "entropy-tiny/slurm-4343/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    fit("4343", 2, None)  # a new job of the same run name starts from step 0
