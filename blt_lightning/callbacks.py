@@ -1,11 +1,15 @@
 """Callbacks the configs use."""
 
 import itertools
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -26,24 +30,68 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class CheckpointOnTerminate(Callback):
-    """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then let the run exit.
+    """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then let the run exit;
+    under SLURM, on its requeue signal (SIGUSR1 before the time limit: configs/launch/slurm.sbatch) save
+    last.ckpt, requeue the job and stop.
 
-    Lightning turns SIGTERM into an exception at the next batch on every rank at once (this callback
-    does so for a single process); it saves the checkpoint there (all ranks take part, as sharded
-    strategies need), where the training data's position is exact, so `--ckpt_path last` resumes as if nothing had happened. Other exceptions
-    save nothing: a run stopped by a non-finite loss keeps its last good checkpoint. Under SLURM,
-    Lightning itself saves and requeues on SIGUSR1 (see configs/launch/slurm.sbatch).
+    Both are saved between batches, on every rank at once (all ranks take part, as sharded strategies
+    need), where the weights and the training data's position are exact, so the resumed run goes on as
+    if nothing had happened. Lightning turns SIGTERM into an exception at the next batch on every rank
+    (this callback does so for a single process). For SLURM's signal it would save from inside the
+    signal handler, wherever the step happens to be: an optimizer step half applied, ranks in
+    different collectives (Lightning issue #21406). This callback replaces that handler with one that
+    only raises a flag; the ranks agree on it after each batch. Other exceptions save nothing: a run
+    stopped by a non-finite loss keeps its last good checkpoint.
     """
+
+    def __init__(self):
+        self.requeue_signal = None  # SLURM's, once this callback handles it
+        self.requeue_requested = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning chose the environment and set its own handler by now; it restores the original at teardown.
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            self.requeue_signal = environment.requeue_signal
+            signal.signal(self.requeue_signal, self._request_requeue)
+
+    def _request_requeue(self, signum, frame) -> None:
+        self.requeue_requested = True
 
     def on_train_batch_end(self, trainer, *args) -> None:
         # With several ranks Lightning stops at the next batch; a single process it would let run to the
         # end of the epoch (which may be the end of the run).
         if trainer.received_sigterm and trainer.world_size == 1:
             raise SIGTERMException()
+        if self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False):
+            path = save_last(trainer)
+            rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
+            if trainer.is_global_zero:
+                requeue_slurm_job()
+            trainer.should_stop = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and (path := save_last(trainer)):
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+
+
+def slurm_job_id() -> str:
+    """This SLURM job's id (array job and task for an array), which a requeued job keeps."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+
+
+def requeue_slurm_job() -> None:
+    job = slurm_job_id()
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        problem = done.stderr.strip() if done.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    if problem:
+        rank_zero_warn(f"could not requeue SLURM job {job} ({problem}): resubmit it with --ckpt_path last")
+    else:
+        rank_zero_info(f"requeued SLURM job {job}: it resumes from last.ckpt")
 
 
 def save_last(trainer) -> Path | None:

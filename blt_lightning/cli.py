@@ -6,7 +6,6 @@ The model and the DataModule are chosen by class path in the YAML (subclass mode
 every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
+from .callbacks import slurm_job_id
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -88,11 +88,8 @@ class BLTLightningCLI(LightningCLI):
 
 
 def slurm_job_version() -> str:
-    """The run folder of a SLURM job: named by its job id (array job and task for an array), which a requeued
-    job keeps."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
-    return f"slurm-{job}"
+    """The run folder of a SLURM job, named by its job id, which a requeued job keeps."""
+    return f"slurm-{slurm_job_id()}"
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:

@@ -17,6 +17,11 @@ def outside_slurm(monkeypatch):
         monkeypatch.delenv(name)
 
 
+# What SLURM sets for a job of one task, bar SLURM_JOB_ID: enough for Lightning to run under its SLURM environment.
+SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "blt", "SLURM_PROCID": "0",
+                  "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}
+
+
 WORDS = ["the", "byte", "latent", "patch", "entropy", "model", "über", "naïve", "данные", "字节", "パッチ", "שלום"]
 
 

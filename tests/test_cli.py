@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from blt_lightning.cli import BLTLightningCLI, main
+from conftest import SLURM_ONE_TASK
 from blt_lightning.models.layers import TransformerBlock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +128,7 @@ def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(co
     """Under SLURM a fit's folder is named by its job id and holds Lightning's hpc checkpoints (saved on SIGUSR1;
     any SLURM job resumes from one in its default_root_dir): a requeued job resumes from the newest checkpoint
     of its own run, hpc or last.ckpt, and never from another run's."""
-    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "blt", "SLURM_PROCID": "0",
-                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}.items():
+    for name, value in SLURM_ONE_TASK.items():
         monkeypatch.setenv(name, value)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     args = [*fit_args(tmp_path, corpus), "--trainer.val_check_interval", "2"]

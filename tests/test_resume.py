@@ -9,12 +9,16 @@ from pathlib import Path
 
 import torch
 
+from conftest import SLURM_ONE_TASK
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2) -> subprocess.CompletedProcess:
+def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """`blt-lightning fit` of a tiny entropy model for 10 steps (epochs of 3 batches), as its own process,
-    with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM."""
+    with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM; `env`
+    adds to its environment."""
     listed = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                "init_args": {"monitor": None, "every_n_train_steps": 3, "save_last": True}},
               {"class_path": "blt_lightning.callbacks.CheckpointOnTerminate"}]
@@ -31,7 +35,7 @@ def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, worker
         "--data.shuffle_rows", "8", "--model.init_args.model.dim", "32", "--model.init_args.model.n_layers", "1",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -82,6 +86,34 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
     assert final.keys() == reference.keys()
     for name in reference:
         assert torch.equal(final[name], reference[name]), f"{name} differs after resuming"
+
+
+def test_slurms_requeue_signal_saves_between_batches_requeues_and_the_requeued_job_resumes_exactly(corpus, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli_run(whole, corpus, [record(whole / "batches")]).returncode == 0
+    expected = batches(whole / "batches")
+    scontrol = tmp_path / "bin/scontrol"  # records what it is asked instead of requeueing
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "77", "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+
+    # SIGUSR1 (SLURM, before the time limit) during step 4: last.ckpt after that step, no hpc checkpoint
+    # from inside the signal handler, the job requeued, the run stopped.
+    signalled = cli_run(cut, corpus, [record(cut / "a"), signal_at(4, "SIGUSR1")], env=job)
+    assert signalled.returncode == 0, signalled.stderr[-3000:]
+    run = cut / "entropy-tiny/slurm-77"
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    assert not list(cut.rglob("hpc_ckpt_*.ckpt"))
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+
+    requeued = cli_run(cut, corpus, [record(cut / "b")], env=job)  # the same job id, no --ckpt_path
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert batches(cut / "a") == {s: expected[s] for s in range(5)}
+    assert batches(cut / "b") == {s: expected[s] for s in range(5, 10)}
+    final, reference = torch.load(f"{cut / 'b'}.rank0.weights"), torch.load(f"{whole / 'batches'}.rank0.weights")
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), f"{name} differs after the requeue"
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(corpus, tmp_path):
