@@ -29,50 +29,72 @@ class PredictionWriter(BasePredictionWriter):
         torch.save(prediction, out / f"rank{trainer.global_rank}-batch{batch_idx:06d}.pt")
 
 
+class RequeuedBySlurm(SystemExit):
+    """Ends a run whose SLURM job was requeued, after its checkpoint is saved (exit status 0)."""
+
+
 class CheckpointOnTerminate(Callback):
     """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then let the run exit;
     under SLURM, on its requeue signal (SIGUSR1 before the time limit: configs/launch/slurm.sbatch) save
-    last.ckpt, requeue the job and stop.
+    last.ckpt, requeue the job and exit.
 
     Both are saved between batches, on every rank at once (all ranks take part, as sharded strategies
     need), where the weights and the training data's position are exact, so the resumed run goes on as
     if nothing had happened. Lightning turns SIGTERM into an exception at the next batch on every rank
     (this callback does so for a single process). For SLURM's signal it would save from inside the
     signal handler, wherever the step happens to be: an optimizer step half applied, ranks in
-    different collectives (Lightning issue #21406). This callback replaces that handler with one that
-    only raises a flag; the ranks agree on it after each batch. Other exceptions save nothing: a run
-    stopped by a non-finite loss keeps its last good checkpoint.
+    different collectives (Lightning issue #21406). This callback installs a handler that only raises a
+    flag, before Lightning's (which then leaves the signal alone) and before DataLoader workers fork
+    (they inherit it: a flag they never read); the ranks agree on it after each optimizer step (not
+    within gradient accumulation, whose gradients checkpoints do not hold). Other exceptions save
+    nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
     """
 
     def __init__(self):
-        self.requeue_signal = None  # SLURM's, once this callback handles it
+        self.requeue_signal = None  # SLURM's, while this callback handles it
         self.requeue_requested = False
+        self._previous_handler = None
+        self._step_at_batch_start = 0
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning chose the environment and set its own handler by now; it restores the original at teardown.
-        environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
+        if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \
+                and environment.requeue_signal is not None:
             self.requeue_signal = environment.requeue_signal
-            signal.signal(self.requeue_signal, self._request_requeue)
+            self._previous_handler = signal.signal(self.requeue_signal, self._request_requeue)
 
     def _request_requeue(self, signum, frame) -> None:
         self.requeue_requested = True
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, *args) -> None:
         # With several ranks Lightning stops at the next batch; a single process it would let run to the
         # end of the epoch (which may be the end of the run).
         if trainer.received_sigterm and trainer.world_size == 1:
             raise SIGTERMException()
-        if self.requeue_signal is not None and trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False):
+        stepped = trainer.global_step != self._step_at_batch_start  # the same on every rank
+        if self.requeue_signal is not None and stepped \
+                and trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False):
             path = save_last(trainer)
             rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
             if trainer.is_global_zero:
                 requeue_slurm_job()
-            trainer.should_stop = True
+            raise RequeuedBySlurm()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_signal()
         if isinstance(exception, SIGTERMException) and (path := save_last(trainer)):
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_signal()
+
+    def _restore_signal(self) -> None:
+        if self.requeue_signal is not None:
+            signal.signal(self.requeue_signal, self._previous_handler)
+            self.requeue_signal, self.requeue_requested = None, False
 
 
 def slurm_job_id() -> str:

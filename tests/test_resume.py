@@ -88,26 +88,28 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
         assert torch.equal(final[name], reference[name]), f"{name} differs after resuming"
 
 
-def test_slurms_requeue_signal_saves_between_batches_requeues_and_the_requeued_job_resumes_exactly(corpus, tmp_path):
+def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_job_resumes_exactly(corpus, tmp_path):
+    accumulate = ("--trainer.accumulate_grad_batches", "2")  # a step is 2 batches (epochs of 3 end on 1)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli_run(whole, corpus, [record(whole / "batches")]).returncode == 0
-    expected = batches(whole / "batches")
+    assert cli_run(whole, corpus, [record(whole / "batches")], *accumulate).returncode == 0
+    expected = batches(whole / "batches")  # the last batch of each step
     scontrol = tmp_path / "bin/scontrol"  # records what it is asked instead of requeueing
     scontrol.parent.mkdir()
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     scontrol.chmod(0o755)
     job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "77", "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
 
-    # SIGUSR1 (SLURM, before the time limit) during step 4: last.ckpt after that step, no hpc checkpoint
-    # from inside the signal handler, the job requeued, the run stopped.
-    signalled = cli_run(cut, corpus, [record(cut / "a"), signal_at(4, "SIGUSR1")], env=job)
+    # SIGUSR1 (SLURM, before the time limit) as step 4's first batch starts: nothing is saved within the
+    # accumulation; last.ckpt after step 4's optimizer step, no hpc checkpoint from inside the signal
+    # handler, the job requeued, the run ended.
+    signalled = cli_run(cut, corpus, [record(cut / "a"), signal_at(4, "SIGUSR1")], *accumulate, env=job)
     assert signalled.returncode == 0, signalled.stderr[-3000:]
     run = cut / "entropy-tiny/slurm-77"
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     assert not list(cut.rglob("hpc_ckpt_*.ckpt"))
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
 
-    requeued = cli_run(cut, corpus, [record(cut / "b")], env=job)  # the same job id, no --ckpt_path
+    requeued = cli_run(cut, corpus, [record(cut / "b")], *accumulate, env=job)  # the same job id, no --ckpt_path
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert batches(cut / "a") == {s: expected[s] for s in range(5)}
     assert batches(cut / "b") == {s: expected[s] for s in range(5, 10)}
