@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ def outside_slurm(monkeypatch):
     tests see none unless they set them."""
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         monkeypatch.delenv(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # What SLURM sets for a job of one task, bar SLURM_JOB_ID: enough for Lightning to run under its SLURM environment.

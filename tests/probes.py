@@ -29,13 +29,14 @@ class RecordBatches(Callback):
 
 
 class SendSignal(Callback):
-    """Send this process `signal` when a training batch starts at global step `step`."""
+    """Send this process `signal` when a training batch starts at global step `step` (on rank `rank` only, if
+    given)."""
 
-    def __init__(self, step: int, signal: str = "SIGKILL"):
-        self.step, self.signal = step, signal
+    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None):
+        self.step, self.signal, self.rank = step, signal, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import SLURM_ONE_TASK
+from conftest import SLURM_ONE_TASK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,13 @@ def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, worker
     """`blt-lightning fit` of a tiny entropy model for 10 steps (epochs of 3 batches), as its own process,
     with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM; `env`
     adds to its environment."""
+    args, env = fit_command(root, corpus, callbacks, *extra, workers=workers, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+
+
+def fit_command(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2,
+                env: dict | None = None) -> tuple[list[str], dict]:
+    """What cli_run runs, and in which environment."""
     listed = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                "init_args": {"monitor": None, "every_n_train_steps": 3, "save_last": True}},
               {"class_path": "blt_lightning.callbacks.CheckpointOnTerminate"}]
@@ -35,16 +42,15 @@ def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, worker
         "--data.shuffle_rows", "8", "--model.init_args.model.dim", "32", "--model.init_args.model.n_layers", "1",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    return args, {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
 
 
 def record(path: Path) -> dict:
     return {"class_path": "probes.RecordBatches", "init_args": {"path": str(path)}}
 
 
-def signal_at(step: int, name: str) -> dict:
-    return {"class_path": "probes.SendSignal", "init_args": {"step": step, "signal": name}}
+def signal_at(step: int, name: str, rank: int | None = None) -> dict:
+    return {"class_path": "probes.SendSignal", "init_args": {"step": step, "signal": name, "rank": rank}}
 
 
 def batches(path: Path) -> dict[int, str]:
@@ -116,6 +122,40 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
     final, reference = torch.load(f"{cut / 'b'}.rank0.weights"), torch.load(f"{whole / 'batches'}.rank0.weights")
     for name in reference:
         assert torch.equal(final[name], reference[name]), f"{name} differs after the requeue"
+
+
+def test_slurms_requeue_signal_to_one_rank_stops_every_rank_at_one_step_and_the_job_resumes_exactly(corpus, tmp_path):
+    """Two SLURM tasks (as srun starts them: DDP over gloo, one process a rank). SIGUSR1 reaches rank 1 only: both
+    ranks save together after that step, rank 0 requeues once, and the requeued pair ends as an uninterrupted one."""
+    scontrol = tmp_path / "bin/scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+
+    def two_tasks(root: Path, job: str, callbacks: list[dict]) -> None:
+        port, processes = str(free_port()), []
+        for rank in range(2):
+            env = {**SLURM_ONE_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
+                   "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": job, "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                   "GLOO_SOCKET_IFNAME": "lo", "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+            args, env = fit_command(root, corpus, [record(root / "batches"), *callbacks], "--trainer.devices", "2",
+                                    "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", workers=1, env=env)
+            processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        for process in processes:
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err[-3000:]
+
+    two_tasks(tmp_path / "whole", "90", [])
+    cut = tmp_path / "cut"
+    two_tasks(cut, "88", [signal_at(4, "SIGUSR1", rank=1)])
+    assert torch.load(cut / "entropy-tiny/slurm-88/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 88"]
+    two_tasks(cut, "88", [])  # requeued
+    for rank in range(2):
+        final = torch.load(f"{cut / 'batches'}.rank{rank}.weights")
+        reference = torch.load(f"{tmp_path / 'whole' / 'batches'}.rank{rank}.weights")
+        for name in reference:
+            assert torch.equal(final[name], reference[name]), f"rank {rank}: {name} differs after the requeue"
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(corpus, tmp_path):

@@ -3,7 +3,6 @@ steps; the ranks read disjoint shards and end with identical weights."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,9 @@ import pytest
 import torch
 
 from blt_lightning.prepare import MANIFEST
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_two_nodes(config: str, root: Path, manifest: Path, *extra: str) -> None:
