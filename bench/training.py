@@ -150,24 +150,27 @@ def malloc_peak(step) -> int | None:
     return sample.peak
 
 
-def build(model: str, batches: list[torch.Tensor], attention: str, recompute: bool = False):
-    """(module, loss of batch i) for one model; patches are made now, off the clock. recompute: our models'
-    blocks are recomputed in backward (activation checkpointing)."""
+def build(model: str, batches: list[torch.Tensor], attention: str, activation_checkpointing: bool = False):
+    """(module, loss of batch i) for one model; patches are made now, off the clock. activation_checkpointing:
+    our models' transformer blocks are recomputed in backward."""
     cross_entropy = lambda logits, ids: F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
-    patches = [patch(ids[:, :-1], PATCHING) for ids in batches]
-    if model in ("entropy", "blt"):
-        net = EntropyModel(ENTROPY_SMALL) if model == "entropy" else ByteLatentTransformer(replace(BLT_48M, attention=attention))
-        for block in net.modules():
-            if isinstance(block, TransformerBlock):
-                block.recompute_in_backward = recompute
-        if model == "entropy":
-            return net, lambda i: cross_entropy(net(batches[i][:, :-1]), batches[i])
-        return net, lambda i: cross_entropy(net(batches[i][:, :-1], patches[i]), batches[i])
-    from transformers import BltForCausalLM
+    if model == "entropy":
+        net = EntropyModel(ENTROPY_SMALL)
+        loss_of = lambda i: cross_entropy(net(batches[i][:, :-1]), batches[i])
+    else:
+        patches = [patch(ids[:, :-1], PATCHING) for ids in batches]
+        if model == "hf_blt":
+            from transformers import BltForCausalLM
 
-    net = BltForCausalLM(hf_config(BLT_48M))  # its labels= would shift the targets once more: ours are shifted
-    logits = lambda i: net(input_ids=batches[i][:, :-1], patch_lengths=patches[i].lengths).logits
-    return net, lambda i: cross_entropy(logits(i), batches[i])
+            net = BltForCausalLM(hf_config(BLT_48M))  # its labels= would shift the targets once more: ours are shifted
+            logits = lambda i: net(input_ids=batches[i][:, :-1], patch_lengths=patches[i].lengths).logits
+            return net, lambda i: cross_entropy(logits(i), batches[i])
+        net = ByteLatentTransformer(replace(BLT_48M, attention=attention))
+        loss_of = lambda i: cross_entropy(net(batches[i][:, :-1], patches[i]), batches[i])
+    for block in net.modules():
+        if isinstance(block, TransformerBlock):
+            block.recompute_in_backward = activation_checkpointing
+    return net, loss_of
 
 
 def worker(job: dict) -> dict:
@@ -176,7 +179,7 @@ def worker(job: dict) -> dict:
     torch.manual_seed(0)
     count = job["warmup"] + job["steps"]
     batches = list(load_rows(Path(job["corpus"]), count * job["rows"], job["length"]).split(job["rows"]))
-    net, loss_of = build(job["model"], batches, job["attention"], job["recompute"])
+    net, loss_of = build(job["model"], batches, job["attention"], job["activation_checkpointing"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     before = resident_bytes()
     reset_peak()
@@ -295,7 +298,7 @@ def main() -> None:
                 log(f"{shape} {model} run {repeat + 1}/{args.repeats}")
                 job = {"model": model, "rows": rows, "length": length, "warmup": args.warmup, "steps": args.steps,
                        "threads": args.threads, "corpus": str(args.corpus), "attention": args.attention,
-                       "recompute": args.activation_checkpointing}
+                       "activation_checkpointing": args.activation_checkpointing}
                 runs[model].append(run_worker(job))
         out = {m: {"skipped": hf_missing} if not runs[m] else summary(runs[m], rows * length) for m in models}
         if all("bytes_per_s" in out.get(m, {}) for m in ("blt", "hf_blt")):

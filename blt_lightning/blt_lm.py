@@ -45,8 +45,8 @@ class BLTLM(ByteLMModule):
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++
                 compiler). Patch counts vary per batch: a patch_budget keeps the global model's shapes fixed.
             activation_checkpointing: Recompute each transformer block in backward instead of keeping its
-                activations: much less memory for long rows, for about a third more compute. (Under FSDP the
-                strategy's activation_checkpointing_policy does the same.)
+                activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
+                or the strategy's activation_checkpointing_policy, not both.)
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of the first validation batches (FlopBudget).

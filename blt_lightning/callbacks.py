@@ -4,6 +4,7 @@ import itertools
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ class PredictionWriter(BasePredictionWriter):
         torch.save(prediction, out / f"rank{trainer.global_rank}-batch{batch_idx:06d}.pt")
 
 
-class RequeuedBySlurm(SystemExit):
-    """Ends a run whose SLURM job was requeued, after its checkpoint is saved (exit status 0)."""
+class JobRequeued(SystemExit):
+    """Ends a run after its checkpoint is saved and its SLURM job requeued (exit status 0)."""
 
 
 class CheckpointOnTerminate(Callback):
@@ -39,9 +40,10 @@ class CheckpointOnTerminate(Callback):
     last.ckpt, requeue the job and exit.
 
     Both are saved between batches, on every rank at once (all ranks take part, as sharded strategies
-    need), where the weights and the training data's position are exact, so the resumed run goes on as
-    if nothing had happened. Lightning turns SIGTERM into an exception at the next batch on every rank
-    (this callback does so for a single process). For SLURM's signal it would save from inside the
+    need), where the weights and the training data's position are exact. Lightning turns SIGTERM into
+    an exception at the next batch on every rank (this callback does so for a single process), within
+    gradient accumulation too, whose gradients a checkpoint does not hold: only there does the resumed
+    run not go on exactly as the whole one would have. For SLURM's signal Lightning would save from inside the
     signal handler, wherever the step happens to be: an optimizer step half applied, ranks in
     different collectives (Lightning issue #21406). This callback installs a handler that only raises a
     flag, before Lightning's (which then leaves the signal alone) and before DataLoader workers fork
@@ -59,7 +61,7 @@ class CheckpointOnTerminate(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
         if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \
-                and environment.requeue_signal is not None:
+                and environment.requeue_signal is not None and threading.current_thread() is threading.main_thread():
             self.requeue_signal = environment.requeue_signal
             self._previous_handler = signal.signal(self.requeue_signal, self._request_requeue)
 
@@ -75,18 +77,24 @@ class CheckpointOnTerminate(Callback):
         if trainer.received_sigterm and trainer.world_size == 1:
             raise SIGTERMException()
         stepped = trainer.global_step != self._step_at_batch_start  # the same on every rank
-        if self.requeue_signal is not None and stepped \
+        unfinished = trainer.max_steps == -1 or trainer.global_step < trainer.max_steps
+        if self.requeue_signal is not None and stepped and unfinished \
                 and trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False):
             path = save_last(trainer)
             rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
             if trainer.is_global_zero:
                 requeue_slurm_job()
-            raise RequeuedBySlurm()
+            raise JobRequeued()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # SIGTERM before the requeue was acted on (the signal came during validation, or the time left ran
+        # out): the job is still requeued, from the checkpoint saved here.
+        requeue = self.requeue_requested and trainer.is_global_zero
         self._restore_signal()
         if isinstance(exception, SIGTERMException) and (path := save_last(trainer)):
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+            if requeue:
+                requeue_slurm_job()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_signal()

@@ -72,16 +72,18 @@ class BLTLightningCLI(LightningCLI):
                 version = slurm_job_version()
             kwargs["logger"] = logger = TensorBoardLogger(root, name=name, version=version, default_hp_metric=False)
             if slurm:
-                # Lightning saves a pre-empted job's hpc_ckpt_N.ckpt in default_root_dir and resumes any SLURM job
-                # from the newest one there: in the run's folder, a new job never takes another run's. Shards stay.
+                # Lightning resumes any SLURM job from the newest hpc_ckpt_N.ckpt in default_root_dir (its own
+                # SIGUSR1 handler saves them there, where CheckpointOnTerminate is not in the callbacks): in the
+                # run's folder, a new job never takes another run's. Shards stay where they were.
                 if getattr(self.datamodule, "shard_dir", "") is None:
                     self.datamodule.shard_dir = str(Path(root) / "shards")
                 kwargs["default_root_dir"] = self.slurm_run_dir = logger.log_dir
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
-        """trainer.fit; a requeued SLURM job resumes from the newest checkpoint in its run's folder: the hpc one
-        Lightning saved on SIGUSR1, or last.ckpt (SIGTERM, validation), which Lightning alone would not take."""
+        """trainer.fit; a requeued SLURM job resumes from the newest checkpoint in its run's folder: last.ckpt
+        (which Lightning alone would not take: CheckpointOnTerminate saves it on SIGUSR1 and SIGTERM) or an
+        hpc_ckpt_N.ckpt (Lightning's SIGUSR1 handler, without that callback)."""
         if self.slurm_run_dir is not None and ckpt_path in (None, "last"):
             ckpt_path = newest_checkpoint(Path(self.slurm_run_dir)) or ckpt_path
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)

@@ -27,8 +27,8 @@ class EntropyLM(ByteLMModule):
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
             activation_checkpointing: Recompute each transformer block in backward instead of keeping its
-                activations: much less memory for long rows, for about a third more compute. (Under FSDP the
-                strategy's activation_checkpointing_policy does the same.)
+                activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
+                or the strategy's activation_checkpointing_policy, not both.)
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte (FlopBudget).
             init_from: A checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts `fit`

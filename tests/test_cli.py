@@ -125,9 +125,9 @@ def test_compiled_blocks_compute_what_eager_ones_do():
 
 
 def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(corpus, tmp_path, monkeypatch, caplog):
-    """Under SLURM a fit's folder is named by its job id and holds Lightning's hpc checkpoints (saved on SIGUSR1;
-    any SLURM job resumes from one in its default_root_dir): a requeued job resumes from the newest checkpoint
-    of its own run, hpc or last.ckpt, and never from another run's."""
+    """Under SLURM a fit's folder is named by its job id and is its default_root_dir, where Lightning looks for hpc
+    checkpoints (any SLURM job resumes from one there): a requeued job resumes from the newest checkpoint of its
+    own run, last.ckpt or hpc, and never from another run's."""
     for name, value in SLURM_ONE_TASK.items():
         monkeypatch.setenv(name, value)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
@@ -147,7 +147,8 @@ def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(co
     fit("4242", 2, None)
     assert (tmp_path / "shards/manifest.json").exists(), "shards stay under default_root_dir"
     fit("4242", 4, run / "checkpoints/last.ckpt")  # requeued after SIGTERM, which saved last.ckpt only
-    shutil.copy(run / "checkpoints/last.ckpt", run / "hpc_ckpt_1.ckpt")  # SIGUSR1 at step 4: Lightning's save
+    shutil.copy(run / "checkpoints/last.ckpt", run / "hpc_ckpt_1.ckpt")  # as Lightning's own SIGUSR1 handler saves
     fit("4242", 6, run / "hpc_ckpt_1.ckpt")  # requeued: the hpc checkpoint is the newest
+    fit("4242", 8, run / "checkpoints/last.ckpt")  # requeued again: last.ckpt (step 6) is newer than the hpc one
     assert sorted(p.name for p in (tmp_path / "entropy-tiny").iterdir()) == ["slurm-4242"]
     fit("4343", 2, None)  # a new job of the same run name starts from step 0

@@ -45,6 +45,15 @@ def fit_command(root: Path, corpus: Path, callbacks: list[dict], *extra: str, wo
     return args, {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
 
 
+def fake_scontrol(tmp_path: Path) -> dict:
+    """The environment in which `scontrol` only writes its arguments to tmp_path/scontrol.log."""
+    scontrol = tmp_path / "bin/scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    return {"PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+
+
 def record(path: Path) -> dict:
     return {"class_path": "probes.RecordBatches", "init_args": {"path": str(path)}}
 
@@ -99,11 +108,7 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert cli_run(whole, corpus, [record(whole / "batches")], *accumulate).returncode == 0
     expected = batches(whole / "batches")  # the last batch of each step
-    scontrol = tmp_path / "bin/scontrol"  # records what it is asked instead of requeueing
-    scontrol.parent.mkdir()
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    scontrol.chmod(0o755)
-    job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "77", "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+    job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "77", **fake_scontrol(tmp_path)}
 
     # SIGUSR1 (SLURM, before the time limit) as step 4's first batch starts: nothing is saved within the
     # accumulation; last.ckpt after step 4's optimizer step, no hpc checkpoint from inside the signal
@@ -124,20 +129,25 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
         assert torch.equal(final[name], reference[name]), f"{name} differs after the requeue"
 
 
+def test_a_sigterm_before_the_requeue_is_acted_on_still_saves_and_requeues(corpus, tmp_path):
+    job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "79", **fake_scontrol(tmp_path)}
+    run = cli_run(tmp_path, corpus, [signal_at(4, "SIGUSR1"), signal_at(4, "SIGTERM")], env=job)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.load(tmp_path / "entropy-tiny/slurm-79/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "79"]
+
+
 def test_slurms_requeue_signal_to_one_rank_stops_every_rank_at_one_step_and_the_job_resumes_exactly(corpus, tmp_path):
     """Two SLURM tasks (as srun starts them: DDP over gloo, one process a rank). SIGUSR1 reaches rank 1 only: both
     ranks save together after that step, rank 0 requeues once, and the requeued pair ends as an uninterrupted one."""
-    scontrol = tmp_path / "bin/scontrol"
-    scontrol.parent.mkdir()
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    scontrol.chmod(0o755)
+    requeue = fake_scontrol(tmp_path)
 
     def two_tasks(root: Path, job: str, callbacks: list[dict]) -> None:
         port, processes = str(free_port()), []
         for rank in range(2):
             env = {**SLURM_ONE_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
                    "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": job, "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-                   "GLOO_SOCKET_IFNAME": "lo", "PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+                   "GLOO_SOCKET_IFNAME": "lo", **requeue}
             args, env = fit_command(root, corpus, [record(root / "batches"), *callbacks], "--trainer.devices", "2",
                                     "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", workers=1, env=env)
             processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))

@@ -126,7 +126,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        if self.recompute_in_backward and torch.is_grad_enabled():
+        if self.recompute_in_backward and torch.is_grad_enabled() and cache is None:  # a cache is filled once
             return checkpoint(self._forward, x, mask, positions, cache, layer, use_reentrant=False)
         return self._forward(x, mask, positions, cache, layer)
 
