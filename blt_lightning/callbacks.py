@@ -40,16 +40,16 @@ class CheckpointOnTerminate(Callback):
     last.ckpt, requeue the job and exit.
 
     Both are saved between batches, on every rank at once (all ranks take part, as sharded strategies
-    need), where the weights and the training data's position are exact. Lightning turns SIGTERM into
-    an exception at the next batch on every rank (this callback does so for a single process), within
-    gradient accumulation too, whose gradients a checkpoint does not hold: only there does the resumed
-    run not go on exactly as the whole one would have. For SLURM's signal Lightning would save from inside the
-    signal handler, wherever the step happens to be: an optimizer step half applied, ranks in
-    different collectives (Lightning issue #21406). This callback installs a handler that only raises a
-    flag, before Lightning's (which then leaves the signal alone) and before DataLoader workers fork
-    (they inherit it: a flag they never read); the ranks agree on it after each optimizer step (not
-    within gradient accumulation, whose gradients checkpoints do not hold). Other exceptions save
-    nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
+    need), where the weights and the training data's position are exact. A checkpoint does not hold
+    gradients being accumulated, so only a save after an optimizer step resumes exactly.
+    - SIGTERM: Lightning raises at the next batch on every rank (this callback does so for a single
+      process), within gradient accumulation too.
+    - SLURM's signal: Lightning would save from inside the signal handler, wherever the step happens to
+      be: an optimizer step half applied, ranks in different collectives (Lightning issue #21406). This
+      callback installs a handler that only raises a flag, before Lightning's (which then leaves the
+      signal alone) and before DataLoader workers fork (they inherit it: a flag they never read); the
+      ranks agree on it after each optimizer step.
+    Other exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
     """
 
     def __init__(self):

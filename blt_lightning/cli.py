@@ -69,7 +69,7 @@ class BLTLightningCLI(LightningCLI):
             # A fit under SLURM is its job's run, named by the job id, which a requeued job keeps.
             slurm = self.subcommand == "fit" and SLURMEnvironment.detect()
             if slurm and version is None:
-                version = slurm_job_version()
+                version = f"slurm-{slurm_job_id()}"
             kwargs["logger"] = logger = TensorBoardLogger(root, name=name, version=version, default_hp_metric=False)
             if slurm:
                 # Lightning resumes any SLURM job from the newest hpc_ckpt_N.ckpt in default_root_dir (its own
@@ -87,11 +87,6 @@ class BLTLightningCLI(LightningCLI):
         if self.slurm_run_dir is not None and ckpt_path in (None, "last"):
             ckpt_path = newest_checkpoint(Path(self.slurm_run_dir)) or ckpt_path
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
-
-
-def slurm_job_version() -> str:
-    """The run folder of a SLURM job, named by its job id, which a requeued job keeps."""
-    return f"slurm-{slurm_job_id()}"
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:
