@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, input_list, prepare, read_documents
 from .vocab import PAD, document_ids, encode, is_byte
+from .workers import worker_options
 
 ENTROPY_MEMBER = "entropies.f16"  # per document: float16 next-byte entropies of its ids, BOS to EOS
 
@@ -538,7 +539,7 @@ class ByteShardDataModule(L.LightningDataModule):
             )
         stream = TrainStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
                              self.shuffle_rows, self.mix_shards, self._batches_per_epoch(shards), self.skip_bad_shards)
-        return TrainLoader(stream, self._trained_batches, num_workers=self.num_workers)
+        return TrainLoader(stream, self._trained_batches, **worker_options(self.num_workers))
 
     def _trained_batches(self) -> int:
         """Training batches this rank has trained on, from Lightning's loop counters: batches fetched
@@ -561,7 +562,7 @@ class ByteShardDataModule(L.LightningDataModule):
             rank_zero_warn(f"{split} shards without a manifest: ranks may run different numbers of batches")
         stream = EvalStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.num_workers,
                             self.skip_bad_shards)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(stream, batch_size=None, **worker_options(self.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

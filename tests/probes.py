@@ -30,14 +30,15 @@ class RecordBatches(Callback):
 
 class SendSignal(Callback):
     """Send this process `signal` when a training batch starts at global step `step` (on rank `rank` only, if
-    given)."""
+    given); with `group`, send it to the process group (DataLoader workers too), as schedulers do."""
 
-    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None):
-        self.step, self.signal, self.rank = step, signal, rank
+    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None, group: bool = False):
+        self.step, self.signal, self.rank, self.group = step, signal, rank, group
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), getattr(signal, self.signal))
+            number = getattr(signal, self.signal)
+            os.killpg(os.getpgrp(), number) if self.group else os.kill(os.getpid(), number)
 
 
 class DieWhileSaving(Callback):

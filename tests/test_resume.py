@@ -20,7 +20,8 @@ def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, worker
     with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM; `env`
     adds to its environment."""
     args, env = fit_command(root, corpus, callbacks, *extra, workers=workers, env=env)
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    # Its own session: a signal to its process group reaches it and its DataLoader workers only.
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
 
 
 def fit_command(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2,
@@ -58,8 +59,8 @@ def record(path: Path) -> dict:
     return {"class_path": "probes.RecordBatches", "init_args": {"path": str(path)}}
 
 
-def signal_at(step: int, name: str, rank: int | None = None) -> dict:
-    return {"class_path": "probes.SendSignal", "init_args": {"step": step, "signal": name, "rank": rank}}
+def signal_at(step: int, name: str, rank: int | None = None, group: bool = False) -> dict:
+    return {"class_path": "probes.SendSignal", "init_args": {"step": step, "signal": name, "rank": rank, "group": group}}
 
 
 def batches(path: Path) -> dict[int, str]:
@@ -80,13 +81,14 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
     assert sorted(expected) == list(range(10)) and len(set(expected.values())) == 10
 
     # SIGKILL when step 6 starts: nothing is saved then; the last checkpoint is step 3's, the end of epoch 0.
+    # Its DataLoader workers end with it (else they would hold its output open, and this call would hang).
     killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert last_checkpoint(cut)["global_step"] == 3
 
-    # Resumed, it is sent SIGTERM during step 7: it saves last.ckpt after that step (mid epoch 2, where
-    # the second of two DataLoader workers is next) and exits.
-    terminated = cli_run(cut, corpus, [record(cut / "b"), signal_at(6, "SIGTERM")], "--ckpt_path", "last")
+    # Resumed, it is sent SIGTERM during step 7, with its DataLoader workers (as schedulers send it): it
+    # saves last.ckpt after that step (mid epoch 2, where the second of two workers is next) and exits.
+    terminated = cli_run(cut, corpus, [record(cut / "b"), signal_at(6, "SIGTERM", group=True)], "--ckpt_path", "last")
     assert terminated.returncode == 0, terminated.stderr[-3000:]
     assert "SIGTERM: saved" in terminated.stderr + terminated.stdout
     assert last_checkpoint(cut)["global_step"] == 7
@@ -113,7 +115,7 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
     # SIGUSR1 (SLURM, before the time limit) as step 4's first batch starts: nothing is saved within the
     # accumulation; last.ckpt after step 4's optimizer step, no hpc checkpoint from inside the signal
     # handler, the job requeued, the run ended.
-    signalled = cli_run(cut, corpus, [record(cut / "a"), signal_at(4, "SIGUSR1")], *accumulate, env=job)
+    signalled = cli_run(cut, corpus, [record(cut / "a"), signal_at(4, "SIGUSR1", group=True)], *accumulate, env=job)
     assert signalled.returncode == 0, signalled.stderr[-3000:]
     run = cut / "entropy-tiny/slurm-77"
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
