@@ -22,6 +22,7 @@ Hugging Face port (BltForCausalLM; prefix `model.`, layer numbers as N):
 RoPE is applied in the rotate-half form; a port that rotates interleaved pairs needs its q/k rows permuted.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +33,7 @@ from torch import nn
 from ..patching import Patches
 from ..vocab import EOS, VOCAB_SIZE, document_ids
 from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
-from .layers import KVCache, TransformerBlock, init_weights, swiglu_hidden
+from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
 
 HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
 
@@ -101,10 +102,15 @@ def ngram_hashes(ids: torch.Tensor, n: int, prime: int, table_size: int) -> torc
     """[B, L] table rows of the n ids ending at each position (left-padded with 0): the reference's
     sum_j id_j * prime^j over the window (j = 0 the oldest), in wrapping int64, modulo table_size."""
     windows = F.pad(ids, (n - 1, 0), value=0).unfold(-1, n, 1)  # [B, L, n], oldest first
-    powers = torch.ones(n, dtype=torch.long, device=ids.device)
-    for j in range(1, n):
-        powers[j] = powers[j - 1] * prime  # int64 multiplication wraps around, as in the reference
+    powers = torch.tensor(_wrapping_powers(prime, n), device=ids.device)
     return (windows.long() * powers).sum(-1) % table_size
+
+
+@functools.cache
+def _wrapping_powers(prime: int, n: int) -> list[int]:
+    """prime^0 .. prime^(n - 1) as int64 multiplication gives them, wrapping around (as in the reference)."""
+    wrapped = [pow(prime, j, 2**64) for j in range(n)]
+    return [p - 2**64 if p >= 2**63 else p for p in wrapped]
 
 
 class HashNgramEmbedding(nn.Module):
@@ -128,19 +134,28 @@ class CrossAttention(nn.Module):
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.query_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.kv_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.wq, self.wk, self.wv, self.wo = (Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask) -> torch.Tensor:
-        B, Lq, D = x.shape
+        return self.attend(x, self.keys(kv), mask)
+
+    def keys(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, Lk, head_dim] of kv [B, Lk, dim]."""
+        B, Lk, _ = kv.shape
         kv = self.kv_norm(kv)
+        k, v = (w(kv).view(B, Lk, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv))
+        return k, v
+
+    def attend(self, x: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], mask) -> torch.Tensor:
+        """The update of queries x [B, Lq, dim] reading `keys` (keys and values) under mask."""
+        B, Lq, D = x.shape
         q = self.wq(self.query_norm(x)).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = (w(kv).view(B, kv.shape[1], self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv))
-        return self.wo(attention(q, k, v, mask).transpose(1, 2).reshape(B, Lq, D))
+        return self.wo(attention(q, *keys, mask).transpose(1, 2).reshape(B, Lq, D))
 
 
 def _blocks(dim: int, n_layers: int, n_heads: int, hidden: int | None, config: BLTConfig) -> nn.ModuleList:
     hidden = hidden or swiglu_hidden(dim, config.ffn_multiple_of)
-    return nn.ModuleList(TransformerBlock(dim, n_heads, hidden, config.rope_theta, config.norm_eps) for _ in range(n_layers))
+    return nn.ModuleList(TransformerBlock(dim, n_heads, hidden, config.norm_eps) for _ in range(n_layers))
 
 
 class LocalEncoder(nn.Module):
@@ -152,7 +167,7 @@ class LocalEncoder(nn.Module):
         self.ngram_embeddings = (HashNgramEmbedding(d, config.ngram_sizes, config.ngram_table_size, config.hash_functions)
                                  if config.ngram_sizes else None)
         self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config.encoder_ffn_hidden, config)
-        self.patch_projection = nn.Linear(d, d * k, bias=False) if k > 1 else None
+        self.patch_projection = Linear(d, d * k) if k > 1 else None
         n_cross = config.encoder_layers if config.encoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps) for _ in range(n_cross))
 
@@ -166,13 +181,16 @@ class LocalEncoder(nn.Module):
         # Slot q of patch q // k reads that patch's bytes (padding patches have none: see SlotsReadGroup).
         cross_mask = build_mask(SlotsReadGroup(patches.patch_ids, k, ~patches.mask), B, P * k, L, ids.device,
                                 self.config.attention)
-        positions = torch.arange(L, device=ids.device)
+        rope = self.rope(torch.arange(L, device=ids.device))
         pooling_states = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, self_mask, positions)
+            x = layer(x, self_mask, rope)
             if i in self.pooling_layers:
                 pooling_states.append(x)
         return x, self.patch_slots(pooling_states, patches.patch_ids, P, cross_mask).reshape(B, P, k * d)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        return Rope.at(positions, self.config.encoder_dim // self.config.encoder_heads, self.config.rope_theta)
 
     @property
     def pooling_layers(self) -> list[int]:
@@ -199,7 +217,7 @@ class GlobalTransformer(nn.Module):
         super().__init__()
         width_in = config.cross_attn_k * config.encoder_dim
         self.config = config
-        self.input_projection = nn.Linear(width_in, config.global_dim, bias=False) if width_in != config.global_dim else None
+        self.input_projection = Linear(width_in, config.global_dim) if width_in != config.global_dim else None
         self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config.global_ffn_hidden, config)
 
     def forward(self, patch_vectors: torch.Tensor, patch_doc_ids: torch.Tensor) -> torch.Tensor:
@@ -207,10 +225,13 @@ class GlobalTransformer(nn.Module):
         B, P, _ = patch_vectors.shape
         h = self.input_projection(patch_vectors) if self.input_projection is not None else patch_vectors
         mask = build_mask(causal_documents(patch_doc_ids), B, P, P, h.device, self.config.attention)
-        positions = torch.arange(P, device=h.device)
+        rope = self.rope(torch.arange(P, device=h.device))
         for layer in self.layers:
-            h = layer(h, mask, positions)
+            h = layer(h, mask, rope)
         return h
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        return Rope.at(positions, self.config.global_dim // self.config.global_heads, self.config.rope_theta)
 
 
 class LocalDecoder(nn.Module):
@@ -218,13 +239,13 @@ class LocalDecoder(nn.Module):
         super().__init__()
         d, k = config.decoder_dim, config.cross_attn_k
         self.config = config
-        self.input_projection = nn.Linear(config.encoder_dim, d, bias=False) if config.encoder_dim != d else None
-        self.patch_projection = nn.Linear(config.global_dim, d * k, bias=False)  # present even when the widths match, as released
+        self.input_projection = Linear(config.encoder_dim, d) if config.encoder_dim != d else None
+        self.patch_projection = Linear(config.global_dim, d * k)  # present even when the widths match, as released
         n_cross = config.decoder_layers if config.decoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps) for _ in range(n_cross))
         self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config.decoder_ffn_hidden, config)
         self.norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.output = nn.Linear(d, VOCAB_SIZE, bias=False)
+        self.output = Linear(d, VOCAB_SIZE)
 
     def forward(self, byte_states: torch.Tensor, global_out: torch.Tensor, decoder_patch_ids: torch.Tensor, self_mask) -> torch.Tensor:
         """Next-byte logits [B, L, VOCAB_SIZE]; byte i reads the k slots of global output decoder_patch_ids[i]."""
@@ -233,17 +254,26 @@ class LocalDecoder(nn.Module):
         h = self.input_projection(byte_states) if self.input_projection is not None else byte_states
         slots = self.patch_projection(global_out).reshape(B, P * k, d)
         cross_mask = build_mask(ReadGroupSlots(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
-        return self.decode(h, slots, cross_mask, self_mask, torch.arange(L, device=h.device))
+        return self.decode(h, self.slot_keys(slots), cross_mask, self_mask, self.rope(torch.arange(L, device=h.device)))
 
-    def decode(self, h: torch.Tensor, slots: torch.Tensor, cross_mask, self_mask, positions: torch.Tensor,
-               cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, L, VOCAB_SIZE] of byte states h [B, L, d_dec] (projected) at `positions`, reading `slots`
-        under cross_mask; with a cache (generation), the self-attention continues what it holds."""
+    def rope(self, positions: torch.Tensor) -> Rope:
+        return Rope.at(positions, self.config.decoder_dim // self.config.decoder_heads, self.config.rope_theta)
+
+    def slot_keys(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What each cross-attention reads of slots [B, S, d_dec]: its keys and values."""
+        return [cross_attn.keys(slots) for cross_attn in self.cross_attn]
+
+    def decode(self, h: torch.Tensor, slot_keys: list[tuple[torch.Tensor, torch.Tensor]], cross_mask, self_mask,
+               rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, L, VOCAB_SIZE] of byte states h [B, L, d_dec] (projected) at the positions of `rope`,
+        reading slot_keys (of slot_keys()) under cross_mask; with a cache (generation), the self-attention
+        continues what it holds."""
         for i, layer in enumerate(self.layers):
             if i == 0 or self.config.decoder_cross_attn_all_layers:
-                update = self.cross_attn[i if self.config.decoder_cross_attn_all_layers else 0](h, slots, cross_mask)
+                j = i if self.config.decoder_cross_attn_all_layers else 0
+                update = self.cross_attn[j].attend(h, slot_keys[j], cross_mask)
                 h = (2 * h if self.config.doubled_cross_attn_residual else h) + update
-            h = layer(h, self_mask, positions, cache, i)
+            h = layer(h, self_mask, rope, cache, i)
         return self.output(self.norm(h))
 
 

@@ -22,9 +22,9 @@ import torch
 from ..vocab import BOS, EOS, PAD
 from .attention import ReadGroupSlots, SlotsReadGroup, build_mask
 from .blt import ByteLatentTransformer
-from .layers import KVCache, window_mask
+from .layers import KVCache
 
-UNBOUNDED = 2**62  # keys a cache keeps for attention without a window: all (a larger slice start makes torch warn)
+UNBOUNDED = 2**62  # the window of attention without one: a cache keeps every key
 
 
 class BLTStream:
@@ -40,7 +40,9 @@ class BLTStream:
         self.ngram_context = torch.full((max(c.ngram_sizes, default=1) - 1,), PAD, dtype=torch.long, device=self.device)
         # The states [1, n, d_enc] of the bytes of the patch not yet complete, in each encoder pooling layer.
         self.open_patch = [torch.empty(1, 0, c.encoder_dim, device=self.device) for _ in model.encoder.pooling_layers]
-        self.latest_slots = None  # [1, k, d_dec]: the decoder's keys of the last complete patch's global output
+        # What the decoder's cross-attentions read of the last complete patch (its global output's k slots):
+        # per cross-attention, keys and values [1, H, k, head_dim], made once per patch.
+        self.latest_slot_keys = None
         self.position = 0  # ids fed
         self.patches = 0  # complete patches, run through the global model
         self.ended = False
@@ -57,18 +59,17 @@ class BLTStream:
         self.ended = ids[-1] == EOS
         ends = starts[1:] + [next_starts or self.ended]  # each id is the last of its patch
         positions = torch.arange(self.position, self.position + len(ids), device=self.device)
-        key_positions = torch.cat([self.encoder_cache.positions, positions])
-        local_mask = window_mask(positions, key_positions, self.config.local_window)  # [L, kept + L]
+        local_mask = self.encoder_cache.mask(positions)  # the decoder's cache holds the same positions
         byte_states, pooling_states = self._encode(torch.tensor(ids, device=self.device), local_mask, positions)
         patch_vectors = self._complete_patches(pooling_states, starts, ends)  # [1, C, k * d_enc]
         slots = self._global(patch_vectors) if patch_vectors is not None else None  # [1, C * k, d_dec]
         logits = self._decode(byte_states, slots, ends, local_mask, positions)
         for cache in (self.encoder_cache, self.decoder_cache):
-            cache.positions = key_positions[-cache.keep :]
+            cache.advance(positions)
         self.position += len(ids)
         return logits
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor,
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None,
                 positions: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final byte states [1, L, d_enc], and the states of the pooling layers."""
         encoder = self.model.encoder
@@ -77,9 +78,9 @@ class BLTStream:
             window = torch.cat([self.ngram_context, ids])
             x = x + encoder.ngram_embeddings(window[None])[:, len(self.ngram_context) :]
             self.ngram_context = window[len(window) - len(self.ngram_context) :]
-        pooling_states = []
+        pooling_states, rope = [], encoder.rope(positions)
         for i, layer in enumerate(encoder.layers):
-            x = layer(x, mask, positions, self.encoder_cache, i)
+            x = layer(x, mask, rope, self.encoder_cache, i)
             if i in encoder.pooling_layers:
                 pooling_states.append(x)
         return x, pooling_states
@@ -111,28 +112,31 @@ class BLTStream:
         transformer, c = self.model.global_transformer, self.config
         h = transformer.input_projection(patch_vectors) if transformer.input_projection is not None else patch_vectors
         positions = torch.arange(self.patches, self.patches + h.shape[1], device=self.device)
-        key_positions = torch.cat([self.global_cache.positions, positions])
-        mask = window_mask(positions, key_positions, None)
+        mask, rope = self.global_cache.mask(positions), transformer.rope(positions)
         for i, layer in enumerate(transformer.layers):
-            h = layer(h, mask, positions, self.global_cache, i)
-        self.global_cache.positions = key_positions
+            h = layer(h, mask, rope, self.global_cache, i)
+        self.global_cache.advance(positions)
         self.patches += h.shape[1]
         return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
 
-    def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool], mask: torch.Tensor,
+    def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool], mask: torch.Tensor | None,
                 positions: torch.Tensor) -> torch.Tensor:
         """Logits [L, VOCAB_SIZE]: each byte reads the last patch complete at it (one of the new ones or,
         before the first of them, the latest of an earlier chunk)."""
-        decoder, c = self.model.decoder, self.config
-        k = c.cross_attn_k
-        held = [] if self.latest_slots is None else [self.latest_slots]
-        keys = torch.cat(held + ([slots] if slots is not None else []), dim=1)  # [1, T * k, d_dec]
-        self.latest_slots = keys[:, -k:]
+        decoder, k = self.model.decoder, self.config.cross_attn_k
+        held = self.latest_slot_keys
+        keys = held  # per cross-attention, keys and values [1, H, T * k, head_dim] of the T patches bytes may read
+        if slots is not None:
+            new = decoder.slot_keys(slots)
+            keys = new if held is None else [(torch.cat([hk, nk], dim=2), torch.cat([hv, nv], dim=2))
+                                             for (hk, hv), (nk, nv) in zip(held, new)]
+        self.latest_slot_keys = [(keys_[:, :, -k:], values[:, :, -k:]) for keys_, values in keys]
         reads = [n - (0 if held else 1) for n in accumulate(map(int, ends))]  # the patch of keys each byte reads
         if reads[0] == reads[-1]:  # one patch for all (always so a byte at a time): its k keys, no mask
-            keys, cross_mask = keys[:, reads[0] * k : (reads[0] + 1) * k], None
+            first, last = reads[0] * k, (reads[0] + 1) * k
+            keys, cross_mask = [(keys_[:, :, first:last], values[:, :, first:last]) for keys_, values in keys], None
         else:
             reads = torch.tensor(reads, device=self.device)[None]
-            cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], keys.shape[1], self.device, "sdpa")
+            cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], keys[0][0].shape[2], self.device, "sdpa")
         h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
-        return decoder.decode(h, keys, cross_mask, mask, positions, self.decoder_cache)[0]
+        return decoder.decode(h, keys, cross_mask, mask, decoder.rope(positions), self.decoder_cache)[0]

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..vocab import VOCAB_SIZE, document_ids
 from .attention import build_mask, causal_documents
-from .layers import KVCache, TransformerBlock, init_weights, swiglu_hidden, window_mask
+from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class EntropyModel(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, config.dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(config.dim, config.n_heads, config.ffn_hidden, config.rope_theta, config.norm_eps)
+            TransformerBlock(config.dim, config.n_heads, config.ffn_hidden, config.norm_eps)
             for _ in range(config.n_layers)
         )
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, VOCAB_SIZE, bias=False)
+        self.output = Linear(config.dim, VOCAB_SIZE)
         init_weights(self, config.n_layers)
 
     def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
@@ -58,30 +58,31 @@ class EntropyModel(nn.Module):
             doc_ids = document_ids(ids)
         B, L = ids.shape
         mask = build_mask(causal_documents(doc_ids, window or self.config.sliding_window), B, L, L, ids.device, "sdpa")
-        positions = torch.arange(L, device=ids.device)
+        rope = self.rope(torch.arange(L, device=ids.device))
         x = self.tok_embeddings(ids)  # [B, L, dim]
         for layer in self.layers:
-            x = layer(x, mask, positions)
+            x = layer(x, mask, rope)
         return self.output(self.norm(x))
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        return Rope.at(positions, self.config.dim // self.config.n_heads, self.config.rope_theta)
 
     def new_cache(self, window: int | None = None, device: torch.device | None = None) -> KVCache:
         """An empty cache to stream one document through `forward_cached`, a chunk at a time."""
-        keep = window or self.config.sliding_window
-        if keep is None:
+        window = window or self.config.sliding_window
+        if window is None:
             raise ValueError("streaming needs an attention window: the model's sliding window or its context length")
-        return KVCache.empty(len(self.layers), keep, device or self.output.weight.device)
+        return KVCache.empty(len(self.layers), window, device or self.output.weight.device)
 
     def forward_cached(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, L, VOCAB_SIZE] for the next chunk ids [B, L] of B document streams, continuing where
-        the cache left off: the same as one pass over the whole stream with window `cache.keep`."""
-        start = int(cache.positions[-1]) + 1 if len(cache.positions) else 0
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        key_positions = torch.cat([cache.positions, positions])
-        mask = window_mask(positions, key_positions, cache.keep)  # [L, kept + L], kept keys first
-        x = self.tok_embeddings(ids)
+        the cache left off: the same as one pass over the whole stream with window `cache.window`."""
+        positions = torch.arange(cache.length, cache.length + ids.shape[1], device=ids.device)
+        mask = cache.mask(positions)
+        x, rope = self.tok_embeddings(ids), self.rope(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, positions, cache, i)
-        cache.positions = key_positions[-cache.keep :]
+            x = layer(x, mask, rope, cache, i)
+        cache.advance(positions)
         return self.output(self.norm(x))
 
     @torch.no_grad()
