@@ -90,7 +90,8 @@ def reference_hash(window: list[int], prime: int, table: int) -> int:
 @pytest.mark.parametrize("prime", [1000000007, 5915587277])
 def test_hash_ngram_indices_equal_the_formula(n, prime):
     ids = encode("naïve bytes 字节, hashed".encode())[None]
-    got = ngram_hashes(ids, n, prime, 500_002)[0].tolist()
+    got = ngram_hashes(ids, ((prime, n),), 500_002)[0, :, 0].tolist()
+    assert ngram_hashes(ids, ((prime, n), (prime, 2)), 500_002)[0, :, 0].tolist() == got  # alongside a shorter n-gram
     padded = [0] * (n - 1) + ids[0].tolist()
     assert got == [reference_hash(padded[i : i + n], prime, 500_002) for i in range(ids.shape[1])]
     assert max(got) < 500_002 and min(got) >= 0

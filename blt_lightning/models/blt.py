@@ -98,19 +98,24 @@ class BLTConfig:
             raise ValueError(f"at most {len(HASH_PRIMES)} hash functions")
 
 
-def ngram_hashes(ids: torch.Tensor, n: int, prime: int, table_size: int) -> torch.Tensor:
-    """[B, L] table rows of the n ids ending at each position (left-padded with 0): the reference's
-    sum_j id_j * prime^j over the window (j = 0 the oldest), in wrapping int64, modulo table_size."""
-    windows = F.pad(ids, (n - 1, 0), value=0).unfold(-1, n, 1)  # [B, L, n], oldest first
-    powers = torch.tensor(_wrapping_powers(prime, n), device=ids.device)
-    return (windows.long() * powers).sum(-1) % table_size
+def ngram_hashes(ids: torch.Tensor, keys: tuple[tuple[int, int], ...], table_size: int) -> torch.Tensor:
+    """[B, L, len(keys)] table rows, for each (prime, n) of keys, of the n ids ending at each position
+    (left-padded with 0): the reference's sum_j id_j * prime^j over the window (j = 0 the oldest), in
+    wrapping int64, modulo table_size. All sizes at once: one window of the longest, its older ids
+    weighted 0 for shorter n-grams (a wrapping sum is the same in any order)."""
+    longest = max(n for _, n in keys)
+    windows = F.pad(ids, (longest - 1, 0), value=0).unfold(-1, longest, 1)  # [B, L, longest], oldest first
+    powers = torch.tensor(_window_powers(keys), device=ids.device)  # [len(keys), longest]
+    return (windows.long()[..., None, :] * powers).sum(-1) % table_size
 
 
 @functools.cache
-def _wrapping_powers(prime: int, n: int) -> list[int]:
-    """prime^0 .. prime^(n - 1) as int64 multiplication gives them, wrapping around (as in the reference)."""
-    wrapped = [pow(prime, j, 2**64) for j in range(n)]
-    return [p - 2**64 if p >= 2**63 else p for p in wrapped]
+def _window_powers(keys: tuple[tuple[int, int], ...]) -> list[list[int]]:
+    """Per (prime, n): 0 for the ids before its n-gram, then prime^0 .. prime^(n - 1) as int64 multiplication
+    gives them, wrapping around (as in the reference)."""
+    longest = max(n for _, n in keys)
+    wrapped = [[0] * (longest - n) + [pow(prime, j, 2**64) for j in range(n)] for prime, n in keys]
+    return [[p - 2**64 if p >= 2**63 else p for p in row] for row in wrapped]
 
 
 class HashNgramEmbedding(nn.Module):
@@ -118,12 +123,13 @@ class HashNgramEmbedding(nn.Module):
 
     def __init__(self, dim: int, sizes: tuple[int, ...], table_size: int, functions: int):
         super().__init__()
-        self.keys = [(prime, n) for prime in HASH_PRIMES[:functions] for n in sizes]  # the reference's order
+        self.keys = tuple((prime, n) for prime in HASH_PRIMES[:functions] for n in sizes)  # the reference's order
         self.table_size = table_size
         self.embeddings = nn.ModuleList(nn.Embedding(table_size, dim) for _ in self.keys)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return sum(emb(ngram_hashes(ids, n, prime, self.table_size)) for emb, (prime, n) in zip(self.embeddings, self.keys))
+        rows = ngram_hashes(ids, self.keys, self.table_size)  # [B, L, embeddings]
+        return functools.reduce(torch.add, (embedding(rows[..., i]) for i, embedding in enumerate(self.embeddings)))
 
 
 class CrossAttention(nn.Module):

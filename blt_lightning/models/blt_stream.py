@@ -22,7 +22,7 @@ import torch
 from ..vocab import BOS, EOS, PAD
 from .attention import ReadGroupSlots, SlotsReadGroup, build_mask
 from .blt import ByteLatentTransformer
-from .layers import KVCache
+from .layers import KVCache, Rope
 
 UNBOUNDED = 2**62  # the window of attention without one: a cache keeps every key
 
@@ -60,17 +60,19 @@ class BLTStream:
         ends = starts[1:] + [next_starts or self.ended]  # each id is the last of its patch
         positions = torch.arange(self.position, self.position + len(ids), device=self.device)
         local_mask = self.encoder_cache.mask(positions)  # the decoder's cache holds the same positions
-        byte_states, pooling_states = self._encode(torch.tensor(ids, device=self.device), local_mask, positions)
+        rope = self.model.encoder.rope(positions)
+        byte_states, pooling_states = self._encode(torch.tensor(ids, device=self.device), local_mask, rope)
         patch_vectors = self._complete_patches(pooling_states, starts, ends)  # [1, C, k * d_enc]
         slots = self._global(patch_vectors) if patch_vectors is not None else None  # [1, C * k, d_dec]
-        logits = self._decode(byte_states, slots, ends, local_mask, positions)
+        if rope.cos.shape[-1] != self.config.decoder_dim // self.config.decoder_heads:  # else the same tables
+            rope = self.model.decoder.rope(positions)
+        logits = self._decode(byte_states, slots, ends, local_mask, rope)
         for cache in (self.encoder_cache, self.decoder_cache):
             cache.advance(positions)
         self.position += len(ids)
         return logits
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None,
-                positions: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None, rope: Rope) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final byte states [1, L, d_enc], and the states of the pooling layers."""
         encoder = self.model.encoder
         x = encoder.tok_embeddings(ids)[None]
@@ -78,7 +80,7 @@ class BLTStream:
             window = torch.cat([self.ngram_context, ids])
             x = x + encoder.ngram_embeddings(window[None])[:, len(self.ngram_context) :]
             self.ngram_context = window[len(window) - len(self.ngram_context) :]
-        pooling_states, rope = [], encoder.rope(positions)
+        pooling_states = []
         for i, layer in enumerate(encoder.layers):
             x = layer(x, mask, rope, self.encoder_cache, i)
             if i in encoder.pooling_layers:
@@ -120,7 +122,7 @@ class BLTStream:
         return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
 
     def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool], mask: torch.Tensor | None,
-                positions: torch.Tensor) -> torch.Tensor:
+                rope: Rope) -> torch.Tensor:
         """Logits [L, VOCAB_SIZE]: each byte reads the last patch complete at it (one of the new ones or,
         before the first of them, the latest of an earlier chunk)."""
         decoder, k = self.model.decoder, self.config.cross_attn_k
@@ -139,4 +141,4 @@ class BLTStream:
             reads = torch.tensor(reads, device=self.device)[None]
             cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], keys[0][0].shape[2], self.device, "sdpa")
         h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
-        return decoder.decode(h, keys, cross_mask, mask, decoder.rope(positions), self.decoder_cache)[0]
+        return decoder.decode(h, keys, cross_mask, mask, rope, self.decoder_cache)[0]
