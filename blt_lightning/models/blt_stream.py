@@ -1,6 +1,6 @@
 """A ByteLatentTransformer fed one document a chunk at a time (for generation, a byte at a time), with
-KV caches: the local encoder's and decoder's self-attention keep the keys of the last `local_window`
-bytes, the global transformer those of every patch so far. A byte then costs one pass of the local
+KV caches: the local encoder's and decoder's self-attention keep the keys a next byte may see (those of
+the `local_window` - 1 bytes before it), the global transformer those of every patch so far. A byte then costs one pass of the local
 models, and a patch one pass of the global model, instead of a pass of everything over the whole
 document for every byte.
 
