@@ -47,8 +47,8 @@ class CheckpointOnTerminate(Callback):
     - SLURM's signal: Lightning would save from inside the signal handler, wherever the step happens to
       be: an optimizer step half applied, ranks in different collectives (Lightning issue #21406). This
       callback installs a handler that only raises a flag, before Lightning's (which then leaves the
-      signal alone); the ranks agree on it after each optimizer step. (DataLoader workers ignore both
-      signals: workers.py.)
+      signal alone); the ranks agree on it after each optimizer step. (DataLoader workers and their
+      forkserver never see either signal: workers.py.)
     Other exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
     """
 

@@ -6,8 +6,8 @@ every id after the first is a target exactly once.
 
 Who reads what: each (rank, DataLoader worker) pair is one *reader*; reader k of n reads shards k,
 k+n, k+2n, ... and no other. Rank and world size come from Lightning (`distributed_sampler_kwargs`),
-never from environment variables. Everything a worker runs is a module-level function or a plain
-picklable object, so spawned workers work.
+never from environment variables. Workers start from a forkserver (workers.py), so everything a
+worker runs is a module-level function or a plain picklable object.
 
 - Training: each reader cycles through its shards forever (a new shard order per pass, seeded by
   `seed`, epoch and reader), reading a few shards at once and drawing documents from them at random;

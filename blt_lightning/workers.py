@@ -2,11 +2,17 @@
 
 import functools
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import select
 import signal
 import threading
 import time
+
+# What schedulers send every process of a job (SLURM: SIGTERM, or SIGUSR1 before the time limit). The
+# trainer acts on them after a batch and needs its workers, and their forkserver, until then.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1} if hasattr(signal, "SIGUSR1") else set()
 
 
 def worker_options(num_workers: int) -> dict:
@@ -23,28 +29,46 @@ def worker_options(num_workers: int) -> dict:
         return {"num_workers": num_workers}
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["blt_lightning.data"])  # what workers run
+    # Started with the stop signals blocked, the forkserver, its resource tracker and the workers it forks
+    # never see them. (Starting the tracker unblocks SIGTERM in this thread: blocked again after it.)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return {"num_workers": num_workers, "multiprocessing_context": context,
             "worker_init_fn": functools.partial(start_worker, os.getpid())}
 
 
 def start_worker(trainer_pid: int, worker: int) -> None:
-    # Schedulers signal every process of a job (SLURM: SIGTERM, or SIGUSR1 before the time limit). The
-    # trainer acts on it after a batch and needs its workers until then; they stop when the trainer does.
-    for number in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(number, signal.SIG_IGN)
     threading.Thread(target=exit_with, args=(trainer_pid,), daemon=True).start()
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there the stop signals stay blocked
+        threading.Thread(target=obey_trainer, args=(trainer_pid,), daemon=True).start()
+
+
+def obey_trainer(pid: int) -> None:
+    """Take the stop signals, which arrive blocked, and exit on the trainer's own SIGTERM only (the
+    DataLoader ending a worker that does not stop)."""
+    while True:
+        received = signal.sigwaitinfo(STOP_SIGNALS)
+        if received.si_signo == signal.SIGTERM and received.si_pid == pid:
+            os._exit(0)
 
 
 def exit_with(pid: int) -> None:
     """Exit when process `pid` ends. A forkserver's child is not the trainer's: PyTorch's own check (has
     the parent changed?) would not see a killed trainer, and its workers would live on."""
     try:
-        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended
+        watch = select.poll()
+        watch.register(os.pidfd_open(pid), select.POLLIN)  # readable once the process has ended
+        watch.poll()
     except (AttributeError, OSError):  # no pidfd (macOS, or an old Linux kernel): poll
         while True:
             try:
                 os.kill(pid, 0)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):  # gone (its pid may be another user's process now)
                 break
             time.sleep(1)
     os._exit(0)

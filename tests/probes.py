@@ -5,7 +5,6 @@ import io
 import json
 import os
 import signal
-from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -30,7 +29,8 @@ class RecordBatches(Callback):
 
 class SendSignal(Callback):
     """Send this process `signal` when a training batch starts at global step `step` (on rank `rank` only, if
-    given); with `group`, send it to the process group (DataLoader workers too), as schedulers do."""
+    given); with `group`, send it to the process group (DataLoader workers and their forkserver too), as
+    schedulers do."""
 
     def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None, group: bool = False):
         self.step, self.signal, self.rank, self.group = step, signal, rank, group
@@ -38,7 +38,10 @@ class SendSignal(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             number = getattr(signal, self.signal)
-            os.killpg(os.getpgrp(), number) if self.group else os.kill(os.getpid(), number)
+            if self.group:
+                os.killpg(os.getpgrp(), number)
+            else:
+                os.kill(os.getpid(), number)
 
 
 class DieWhileSaving(Callback):

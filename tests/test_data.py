@@ -1,6 +1,12 @@
 import functools
 import http.server
+import itertools
+import multiprocessing.forkserver
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -156,3 +162,26 @@ def test_shards_stream_over_http(shards):
         assert next(iter(dm.val_dataloader()))["ids"].shape == (2, 17)
     finally:
         server.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers take their signals with sigwaitinfo")
+def test_workers_outlive_a_schedulers_signals_and_end_on_the_loaders(shards):
+    """SLURM signals every process of a job: the forkserver and the workers carry on (the trainer acts on the
+    signal after a batch), but a worker ends when the trainer itself sends SIGTERM (as the DataLoader does
+    to a worker that does not stop)."""
+    dm = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=16, batch_size=2, num_workers=2,
+                             batches_per_epoch=100)
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    workers = batches._workers
+    pids = [multiprocessing.forkserver._forkserver._forkserver_pid] + [w.pid for w in workers]
+    for name in ("SIGUSR1", "SIGTERM"):  # from another process, as a scheduler sends them
+        subprocess.run([sys.executable, "-c", f"import os, signal\nfor p in {pids}: os.kill(p, signal.{name})"],
+                       check=True)
+    assert len(list(itertools.islice(batches, 20))) == 20  # more than the workers had fetched ahead
+    os.kill(workers[0].pid, signal.SIGTERM)
+    workers[0].join(timeout=10)
+    assert workers[0].exitcode == 0 and workers[1].is_alive()
+    batches._shutdown_workers()
+    assert not workers[1].is_alive()

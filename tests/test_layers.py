@@ -19,8 +19,8 @@ def test_a_single_row_on_the_cpu_is_multiplied_in_halves_as_the_matrix_product_w
     torch.testing.assert_close(y, F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("x, outputs", [(torch.randn(3, 48), 20), (torch.randn(48, 2).t()[:1], 20), (torch.randn(1, 48), 21)],
-                         ids=["rows", "a strided row", "odd outputs"])
+@pytest.mark.parametrize("x, outputs", [(torch.randn(3, 48), 20), (torch.randn(48, 2).t()[:1], 20),
+                                        (torch.randn(1, 48), 21)], ids=["rows", "a strided row", "odd outputs"])
 def test_anything_else_is_the_plain_matrix_product(x, outputs, monkeypatch):
     layer = Linear(48, outputs)
     monkeypatch.setattr(torch, "bmm", None)  # never called

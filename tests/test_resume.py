@@ -20,7 +20,7 @@ def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, worker
     with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM; `env`
     adds to its environment."""
     args, env = fit_command(root, corpus, callbacks, *extra, workers=workers, env=env)
-    # Its own session: a signal to its process group reaches it and its DataLoader workers only.
+    # Its own session: a signal to its process group reaches it, its DataLoader workers and their forkserver only.
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
 
 
@@ -60,7 +60,8 @@ def record(path: Path) -> dict:
 
 
 def signal_at(step: int, name: str, rank: int | None = None, group: bool = False) -> dict:
-    return {"class_path": "probes.SendSignal", "init_args": {"step": step, "signal": name, "rank": rank, "group": group}}
+    return {"class_path": "probes.SendSignal",
+            "init_args": {"step": step, "signal": name, "rank": rank, "group": group}}
 
 
 def batches(path: Path) -> dict[int, str]:

@@ -105,17 +105,18 @@ def ngram_hashes(ids: torch.Tensor, keys: tuple[tuple[int, int], ...], table_siz
     weighted 0 for shorter n-grams (a wrapping sum is the same in any order)."""
     longest = max(n for _, n in keys)
     windows = F.pad(ids, (longest - 1, 0), value=0).unfold(-1, longest, 1)  # [B, L, longest], oldest first
-    powers = torch.tensor(_window_powers(keys), device=ids.device)  # [len(keys), longest]
+    powers = _window_powers(keys, ids.device)  # [len(keys), longest]
     return (windows.long()[..., None, :] * powers).sum(-1) % table_size
 
 
 @functools.cache
-def _window_powers(keys: tuple[tuple[int, int], ...]) -> list[list[int]]:
+def _window_powers(keys: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """Per (prime, n): 0 for the ids before its n-gram, then prime^0 .. prime^(n - 1) as int64 multiplication
-    gives them, wrapping around (as in the reference)."""
+    gives them, wrapping around (as in the reference). Made once per device."""
     longest = max(n for _, n in keys)
     wrapped = [[0] * (longest - n) + [pow(prime, j, 2**64) for j in range(n)] for prime, n in keys]
-    return [[p - 2**64 if p >= 2**63 else p for p in row] for row in wrapped]
+    with torch.inference_mode(False):  # kept for training too
+        return torch.tensor([[p - 2**64 if p >= 2**63 else p for p in row] for row in wrapped], device=device)
 
 
 class HashNgramEmbedding(nn.Module):

@@ -1,8 +1,8 @@
 """A ByteLatentTransformer fed one document a chunk at a time (for generation, a byte at a time), with
 KV caches: the local encoder's and decoder's self-attention keep the keys a next byte may see (those of
-the `local_window` - 1 bytes before it), the global transformer those of every patch so far. A byte then costs one pass of the local
-models, and a patch one pass of the global model, instead of a pass of everything over the whole
-document for every byte.
+the `local_window` - 1 bytes before it), the global transformer those of every patch so far. A byte
+then costs one pass of the local models, and a patch one pass of the global model, instead of a pass
+of everything over the whole document for every byte.
 
 The logits are those ByteLatentTransformer.forward gives a row holding the document from its start:
 - a byte's encoder states depend on the ids up to it, so they are computed once, when it comes;
@@ -72,7 +72,8 @@ class BLTStream:
         self.position += len(ids)
         return logits
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None, rope: Rope) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                rope: Rope) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final byte states [1, L, d_enc], and the states of the pooling layers."""
         encoder = self.model.encoder
         x = encoder.tok_embeddings(ids)[None]
@@ -121,8 +122,8 @@ class BLTStream:
         self.patches += h.shape[1]
         return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
 
-    def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool], mask: torch.Tensor | None,
-                rope: Rope) -> torch.Tensor:
+    def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool],
+                mask: torch.Tensor | None, rope: Rope) -> torch.Tensor:
         """Logits [L, VOCAB_SIZE]: each byte reads the last patch complete at it (one of the new ones or,
         before the first of them, the latest of an earlier chunk)."""
         decoder, k = self.model.decoder, self.config.cross_attn_k
@@ -139,6 +140,7 @@ class BLTStream:
             keys, cross_mask = [(keys_[:, :, first:last], values[:, :, first:last]) for keys_, values in keys], None
         else:
             reads = torch.tensor(reads, device=self.device)[None]
-            cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], keys[0][0].shape[2], self.device, "sdpa")
+            n_keys = keys[0][0].shape[2]
+            cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], n_keys, self.device, "sdpa")
         h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
         return decoder.decode(h, keys, cross_mask, mask, rope, self.decoder_cache)[0]

@@ -94,7 +94,8 @@ class EntropyModel(nn.Module):
     @torch.no_grad()
     def document_entropies(self, ids: torch.Tensor, window: int, chunk: int | None = None) -> torch.Tensor:
         """Entropies [L] of one document's ids [L] of any length, streamed in chunks through a KV cache:
-        every position sees up to `window` earlier ids at every layer, as in one pass over all of it.
+        every position sees itself and up to `window` - 1 earlier ids at every layer, as in one pass over all
+        of it.
         A chunk attends over itself and the window before it, so chunks of one window (the default)
         waste at most half the attention work."""
         cache = self.new_cache(window, ids.device)

@@ -35,7 +35,8 @@ class Rope(NamedTuple):
     def at(cls, positions: torch.Tensor, head_dim: int, theta: float) -> "Rope":
         """Angles are computed in float64: in float32, positions past a million (a long document streamed
         through a KV cache) would lose the precision that makes a row and a stream agree."""
-        angles = positions.double()[:, None] * _inverse_frequencies(head_dim, theta, positions.device)  # [L, head_dim / 2]
+        inverse_frequencies = _inverse_frequencies(head_dim, theta, positions.device)
+        angles = positions.double()[:, None] * inverse_frequencies  # [L, head_dim / 2]
         cos, sin = angles.cos().float(), angles.sin().float()
         return cls(torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
 
