@@ -43,8 +43,6 @@ class BLTStream:
         # What the decoder's cross-attentions read of the last complete patch (its global output's k slots):
         # per cross-attention, keys and values [1, H, k, head_dim], made once per patch.
         self.latest_slot_keys = None
-        self.position = 0  # ids fed
-        self.patches = 0  # complete patches, run through the global model
         self.ended = False
 
     @torch.inference_mode()
@@ -52,14 +50,15 @@ class BLTStream:
         """Next-byte logits [L, VOCAB_SIZE] for the next L ids of the document. starts: which of them start
         a patch; next_starts: whether the id after them will (then their last patch is complete). EOS
         completes its patch: the document ends there."""
-        if not ids or self.ended or EOS in ids[:-1] or BOS in (ids[1:] if self.position == 0 else ids):
+        if not ids or self.ended or EOS in ids[:-1] or BOS in (ids[1:] if self.encoder_cache.length == 0 else ids):
             raise ValueError("a stream holds one document: BOS only first, nothing after EOS")
         if not (starts[0] or self.open_patch[0].shape[1]):
             raise ValueError("the first id after a complete patch starts a patch")
         self.ended = ids[-1] == EOS
         ends = starts[1:] + [next_starts or self.ended]  # each id is the last of its patch
-        positions = torch.arange(self.position, self.position + len(ids), device=self.device)
-        local_mask = self.encoder_cache.mask(positions)  # the decoder's cache holds the same positions
+        fed = self.encoder_cache.length  # ids fed so far (the decoder's cache holds as many)
+        positions = torch.arange(fed, fed + len(ids), device=self.device)
+        local_mask = self.encoder_cache.mask(positions)
         rope = self.model.encoder.rope(positions)
         byte_states, pooling_states = self._encode(torch.tensor(ids, device=self.device), local_mask, rope)
         patch_vectors = self._complete_patches(pooling_states, starts, ends)  # [1, C, k * d_enc]
@@ -69,7 +68,6 @@ class BLTStream:
         logits = self._decode(byte_states, slots, ends, local_mask, rope)
         for cache in (self.encoder_cache, self.decoder_cache):
             cache.advance(positions)
-        self.position += len(ids)
         return logits
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None,
@@ -114,12 +112,12 @@ class BLTStream:
         """The global model advanced by C new patches; the decoder's keys of their outputs, [1, C * k, d_dec]."""
         transformer, c = self.model.global_transformer, self.config
         h = transformer.input_projection(patch_vectors) if transformer.input_projection is not None else patch_vectors
-        positions = torch.arange(self.patches, self.patches + h.shape[1], device=self.device)
+        done = self.global_cache.length  # complete patches run through the global model so far
+        positions = torch.arange(done, done + h.shape[1], device=self.device)
         mask, rope = self.global_cache.mask(positions), transformer.rope(positions)
         for i, layer in enumerate(transformer.layers):
             h = layer(h, mask, rope, self.global_cache, i)
         self.global_cache.advance(positions)
-        self.patches += h.shape[1]
         return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
 
     def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool],
