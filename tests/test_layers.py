@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blt_lightning.models.layers import Linear, Rope
+from blt_lightning.models.layers import KVCache, Linear, Rope, TransformerBlock, window_mask
 
 
 @pytest.mark.parametrize("shape", [(48,), (1, 48), (1, 1, 48)])
@@ -41,3 +41,33 @@ def test_rope_turns_each_pair_by_its_angle():
             torch.testing.assert_close(got[..., p, i], (a * math.cos(angle) - b * math.sin(angle)).float())
             torch.testing.assert_close(got[..., p, i + half], (b * math.cos(angle) + a * math.sin(angle)).float())
     assert rope.rotate(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_stacked_projections_are_saved_and_loaded_as_their_parts():
+    block = TransformerBlock(16, 2, 32, 1e-5)
+    state = block.state_dict()
+    parts = {"attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+             "feed_forward.w1.weight", "feed_forward.w3.weight"}
+    assert parts <= state.keys() and not any("wqkv" in name or "w13" in name for name in state)
+    assert torch.equal(state["attention.wk.weight"], block.attention.wqkv.weight[16:32])
+    assert torch.equal(state["feed_forward.w3.weight"], block.feed_forward.w13.weight[32:])
+    other = TransformerBlock(16, 2, 32, 1e-5)
+    other.load_state_dict({name: value.clone() for name, value in state.items()})  # strict: every name used
+    assert torch.equal(other.attention.wqkv.weight, block.attention.wqkv.weight)
+    assert torch.equal(other.feed_forward.w13.weight, block.feed_forward.w13.weight)
+
+
+def test_a_block_fed_one_position_at_a_time_gives_its_pass_over_the_whole_row(monkeypatch):
+    torch.manual_seed(0)
+    dim, heads, window, length, theta = 32, 4, 5, 12, 10_000.0
+    block = TransformerBlock(dim, heads, 64, 1e-5)
+    x, positions = torch.randn(1, length, dim), torch.arange(length)
+    whole = block(x, window_mask(positions, positions, window), Rope.at(positions, dim // heads, theta))
+    monkeypatch.setattr(TransformerBlock, "_forward", None)  # a single position takes _step
+    cache, steps = KVCache.empty(1, window, x.device), []
+    with torch.no_grad():
+        for t in range(length):
+            at = positions[t : t + 1]
+            steps.append(block(x[:, t : t + 1], cache.mask(at), Rope.at(at, dim // heads, theta), cache, 0))
+            cache.advance(at)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-6)

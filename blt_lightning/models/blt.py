@@ -20,6 +20,7 @@ Hugging Face port (BltForCausalLM; prefix `model.`, layer numbers as N):
     decoder.cross_attn.N.*, decoder.layers.N.*  local_decoder.cross_attn_layers.N.*, local_decoder.layers.N.*
     decoder.norm, decoder.output                local_decoder.norm, lm_head (top level)
 RoPE is applied in the rotate-half form; a port that rotates interleaved pairs needs its q/k rows permuted.
+A block's wq, wk, wv (and w1, w3) are one stacked weight in the module, wqkv (w13), and the parts in state dicts.
 """
 
 import functools

@@ -38,8 +38,10 @@ class BLTStream:
         self.global_cache = KVCache.empty(c.global_layers, UNBOUNDED, self.device)
         # The ids before the newest, for hash n-grams: PAD before the row starts, as ngram_hashes pads.
         self.ngram_context = torch.full((max(c.ngram_sizes, default=1) - 1,), PAD, dtype=torch.long, device=self.device)
-        # The states [1, n, d_enc] of the bytes of the patch not yet complete, in each encoder pooling layer.
-        self.open_patch = [torch.empty(1, 0, c.encoder_dim, device=self.device) for _ in model.encoder.pooling_layers]
+        # The states of the bytes of the patch not yet complete, in each encoder pooling layer: [1, n, d_enc]
+        # tensors as they came (joined when the patch completes), and n in all.
+        self.open_patch: list[list[torch.Tensor]] = [[] for _ in model.encoder.pooling_layers]
+        self.open_bytes = 0
         # What the decoder's cross-attentions read of the last complete patch (its global output's k slots):
         # per cross-attention, keys and values [1, H, k, head_dim], made once per patch.
         self.latest_slot_keys = None
@@ -52,7 +54,7 @@ class BLTStream:
         completes its patch: the document ends there."""
         if not ids or self.ended or EOS in ids[:-1] or BOS in (ids[1:] if self.encoder_cache.length == 0 else ids):
             raise ValueError("a stream holds one document: BOS only first, nothing after EOS")
-        if not (starts[0] or self.open_patch[0].shape[1]):
+        if not (starts[0] or self.open_bytes):
             raise ValueError("the first id after a complete patch starts a patch")
         self.ended = ids[-1] == EOS
         ends = starts[1:] + [next_starts or self.ended]  # each id is the last of its patch
@@ -91,13 +93,16 @@ class BLTStream:
         """Patch vectors [1, C, k * d_enc] of the C patches this chunk completes (None if none), as
         LocalEncoder makes them; the bytes after the last complete patch stay open."""
         encoder, c = self.model.encoder, self.config
-        n_open = self.open_patch[0].shape[1]
-        states = [torch.cat([held, new], dim=1) for held, new in zip(self.open_patch, pooling_states)]
-        n_patches = sum(ends)
-        n_closed = n_open + len(ends) - ends[::-1].index(True) if n_patches else 0  # bytes of complete patches
-        self.open_patch = [s[:, n_closed:] for s in states]
+        n_open, n_patches = self.open_bytes, sum(ends)
         if not n_patches:
+            for held, new in zip(self.open_patch, pooling_states):
+                held.append(new)
+            self.open_bytes += len(ends)
             return None
+        states = [torch.cat([*held, new], dim=1) for held, new in zip(self.open_patch, pooling_states)]
+        n_closed = n_open + len(ends) - ends[::-1].index(True)  # bytes of complete patches
+        self.open_bytes = states[0].shape[1] - n_closed
+        self.open_patch = [[s[:, n_closed:]] if self.open_bytes else [] for s in states]
         # Patch index of each byte of the complete patches: the open patch (its start fed earlier) is 0.
         patch_starts = ([True] + [False] * (n_open - 1) if n_open else []) + starts
         patch_ids = [n - 1 for n in accumulate(map(int, patch_starts[:n_closed]))]
@@ -126,11 +131,13 @@ class BLTStream:
         before the first of them, the latest of an earlier chunk)."""
         decoder, k = self.model.decoder, self.config.cross_attn_k
         held = self.latest_slot_keys
-        keys = held  # per cross-attention, keys and values [1, H, T * k, head_dim] of the T patches bytes may read
-        if slots is not None:
-            new = decoder.slot_keys(slots)
-            keys = new if held is None else [(torch.cat([hk, nk], dim=2), torch.cat([hv, nv], dim=2))
-                                             for (hk, hv), (nk, nv) in zip(held, new)]
+        h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
+        if slots is None:  # every byte reads the latest patch (always so for most bytes generated)
+            return decoder.decode(h, held, None, mask, rope, self.decoder_cache)[0]
+        # Per cross-attention, keys and values [1, H, T * k, head_dim] of the T patches the bytes may read.
+        new = decoder.slot_keys(slots)
+        keys = new if held is None else [(torch.cat([hk, nk], dim=2), torch.cat([hv, nv], dim=2))
+                                         for (hk, hv), (nk, nv) in zip(held, new)]
         self.latest_slot_keys = [(keys_[:, :, -k:], values[:, :, -k:]) for keys_, values in keys]
         reads = [n - (0 if held else 1) for n in accumulate(map(int, ends))]  # the patch of keys each byte reads
         if reads[0] == reads[-1]:  # one patch for all (always so a byte at a time): its k keys, no mask
@@ -140,5 +147,4 @@ class BLTStream:
             reads = torch.tensor(reads, device=self.device)[None]
             n_keys = keys[0][0].shape[2]
             cross_mask = build_mask(ReadGroupSlots(reads, k), 1, reads.shape[1], n_keys, self.device, "sdpa")
-        h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
         return decoder.decode(h, keys, cross_mask, mask, rope, self.decoder_cache)[0]
