@@ -51,6 +51,7 @@ from blt_lightning.calibrate import mean_patch_size  # noqa: E402
 from blt_lightning.generate import BLTByteStream, Sampling, sample  # noqa: E402
 from blt_lightning.models import EntropyModel  # noqa: E402
 from blt_lightning.models.blt import ByteLatentTransformer  # noqa: E402
+from blt_lightning.models.layers import stacked_as_parts  # noqa: E402
 from blt_lightning.patcher import Patcher  # noqa: E402
 from blt_lightning.patching import PatchingConfig  # noqa: E402
 from blt_lightning.vocab import EOS, OFFSET, decode, encode  # noqa: E402
@@ -138,7 +139,7 @@ def hf_model(entropy_model: EntropyModel, threshold: float):
     D = e.dim // e.n_heads
     interleaved = torch.arange(D).view(2, D // 2).t().flatten()  # 0, D/2, 1, D/2 + 1, ...
     weights = {}
-    for name, value in entropy_model.state_dict().items():
+    for name, value in stacked_as_parts(entropy_model.state_dict()).items():
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             value = value.view(e.n_heads, D, e.dim)[:, interleaved].reshape(e.dim, e.dim)
         for ours_, theirs in names.items():

@@ -36,7 +36,7 @@ import torch
 
 from .models import EntropyModelConfig
 from .models.blt import HASH_PRIMES, BLTConfig
-from .models.layers import swiglu_hidden
+from .models.layers import parts_as_stacked, stacked_as_parts, swiglu_hidden
 from .patching import PatchingConfig
 from .vocab import BOS, EOS, PAD, VOCAB_SIZE
 
@@ -123,17 +123,19 @@ def pairs_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def to_hf(state: dict[str, torch.Tensor], names: Names) -> dict[str, torch.Tensor]:
-    """Our state dict under their names, wq and wk rows permuted."""
-    return {theirs: (halves_to_pairs(state[ours], heads) if heads else state[ours]).contiguous()
+    """Our state dict under their names: stacked weights as their parts, wq and wk rows permuted. Each tensor
+    its own copy (safetensors refuses tensors that share memory)."""
+    state = stacked_as_parts(state)
+    return {theirs: (halves_to_pairs(state[ours], heads) if heads else state[ours]).clone()
             for ours, (theirs, heads) in names.items()}
 
 
 def from_hf(weights: dict[str, torch.Tensor], names: Names, where: str) -> dict[str, torch.Tensor]:
-    """Their tensors under our names, wq and wk rows permuted back."""
+    """Their tensors under our names, wq and wk rows permuted back, blocks' parts stacked."""
     missing = [theirs for theirs, _ in names.values() if theirs not in weights]
     require(not missing, where, "tensors", missing[:3], f"{len(missing)} expected tensors are missing")
-    return {ours: pairs_to_halves(weights[theirs], heads) if heads else weights[theirs]
-            for ours, (theirs, heads) in names.items()}
+    return parts_as_stacked({ours: pairs_to_halves(weights[theirs], heads) if heads else weights[theirs]
+                             for ours, (theirs, heads) in names.items()})
 
 
 def blt_hf_names(c: BLTConfig) -> set[str]:

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blt_lightning.models.layers import KVCache, Linear, Rope, TransformerBlock, window_mask
+from blt_lightning.models.layers import (KVCache, Linear, Rope, TransformerBlock, parts_as_stacked, stacked_as_parts,
+                                         window_mask)
 
 
 @pytest.mark.parametrize("shape", [(48,), (1, 48), (1, 1, 48)])
@@ -43,16 +44,19 @@ def test_rope_turns_each_pair_by_its_angle():
     assert rope.rotate(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_stacked_projections_are_saved_and_loaded_as_their_parts():
+def test_stacked_projections_split_into_their_parts_and_load_from_them():
     block = TransformerBlock(16, 2, 32, 1e-5)
-    state = block.state_dict()
-    parts = {"attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-             "feed_forward.w1.weight", "feed_forward.w3.weight"}
-    assert parts <= state.keys() and not any("wqkv" in name or "w13" in name for name in state)
-    assert torch.equal(state["attention.wk.weight"], block.attention.wqkv.weight[16:32])
-    assert torch.equal(state["feed_forward.w3.weight"], block.feed_forward.w13.weight[32:])
-    other = TransformerBlock(16, 2, 32, 1e-5)
-    other.load_state_dict({name: value.clone() for name, value in state.items()})  # strict: every name used
+    parts = stacked_as_parts({f"layers.0.{name}": value for name, value in block.state_dict().items()})
+    assert {"layers.0.attention.wq.weight", "layers.0.attention.wk.weight", "layers.0.attention.wv.weight",
+            "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w3.weight"} <= parts.keys()
+    assert not any("wqkv" in name or "w13" in name for name in parts)
+    assert torch.equal(parts["layers.0.attention.wk.weight"], block.attention.wqkv.weight[16:32])
+    assert torch.equal(parts["layers.0.feed_forward.w3.weight"], block.feed_forward.w13.weight[32:])
+    again = parts_as_stacked(parts)
+    assert again.keys() == {f"layers.0.{name}" for name in block.state_dict()}
+    assert all(torch.equal(again[f"layers.0.{name}"], w) for name, w in block.state_dict().items())
+    other = TransformerBlock(16, 2, 32, 1e-5)  # as a checkpoint of an earlier version, or converted weights, load
+    other.load_state_dict({name.removeprefix("layers.0."): value.clone() for name, value in parts.items()})
     assert torch.equal(other.attention.wqkv.weight, block.attention.wqkv.weight)
     assert torch.equal(other.feed_forward.w13.weight, block.feed_forward.w13.weight)
 
@@ -64,10 +68,10 @@ def test_a_block_fed_one_position_at_a_time_gives_its_pass_over_the_whole_row(mo
     x, positions = torch.randn(1, length, dim), torch.arange(length)
     whole = block(x, window_mask(positions, positions, window), Rope.at(positions, dim // heads, theta))
     monkeypatch.setattr(TransformerBlock, "_forward", None)  # a single position takes _step
-    cache, steps = KVCache.empty(1, window, x.device), []
+    cache, steps = KVCache.empty(1, window), []
     with torch.no_grad():
         for t in range(length):
             at = positions[t : t + 1]
             steps.append(block(x[:, t : t + 1], cache.mask(at), Rope.at(at, dim // heads, theta), cache, 0))
-            cache.advance(at)
+            cache.advance(1)
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-6)

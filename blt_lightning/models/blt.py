@@ -20,7 +20,8 @@ Hugging Face port (BltForCausalLM; prefix `model.`, layer numbers as N):
     decoder.cross_attn.N.*, decoder.layers.N.*  local_decoder.cross_attn_layers.N.*, local_decoder.layers.N.*
     decoder.norm, decoder.output                local_decoder.norm, lm_head (top level)
 RoPE is applied in the rotate-half form; a port that rotates interleaved pairs needs its q/k rows permuted.
-A block's wq, wk, wv (and w1, w3) are one stacked weight in the module, wqkv (w13), and the parts in state dicts.
+Here a transformer block's wq, wk, wv are one stacked weight, attention.wqkv, and w1, w3 are feed_forward.w13
+(layers.STACKED_PARTS); layers.stacked_as_parts gives a state dict the separate parts, which blocks also load.
 """
 
 import functools

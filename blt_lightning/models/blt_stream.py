@@ -33,9 +33,9 @@ class BLTStream:
         c = self.config = model.config
         self.model = model
         self.device = model.decoder.output.weight.device
-        self.encoder_cache = KVCache.empty(c.encoder_layers, c.local_window or UNBOUNDED, self.device)
-        self.decoder_cache = KVCache.empty(c.decoder_layers, c.local_window or UNBOUNDED, self.device)
-        self.global_cache = KVCache.empty(c.global_layers, UNBOUNDED, self.device)
+        self.encoder_cache = KVCache.empty(c.encoder_layers, c.local_window or UNBOUNDED)
+        self.decoder_cache = KVCache.empty(c.decoder_layers, c.local_window or UNBOUNDED)
+        self.global_cache = KVCache.empty(c.global_layers, UNBOUNDED)
         # The ids before the newest, for hash n-grams: PAD before the row starts, as ngram_hashes pads.
         self.ngram_context = torch.full((max(c.ngram_sizes, default=1) - 1,), PAD, dtype=torch.long, device=self.device)
         # The states of the bytes of the patch not yet complete, in each encoder pooling layer: [1, n, d_enc]
@@ -69,7 +69,7 @@ class BLTStream:
             rope = self.model.decoder.rope(positions)
         logits = self._decode(byte_states, slots, ends, local_mask, rope)
         for cache in (self.encoder_cache, self.decoder_cache):
-            cache.advance(positions)
+            cache.advance(len(ids))
         return logits
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None,
@@ -122,7 +122,7 @@ class BLTStream:
         mask, rope = self.global_cache.mask(positions), transformer.rope(positions)
         for i, layer in enumerate(transformer.layers):
             h = layer(h, mask, rope, self.global_cache, i)
-        self.global_cache.advance(positions)
+        self.global_cache.advance(h.shape[1])
         return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
 
     def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool],

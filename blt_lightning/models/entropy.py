@@ -67,12 +67,12 @@ class EntropyModel(nn.Module):
     def rope(self, positions: torch.Tensor) -> Rope:
         return Rope.at(positions, self.config.dim // self.config.n_heads, self.config.rope_theta)
 
-    def new_cache(self, window: int | None = None, device: torch.device | None = None) -> KVCache:
+    def new_cache(self, window: int | None = None) -> KVCache:
         """An empty cache to stream one document through `forward_cached`, a chunk at a time."""
         window = window or self.config.sliding_window
         if window is None:
             raise ValueError("streaming needs an attention window: the model's sliding window or its context length")
-        return KVCache.empty(len(self.layers), window, device or self.output.weight.device)
+        return KVCache.empty(len(self.layers), window)
 
     def forward_cached(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, L, VOCAB_SIZE] for the next chunk ids [B, L] of B document streams, continuing where
@@ -82,7 +82,7 @@ class EntropyModel(nn.Module):
         x, rope = self.tok_embeddings(ids), self.rope(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, rope, cache, i)
-        cache.advance(positions)
+        cache.advance(ids.shape[1])
         return self.output(self.norm(x))
 
     @torch.no_grad()
@@ -98,7 +98,7 @@ class EntropyModel(nn.Module):
         of it.
         A chunk attends over itself and the window before it, so chunks of one window (the default)
         waste at most half the attention work."""
-        cache = self.new_cache(window, ids.device)
+        cache = self.new_cache(window)
         return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0] for part in ids.split(chunk or window)])
 
     def num_params(self, embeddings: bool = True) -> int:

@@ -91,27 +91,29 @@ class KVCache:
     keys: list[torch.Tensor | None]  # per layer [B, H, capacity, head_dim]; the kept keys are [start, end)
     values: list[torch.Tensor | None]
     spans: list[tuple[int, int]]  # per layer (start, end)
-    positions: torch.Tensor  # [kept]: positions of the kept keys
     window: int  # keys a query sees, itself included: the cache keeps the window - 1 latest
-    length: int = 0  # positions fed so far
+    length: int = 0  # positions fed so far: the stream's next position
 
     @classmethod
-    def empty(cls, n_layers: int, window: int, device: torch.device) -> "KVCache":
-        return cls([None] * n_layers, [None] * n_layers, [(0, 0)] * n_layers,
-                   torch.empty(0, dtype=torch.long, device=device), window)
+    def empty(cls, n_layers: int, window: int) -> "KVCache":
+        return cls([None] * n_layers, [None] * n_layers, [(0, 0)] * n_layers, window)
+
+    @property
+    def kept(self) -> int:
+        """Keys kept per layer: those of the latest window - 1 positions."""
+        return min(self.length, self.window - 1)
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor | None:
-        """[L, kept + L] mask of the next chunk's queries at `positions` over the kept keys, then their own;
-        None for a single query, which sees all of them."""
+        """[L, kept + L] mask of the next chunk's queries at `positions` (the next L of the stream) over the
+        kept keys, then their own; None for a single query, which sees all of them."""
         if len(positions) == 1:
             return None
-        return window_mask(positions, torch.cat([self.positions, positions]), self.window)
+        kept = torch.arange(self.length - self.kept, self.length, device=positions.device)
+        return window_mask(positions, torch.cat([kept, positions]), self.window)
 
-    def advance(self, positions: torch.Tensor) -> None:
-        """Keep the positions of the keys kept, once the chunk at `positions` has been through every layer."""
-        key_positions = torch.cat([self.positions, positions])
-        self.positions = key_positions[max(0, len(key_positions) - self.window + 1) :]
-        self.length += len(positions)
+    def advance(self, count: int) -> None:
+        """The next `count` positions have been through every layer."""
+        self.length += count
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's kept keys and values, then k and v [B, H, L, head_dim] (views of its buffers); the
@@ -132,36 +134,54 @@ class KVCache:
         return buffers[0][:, :, start : end + new], buffers[1][:, :, start : end + new]
 
 
-def store_as_parts(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:
-    """Keep `module`'s Linear `fused`, whose rows are those of the Linears `parts` stacked in order, as those
-    parts in state dicts: checkpoints, the reference's and Hugging Face's names (models/blt.py) see them, and
-    state dicts that hold the parts (any earlier checkpoint) load. One product of the stacked weight reads
-    the input once and costs one call: what a byte generated at a time is made of."""
+# A block's stacked weights, each the rows of its parts in order (the parts: the reference's and Hugging Face's
+# layout). One product of a stacked weight reads the input once and costs one call, which is what a byte
+# generated at a time is made of.
+STACKED_PARTS = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+                 "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
 
-    def split(module, state_dict, prefix, local_metadata):
-        weight = state_dict.pop(f"{prefix}{fused}.weight")
-        for name, rows in zip(parts, weight.chunk(len(parts))):
-            state_dict[f"{prefix}{name}.weight"] = rows
 
-    def stack(module, state_dict, prefix, *args):
-        names = [f"{prefix}{name}.weight" for name in parts]
-        if all(name in state_dict for name in names):
-            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(name) for name in names])
+def stacked_as_parts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every block's stacked weights split into their parts (views, in the same order)."""
+    parted = {}
+    for name, value in state.items():
+        stacked = next((s for s in STACKED_PARTS if name == f"{s}.weight" or name.endswith(f".{s}.weight")), None)
+        if stacked is None:
+            parted[name] = value
+            continue
+        block = name[: -len(f"{stacked}.weight")]
+        parts = STACKED_PARTS[stacked]
+        parted |= {f"{block}{part}.weight": rows for part, rows in zip(parts, value.chunk(len(parts)))}
+    return parted
 
-    module.register_state_dict_post_hook(split)  # views of the stacked weight: no copies
-    module.register_load_state_dict_pre_hook(stack)
+
+def parts_as_stacked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """stacked_as_parts undone: the parts of every block in `state` stacked (other tensors as they are)."""
+    stacked = dict(state)
+    for name in state:
+        for parts in STACKED_PARTS.values():
+            if name == f"{parts[0]}.weight" or name.endswith(f".{parts[0]}.weight"):
+                _stack_parts(stacked, name[: -len(f"{parts[0]}.weight")])
+    return stacked
+
+
+def _stack_parts(state: dict[str, torch.Tensor], block: str) -> None:
+    """Stack, in `state`, the parts of the block whose names begin with `block` (when all are there)."""
+    for stacked, parts in STACKED_PARTS.items():
+        names = [f"{block}{part}.weight" for part in parts]
+        if all(name in state for name in names):
+            state[f"{block}{stacked}.weight"] = torch.cat([state.pop(name) for name in names])
 
 
 class Attention(nn.Module):
-    """Self-attention; its query, key and value projections (wq, wk, wv in state dicts) are one product."""
+    """Self-attention; its query, key and value projections are one product."""
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         assert dim % n_heads == 0, f"dim {dim} is not a multiple of n_heads {n_heads}"
         self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.wqkv = Linear(dim, 3 * dim)
+        self.wqkv = Linear(dim, 3 * dim)  # wq, wk, wv stacked (STACKED_PARTS)
         self.wo = Linear(dim, dim)
-        store_as_parts(self, "wqkv", ("wq", "wk", "wv"))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: Rope,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -176,13 +196,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 and w3 (so named in state dicts) are one product."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 and w3 are one product."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w13 = Linear(dim, 2 * hidden)
+        self.w13 = Linear(dim, 2 * hidden)  # w1, w3 stacked (STACKED_PARTS)
         self.w2 = Linear(hidden, dim)
-        store_as_parts(self, "w13", ("w1", "w3"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -199,6 +218,8 @@ class TransformerBlock(nn.Module):
         # Activation checkpointing: keep only the block's input for backward and run the block again there,
         # trading about a third more compute for the memory of its activations (long rows).
         self.recompute_in_backward = False
+        # State dicts with the parts (a checkpoint of an earlier version, weights in another layout) load too.
+        self.register_load_state_dict_pre_hook(lambda block, state, prefix, *args: _stack_parts(state, prefix))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: Rope,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
