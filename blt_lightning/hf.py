@@ -36,7 +36,7 @@ import torch
 
 from .models import EntropyModelConfig
 from .models.blt import HASH_PRIMES, BLTConfig
-from .models.layers import parts_as_stacked, stacked_as_parts, swiglu_hidden
+from .models.layers import stacked_as_parts, swiglu_hidden
 from .patching import PatchingConfig
 from .vocab import BOS, EOS, PAD, VOCAB_SIZE
 
@@ -123,19 +123,21 @@ def pairs_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def to_hf(state: dict[str, torch.Tensor], names: Names) -> dict[str, torch.Tensor]:
-    """Our state dict under their names: stacked weights as their parts, wq and wk rows permuted. Each tensor
-    its own copy (safetensors refuses tensors that share memory)."""
+    """Our state dict under their names: stacked weights as their parts, wq and wk rows permuted. The parts
+    are copied (safetensors refuses tensors that share memory)."""
     state = stacked_as_parts(state)
-    return {theirs: (halves_to_pairs(state[ours], heads) if heads else state[ours]).clone()
+    return {theirs: (halves_to_pairs(state[ours], heads) if heads else
+                     state[ours].clone() if state[ours]._is_view() else state[ours].contiguous())
             for ours, (theirs, heads) in names.items()}
 
 
 def from_hf(weights: dict[str, torch.Tensor], names: Names, where: str) -> dict[str, torch.Tensor]:
-    """Their tensors under our names, wq and wk rows permuted back, blocks' parts stacked."""
+    """Their tensors under our names (blocks' parts separate: parts_as_stacked stacks them), wq and wk rows
+    permuted back."""
     missing = [theirs for theirs, _ in names.values() if theirs not in weights]
     require(not missing, where, "tensors", missing[:3], f"{len(missing)} expected tensors are missing")
-    return parts_as_stacked({ours: pairs_to_halves(weights[theirs], heads) if heads else weights[theirs]
-                             for ours, (theirs, heads) in names.items()})
+    return {ours: pairs_to_halves(weights[theirs], heads) if heads else weights[theirs]
+            for ours, (theirs, heads) in names.items()}
 
 
 def blt_hf_names(c: BLTConfig) -> set[str]:

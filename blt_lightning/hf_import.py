@@ -31,6 +31,7 @@ from .hf import (PATCHER, blt_config_from_hf, blt_from_hf, blt_hf_names, entropy
                  ffn_multiple_of, from_hf, patching_from_hf, require, transformers_module)
 from .models import EntropyModel, EntropyModelConfig
 from .models.blt import ByteLatentTransformer
+from .models.layers import parts_as_stacked, stacked_as_parts
 from .patcher import CARRIED_ENTROPY_MODEL, carried_entropy_model
 from .vocab import VOCAB_SIZE
 
@@ -66,8 +67,9 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """`state` holds the tensors of `model` (built on the meta device: no memory), in the shapes it gives them."""
-    expected = {name: tuple(w.shape) for name, w in model.state_dict().items()}
+    """`state` holds the tensors of `model` (built on the meta device: no memory), in the shapes it gives them,
+    blocks' parts separate (as from_hf gives them)."""
+    expected = {name: tuple(w.shape) for name, w in stacked_as_parts(model.state_dict()).items()}
     found = {name: tuple(w.shape) for name, w in state.items()}
     wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
     require(not wrong, where, "tensors", wrong[:3], f"shapes {[found.get(n) for n in wrong[:3]]} where the config "
@@ -156,12 +158,13 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
         check_shapes(ByteLatentTransformer(config), state, tensors_at)
         if entropy is not None:
             check_shapes(EntropyModel(entropy[0]), entropy[2], tensors_at)
+    state = parts_as_stacked(state)  # the checkpoints hold our layout
 
     output.mkdir(parents=True, exist_ok=True)
     written = {"blt": output / "blt.ckpt", "finetune": output / "finetune.yaml"}
     blt_state, carried, entropy_checkpoint = prefixed("model.", state), None, None
     if entropy is not None:
-        e_config, context, e_state = entropy
+        e_config, context, e_state = entropy[0], entropy[1], parts_as_stacked(entropy[2])
         written["entropy"] = output / "entropy.ckpt"
         torch.save(lightning_checkpoint(EntropyLM, prefixed("model.", e_state), model=e_config, seq_len=context),
                    written["entropy"])

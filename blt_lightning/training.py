@@ -20,7 +20,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from .callbacks import FlopBudget
 from .metrics import BitsPerByte, BitsPerByteByGroup
-from .models.layers import TransformerBlock
+from .models.layers import TransformerBlock, holds_parts
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
@@ -168,6 +168,13 @@ class ByteLMModule(L.LightningModule):
         checkpoint["trained_flops"] = self.trained_flops
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" in checkpoint
+        if resuming and holds_parts(checkpoint["state_dict"]):
+            raise ValueError(
+                f"{self.trainer.ckpt_path}: written before the blocks' wq, wk, wv (and w1, w3) became one stacked "
+                "weight each: its weights load (validate, test, evaluate, generate, --model.init_args.init_from), "
+                "but its optimizer state, kept per weight, cannot resume this run. Start one from its weights with "
+                "init_from instead.")
         self.trained_flops = checkpoint.get("trained_flops", 0.0)
         self._restored = True
 

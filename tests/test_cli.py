@@ -13,7 +13,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from blt_lightning.cli import BLTLightningCLI, main
 from conftest import SLURM_ONE_TASK
-from blt_lightning.models.layers import TransformerBlock
+from blt_lightning.loading import load_lm
+from blt_lightning.models.layers import TransformerBlock, stacked_as_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set((ROOT / "configs/trainer").glob("*.yaml")))
@@ -152,3 +153,16 @@ def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(co
     fit("4242", 8, run / "checkpoints/last.ckpt")  # requeued again: last.ckpt (step 6) is newer than the hpc one
     assert sorted(p.name for p in (tmp_path / "entropy-tiny").iterdir()) == ["slurm-4242"]
     fit("4343", 2, None)  # a new job of the same run name starts from step 0
+
+
+def test_a_run_of_an_earlier_version_with_its_weights_unstacked_does_not_resume(corpus, tmp_path):
+    one_step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    main(["fit", *fit_args(tmp_path / "run", corpus), *one_step])
+    checkpoint = torch.load(tmp_path / "run/entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
+    checkpoint["state_dict"] = stacked_as_parts(checkpoint["state_dict"])  # as earlier versions wrote them
+    earlier = tmp_path / "earlier.ckpt"
+    torch.save(checkpoint, earlier)
+    with pytest.raises(ValueError, match="earlier.ckpt: written before the blocks' wq, wk, wv"):
+        main(["fit", *fit_args(tmp_path / "resumed", corpus), "--ckpt_path", str(earlier)])
+    weights = load_lm(earlier).model.state_dict()  # its weights still load
+    assert all(torch.equal(w, checkpoint["state_dict"][f"model.{n}"]) for n, w in stacked_as_parts(weights).items())

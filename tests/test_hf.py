@@ -206,6 +206,14 @@ def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"gqa/config.json: encoder_config.num_key_value_heads = 1: grouped-query"):
         import_hf(folder, tmp_path / "out")
+    folder = shutil.copytree(hf_blt[0], tmp_path / "narrow")  # one tensor of a stacked weight the wrong width
+    weights = load_file(folder / "model.safetensors")
+    name = "model.global_transformer.layers.0.mlp.up_proj.weight"
+    weights[name] = weights[name][:, :-1].contiguous()
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"narrow/model.safetensors: tensors = \['global_transformer.layers.0.feed_"
+                                         r"forward.w3.weight'\]: shapes \[\(96, 47\)\] where the config says"):
+        import_hf(folder, tmp_path / "out")
     with pytest.raises(ValueError, match=r"x.ckpt: model.doubled_cross_attn_residual = False"):
         hf_config_kwargs(BLTConfig(), PatchingConfig("static"), None, 1024, "x.ckpt")
     with pytest.raises(ValueError, match=r"x.ckpt: patching.mode = 'monotonic': BltConfig has no such patching"):
@@ -232,3 +240,4 @@ def test_fit_with_init_from_starts_from_the_imported_weights(imported, small_cor
     start = torch.load(imported["blt"], weights_only=False)["state_dict"]
     assert trained["global_step"] == 1 and trained["state_dict"].keys() == start.keys()
     assert all(torch.equal(w, trained["state_dict"][name]) for name, w in start.items())
+

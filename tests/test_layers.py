@@ -1,4 +1,5 @@
 import math
+import pickle
 
 import pytest
 import torch
@@ -59,6 +60,7 @@ def test_stacked_projections_split_into_their_parts_and_load_from_them():
     other.load_state_dict({name.removeprefix("layers.0."): value.clone() for name, value in parts.items()})
     assert torch.equal(other.attention.wqkv.weight, block.attention.wqkv.weight)
     assert torch.equal(other.feed_forward.w13.weight, block.feed_forward.w13.weight)
+    assert torch.equal(pickle.loads(pickle.dumps(block)).attention.wqkv.weight, block.attention.wqkv.weight)
 
 
 def test_a_block_fed_one_position_at_a_time_gives_its_pass_over_the_whole_row(monkeypatch):

@@ -5,8 +5,9 @@ logits. Patches come from outside (blt_lightning.patcher); this file only needs 
 Shapes: B rows, L bytes, P patches (padded to the row with most), k = cross_attn_k query slots per
 patch; d_enc, d_glob, d_dec the widths of the three models.
 
-The parameters keep the reference's structure, so released checkpoints fit. Names here, then in the
-Hugging Face port (BltForCausalLM; prefix `model.`, layer numbers as N):
+The parameters keep the reference's structure, so released checkpoints fit. Names here (with blocks' parts
+separate, as layers.stacked_as_parts gives them), then in the Hugging Face port (BltForCausalLM; prefix
+`model.`, layer numbers as N):
     encoder.tok_embeddings                      local_encoder.embed_tokens
     encoder.ngram_embeddings.embeddings.I       encoder_hash_tok_embedding (one table: rows I*V .. (I+1)*V)
     encoder.layers.N.attention.w{q,k,v,o}       local_encoder.layers.N.self_attn.{q,k,v,o}_proj
@@ -20,8 +21,8 @@ Hugging Face port (BltForCausalLM; prefix `model.`, layer numbers as N):
     decoder.cross_attn.N.*, decoder.layers.N.*  local_decoder.cross_attn_layers.N.*, local_decoder.layers.N.*
     decoder.norm, decoder.output                local_decoder.norm, lm_head (top level)
 RoPE is applied in the rotate-half form; a port that rotates interleaved pairs needs its q/k rows permuted.
-Here a transformer block's wq, wk, wv are one stacked weight, attention.wqkv, and w1, w3 are feed_forward.w13
-(layers.STACKED_PARTS); layers.stacked_as_parts gives a state dict the separate parts, which blocks also load.
+In the modules and their state dicts a transformer block's wq, wk, wv are one stacked weight, attention.wqkv,
+and w1, w3 are feed_forward.w13 (layers.STACKED_PARTS); blocks also load state dicts with the parts.
 """
 
 import functools

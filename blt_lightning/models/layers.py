@@ -98,17 +98,12 @@ class KVCache:
     def empty(cls, n_layers: int, window: int) -> "KVCache":
         return cls([None] * n_layers, [None] * n_layers, [(0, 0)] * n_layers, window)
 
-    @property
-    def kept(self) -> int:
-        """Keys kept per layer: those of the latest window - 1 positions."""
-        return min(self.length, self.window - 1)
-
     def mask(self, positions: torch.Tensor) -> torch.Tensor | None:
-        """[L, kept + L] mask of the next chunk's queries at `positions` (the next L of the stream) over the
-        kept keys, then their own; None for a single query, which sees all of them."""
+        """[L, kept + L] mask of the next chunk's queries at `positions`, which must be the stream's next L
+        (length, length + 1, ...), over the kept keys, then their own; None for a single query, which sees all."""
         if len(positions) == 1:
             return None
-        kept = torch.arange(self.length - self.kept, self.length, device=positions.device)
+        kept = torch.arange(max(0, self.length - self.window + 1), self.length, device=positions.device)
         return window_mask(positions, torch.cat([kept, positions]), self.window)
 
     def advance(self, count: int) -> None:
@@ -165,12 +160,26 @@ def parts_as_stacked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return stacked
 
 
+def holds_parts(state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` holds blocks' parts rather than their stacked weights (a checkpoint of an earlier version)."""
+    return any(name == f"{parts[0]}.weight" or name.endswith(f".{parts[0]}.weight")
+               for name in state for parts in STACKED_PARTS.values())
+
+
 def _stack_parts(state: dict[str, torch.Tensor], block: str) -> None:
     """Stack, in `state`, the parts of the block whose names begin with `block` (when all are there)."""
     for stacked, parts in STACKED_PARTS.items():
         names = [f"{block}{part}.weight" for part in parts]
         if all(name in state for name in names):
+            if f"{block}{stacked}.weight" in state:
+                raise ValueError(f"the state dict holds {block}{stacked}.weight and its parts: which is meant?")
             state[f"{block}{stacked}.weight"] = torch.cat([state.pop(name) for name in names])
+
+
+def _load_parts_stacked(block: nn.Module, state: dict[str, torch.Tensor], prefix: str, *args) -> None:
+    """Load pre-hook of a block: state dicts with the parts (a checkpoint of an earlier version, weights in another
+    layout) load too."""
+    _stack_parts(state, prefix)
 
 
 class Attention(nn.Module):
@@ -218,12 +227,11 @@ class TransformerBlock(nn.Module):
         # Activation checkpointing: keep only the block's input for backward and run the block again there,
         # trading about a third more compute for the memory of its activations (long rows).
         self.recompute_in_backward = False
-        # State dicts with the parts (a checkpoint of an earlier version, weights in another layout) load too.
-        self.register_load_state_dict_pre_hook(lambda block, state, prefix, *args: _stack_parts(state, prefix))
+        self.register_load_state_dict_pre_hook(_load_parts_stacked)  # a module-level function: blocks pickle
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: Rope,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        if cache is not None and x.shape[:2] == (1, 1) and not torch.is_grad_enabled():
+        if cache is not None and mask is None and x.shape[:2] == (1, 1) and not torch.is_grad_enabled():
             return self._step(x, rope, cache, layer)
         if self.recompute_in_backward and torch.is_grad_enabled() and cache is None:  # a cache is filled once
             return checkpoint(self._forward, x, mask, rope, cache, layer, use_reentrant=False)
