@@ -164,7 +164,8 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
     written = {"blt": output / "blt.ckpt", "finetune": output / "finetune.yaml"}
     blt_state, carried, entropy_checkpoint = prefixed("model.", state), None, None
     if entropy is not None:
-        e_config, context, e_state = entropy[0], entropy[1], parts_as_stacked(entropy[2])
+        e_config, context, e_state = entropy
+        e_state = parts_as_stacked(e_state)  # the checkpoints hold our layout
         written["entropy"] = output / "entropy.ckpt"
         torch.save(lightning_checkpoint(EntropyLM, prefixed("model.", e_state), model=e_config, seq_len=context),
                    written["entropy"])

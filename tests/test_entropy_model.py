@@ -82,5 +82,6 @@ def test_a_stream_through_the_cache_gives_the_windowed_pass_in_bounded_memory():
             # Keys are written in place after the kept ones: the buffers never hold more than twice the
             # window and the largest chunk, however long the stream.
             assert all(k.shape[2] <= 2 * (8 + max(chunks)) for k in cache.keys)
-            assert all(end - begin == min(start, 7) for begin, end in cache.spans) and cache.length == start  # a query sees 7 besides itself
+            # A query sees 7 keys besides itself: each layer keeps the latest 7.
+            assert all(end - begin == min(start, 7) for begin, end in cache.spans) and cache.length == start
     torch.testing.assert_close(torch.cat(out, dim=1), expected, rtol=1e-4, atol=1e-5)

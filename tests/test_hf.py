@@ -240,4 +240,3 @@ def test_fit_with_init_from_starts_from_the_imported_weights(imported, small_cor
     start = torch.load(imported["blt"], weights_only=False)["state_dict"]
     assert trained["global_step"] == 1 and trained["state_dict"].keys() == start.keys()
     assert all(torch.equal(w, trained["state_dict"][name]) for name, w in start.items())
-

@@ -73,7 +73,8 @@ def row_product(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     2-core AMD EPYC of bench/generation.py (about 30 against 11 GB/s beyond the caches); generating a byte
     is mostly reading weights."""
     out, width = weight.shape
-    if out % 2 or row.numel() != width or row.device.type != "cpu" or not (weight.is_contiguous() and row.is_contiguous()):
+    batched = row.device.type == "cpu" and weight.is_contiguous() and row.is_contiguous()
+    if out % 2 or row.numel() != width or not batched:
         return F.linear(row.reshape(1, -1), weight).view(out)
     column = row.as_strided((2, width, 1), (0, 1, width))  # the row as a column, twice: the fast kernel's layout
     return torch.bmm(weight.view(2, out // 2, width), column).view(out)
@@ -136,34 +137,42 @@ STACKED_PARTS = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.w
                  "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
 
 
+def _block_of(name: str, weight: str) -> str | None:
+    """The prefix of the block whose `weight` (e.g. "attention.wq") state-dict entry `name` is, else None."""
+    suffix = f"{weight}.weight"
+    return name[: -len(suffix)] if name == suffix or name.endswith(f".{suffix}") else None
+
+
 def stacked_as_parts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with every block's stacked weights split into their parts (views, in the same order)."""
     parted = {}
     for name, value in state.items():
-        stacked = next((s for s in STACKED_PARTS if name == f"{s}.weight" or name.endswith(f".{s}.weight")), None)
+        stacked = next((s for s in STACKED_PARTS if _block_of(name, s) is not None), None)
         if stacked is None:
             parted[name] = value
             continue
-        block = name[: -len(f"{stacked}.weight")]
-        parts = STACKED_PARTS[stacked]
+        block, parts = _block_of(name, stacked), STACKED_PARTS[stacked]
         parted |= {f"{block}{part}.weight": rows for part, rows in zip(parts, value.chunk(len(parts)))}
     return parted
+
+
+def _blocks_with_parts(state: dict[str, torch.Tensor]) -> set[str]:
+    """The prefixes of the blocks whose parts (rather than stacked weights) `state` holds."""
+    return {block for name in state for parts in STACKED_PARTS.values()
+            if (block := _block_of(name, parts[0])) is not None}
 
 
 def parts_as_stacked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """stacked_as_parts undone: the parts of every block in `state` stacked (other tensors as they are)."""
     stacked = dict(state)
-    for name in state:
-        for parts in STACKED_PARTS.values():
-            if name == f"{parts[0]}.weight" or name.endswith(f".{parts[0]}.weight"):
-                _stack_parts(stacked, name[: -len(f"{parts[0]}.weight")])
+    for block in _blocks_with_parts(state):
+        _stack_parts(stacked, block)
     return stacked
 
 
 def holds_parts(state: dict[str, torch.Tensor]) -> bool:
     """Whether `state` holds blocks' parts rather than their stacked weights (a checkpoint of an earlier version)."""
-    return any(name == f"{parts[0]}.weight" or name.endswith(f".{parts[0]}.weight")
-               for name in state for parts in STACKED_PARTS.values())
+    return bool(_blocks_with_parts(state))
 
 
 def _stack_parts(state: dict[str, torch.Tensor], block: str) -> None:
