@@ -112,6 +112,7 @@ def test_gradient_accumulation_and_the_global_batch_in_bytes(corpus, tmp_path, c
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_blocks_compute_what_eager_ones_do():
+    """Forward and backward (the blocks' norms and SwiGLU are autograd functions of their own)."""
     from blt_lightning import EntropyLM
     from blt_lightning.models import EntropyModelConfig
 
@@ -122,7 +123,12 @@ def test_compiled_blocks_compute_what_eager_ones_do():
     compiled.configure_model()
     assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
     ids = torch.randint(4, 260, (2, 16))
-    torch.testing.assert_close(compiled(ids), eager(ids), atol=1e-5, rtol=1e-5)
+    outputs = [module(ids) for module in (compiled, eager)]
+    torch.testing.assert_close(*outputs, atol=1e-5, rtol=1e-5)
+    for output in outputs:
+        output.square().mean().backward()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(corpus, tmp_path, monkeypatch, caplog):

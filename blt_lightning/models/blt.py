@@ -36,6 +36,7 @@ from torch import nn
 from ..patching import Patches
 from ..vocab import EOS, VOCAB_SIZE, document_ids
 from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
+from .lean_backward import RMSNorm
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
 
 HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
@@ -142,8 +143,8 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, norm_eps: float):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.query_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.kv_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.query_norm = RMSNorm(dim, eps=norm_eps)
+        self.kv_norm = RMSNorm(dim, eps=norm_eps)
         self.wq, self.wk, self.wv, self.wo = (Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask) -> torch.Tensor:
@@ -254,7 +255,7 @@ class LocalDecoder(nn.Module):
         n_cross = config.decoder_layers if config.decoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps) for _ in range(n_cross))
         self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config.decoder_ffn_hidden, config)
-        self.norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.norm = RMSNorm(d, eps=config.norm_eps)
         self.output = Linear(d, VOCAB_SIZE)
 
     def forward(self, byte_states: torch.Tensor, global_out: torch.Tensor, decoder_patch_ids: torch.Tensor, self_mask) -> torch.Tensor:

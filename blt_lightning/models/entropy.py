@@ -10,6 +10,7 @@ from torch import nn
 
 from ..vocab import VOCAB_SIZE, document_ids
 from .attention import build_mask, causal_documents
+from .lean_backward import RMSNorm
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
 
 
@@ -46,7 +47,7 @@ class EntropyModel(nn.Module):
             TransformerBlock(config.dim, config.n_heads, config.ffn_hidden, config.norm_eps)
             for _ in range(config.n_layers)
         )
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = Linear(config.dim, VOCAB_SIZE)
         init_weights(self, config.n_layers)
 
