@@ -67,36 +67,57 @@ def test_backward_keeps_the_input_and_the_stacked_product_only():
     assert saved_bytes(composite) > params + activations + 2 * 4 * 64 * 96 * 4  # silu(gate) and the product too
 
 
-def test_under_bfloat16_autocast_the_gradients_are_those_of_autocasts_composite():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_bfloat16_autocast_the_gradients_are_those_of_autocasts_composite(dtype):
     torch.manual_seed(0)
-    ffn, norm = FeedForward(32, 64), RMSNorm(32)
-    x = torch.randn(2, 16, 32)
+    ffn, norm = FeedForward(32, 64), RMSNorm(32, eps=1e-6)
+    x = torch.randn(2, 16, 32, dtype=dtype, requires_grad=True)
 
     def grads(forward):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = forward(x)
         assert y.dtype == torch.bfloat16
+        x.grad = None
         ffn.zero_grad(), norm.zero_grad()
         y.float().square().sum().backward()
-        return [p.grad for p in (*ffn.parameters(), norm.weight)]
+        return [x.grad, *(p.grad for p in (*ffn.parameters(), norm.weight))]
 
     def composite(x):
-        gate, up = ffn.w13(F.rms_norm(x, (32,), norm.weight)).chunk(2, dim=-1)
+        gate, up = ffn.w13(F.rms_norm(x, (32,), norm.weight, 1e-6)).chunk(2, dim=-1)
         return ffn.w2(F.silu(gate) * up)
 
     ours, theirs = grads(lambda x: ffn(norm(x))), grads(composite)
     for a, b in zip(ours, theirs):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+
+
+def test_frozen_weights_one_dimensional_inputs_and_torchs_default_eps():
+    x = (torch.randn(8) * 1e-3).bfloat16().requires_grad_()
+    norm = RMSNorm(8).requires_grad_(False)  # eps None: float32's, as torch takes for bfloat16
+    gate_up = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.equal(norm(x), F.rms_norm(x.detach(), (8,), norm.weight))
+    norm(x).float().sum().backward()
+    assert x.grad is not None and norm.weight.grad is None
+    assert torch.autograd.gradcheck(swiglu_down, (gate_up, w2))
+
+
+def test_second_derivatives_raise_rather_than_being_wrong():
+    x = torch.randn(3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(RMSNorm(8)(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def test_without_gradients_the_modules_take_torchs_own_paths(monkeypatch):
-    from blt_lightning.models import lean_backward
+    from blt_lightning.models import layers, lean_backward
 
-    monkeypatch.setattr(lean_backward, "swiglu_down", None)
+    ffn, norm, x = FeedForward(16, 32), RMSNorm(16), torch.randn(3, 16)
+    monkeypatch.setattr(layers, "swiglu_down", None)
     monkeypatch.setattr(lean_backward._RMSNorm, "apply", None)
-    ffn, norm = FeedForward(16, 32), RMSNorm(16)
     with torch.no_grad():
-        ffn(norm(torch.randn(3, 16)))
-    with pytest.raises(TypeError):
-        ffn(norm(torch.randn(3, 16)))
+        ffn(x), norm(x)
+    for module in (ffn, norm):
+        with pytest.raises(TypeError):  # None is not callable: with gradients, each takes its own function
+            module(x)
