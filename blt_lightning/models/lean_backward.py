@@ -5,7 +5,8 @@ input, for SwiGLU's w2(silu(gate) * up) silu(gate) and the product besides gate 
 input (and 1 / rms), or the stacked product [gate, up], and recompute the rest in backward, which is
 elementwise and cheap. Training bench/training.py's 48M BLT on a 1 x 8192-byte row, that is 290 MB
 (14%) less peak memory at the same speed. On the CPU, forward results are bitwise those of torch's
-operations; gradients agree to rounding. Second derivatives are not supported (they raise). Without gradients the modules take torch's own paths.
+operations; gradients agree to rounding; second derivatives raise. Without gradients the modules take
+torch's own paths.
 """
 
 import torch
