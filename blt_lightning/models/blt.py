@@ -36,8 +36,8 @@ from torch import nn
 from ..patching import Patches
 from ..vocab import EOS, VOCAB_SIZE, document_ids
 from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
-from .lean_backward import RMSNorm
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
+from .lean_backward import RMSNorm
 
 HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..vocab import VOCAB_SIZE, document_ids
 from .attention import build_mask, causal_documents
-from .lean_backward import RMSNorm
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
+from .lean_backward import RMSNorm
 
 
 @dataclass(frozen=True)
