@@ -287,7 +287,6 @@ def hf_config_kwargs(c: BLTConfig, patching: PatchingConfig, entropy: tuple[Entr
     require(patching.mode in EXPORTED_MODES, where, "patching.mode", patching.mode, "BltConfig has no such patching")
     require(patching.mode != "entropy" or entropy is not None, where, "entropy_checkpoint", None,
             "entropy patching needs the entropy model")
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
 
     def part(dim, layers, heads, hidden):
         return {"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,

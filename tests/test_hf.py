@@ -113,7 +113,6 @@ def test_imported_blt_computes_bltforcausallm_logits_with_its_patcher(hf_blt, im
     assert lm.patcher.config == PatchingConfig("entropy", threshold=hf.config.patching_threshold, max_patch_length=6)
     with torch.no_grad():
         ours, theirs = lm(ids), hf(ids).logits
-        lengths = hf.model.patcher(ids, patch_size=4, threshold=hf.config.patching_threshold, max_patch_length=6)[1]
     # Not a row's last position, which BltForCausalLM decides from how the batch's patch lengths are padded (hf.py).
     torch.testing.assert_close(ours[:, :-1], theirs[:, :-1], **TOLERANCE)
 
