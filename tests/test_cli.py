@@ -102,12 +102,13 @@ def test_every_trainer_config_composes_with_a_model_config(config, capsys):
         assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
 
 
-def test_gradient_accumulation_and_the_global_batch_in_bytes(corpus, tmp_path, caplog):
+def test_gradient_accumulation_the_global_batch_in_bytes_and_fused_adamw(corpus, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "3"])
     assert "global batch: 4 rows x 32 bytes x 1 ranks x 3 accumulated = 384 bytes per optimizer step" in caplog.text
     ckpt = torch.load(tmp_path / "entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
+    assert all(group["fused"] for group in ckpt["optimizer_states"][0]["param_groups"])
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C++ compiler")
