@@ -61,12 +61,15 @@ class BLTLM(ByteLMModule):
             if entropy_checkpoint is None:
                 raise ValueError(f"{patching.mode} patching needs entropy_checkpoint (a stage-one checkpoint)")
             entropy_model, context = load_entropy_model(entropy_checkpoint)
-        self.entropy_model, self.entropy_context = entropy_model, context  # frozen: no gradients, never in the optimizer
-        self.entropy_flops_per_byte = entropy_model_flops_per_byte(entropy_model.config, context) if entropy_model else 0.0
+        # frozen: no gradients, never in the optimizer
+        self.entropy_model, self.entropy_context = entropy_model, context
+        self.entropy_flops_per_byte = (entropy_model_flops_per_byte(entropy_model.config, context)
+                                       if entropy_model else 0.0)
         self.patcher = Patcher(patching, entropy_model, context)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
-        self._tested = torch.zeros(3, dtype=torch.float64)  # of this test run: bytes patched, their patches, entropy-model runs
+        # of this test run: bytes patched, their patches, entropy-model runs
+        self._tested = torch.zeros(3, dtype=torch.float64)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, self.patch(ids, None, None))
@@ -78,7 +81,8 @@ class BLTLM(ByteLMModule):
     def patch_batch(self, batch: dict[str, torch.Tensor]) -> Patches:
         """Patches of a batch's inputs: from its stored entropies if it has them, else as the patcher decides."""
         stored = batch.get("entropies")
-        return self.patch(batch["ids"][:, :-1], batch["doc_ids"][:, :-1], stored[:, :-1] if stored is not None else None)
+        return self.patch(batch["ids"][:, :-1], batch["doc_ids"][:, :-1],
+                          stored[:, :-1] if stored is not None else None)
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, doc_ids = batch["ids"][:, :-1], batch["doc_ids"][:, :-1]
@@ -123,7 +127,8 @@ class BLTLM(ByteLMModule):
     def inference_cost(self) -> dict:
         """Mean patch size over the test run's bytes, and forward FLOPs per byte at it (with the entropy
         model's, when it patched on the fly)."""
-        n_bytes, n_patches, entropy_runs = self.trainer.strategy.reduce(self._tested.to(self.device), reduce_op="sum").tolist()
+        tested = self.trainer.strategy.reduce(self._tested.to(self.device), reduce_op="sum")
+        n_bytes, n_patches, entropy_runs = tested.tolist()
         mean_patch_size = n_bytes / max(1.0, n_patches)
         flops = blt_flops_per_byte(self.model.config, self.seq_len, mean_patch_size)
         entropy_flops = self.entropy_flops_per_byte if entropy_runs else 0.0

@@ -25,7 +25,8 @@ SEARCH_STEPS = 60
 TOLERANCE = 0.02  # of the target mean patch size
 
 
-def sample_entropies(model, window: int, data: list[str], split: str, sample_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_entropies(model, window: int, data: list[str], split: str,
+                     sample_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [1, N] and entropies [1, N] of whole documents from `data`, until `sample_bytes` bytes."""
     ids, entropies, taken = [], [], 0
     device = model.output.weight.device
@@ -49,7 +50,8 @@ def mean_patch_size(ids: torch.Tensor, entropies: torch.Tensor, config: Patching
     return patch(ids, config, entropies).mean_size
 
 
-def calibrate(ids: torch.Tensor, entropies: torch.Tensor, config: PatchingConfig, target: float) -> tuple[PatchingConfig, float]:
+def calibrate(ids: torch.Tensor, entropies: torch.Tensor, config: PatchingConfig,
+              target: float) -> tuple[PatchingConfig, float]:
     """The config with the threshold (relative_threshold in monotonic mode) whose mean patch size on
     ids/entropies [1, N] is closest to `target`, and that mean patch size."""
     field = "relative_threshold" if config.mode == "monotonic" else "threshold"
@@ -90,17 +92,23 @@ def snippet(config: PatchingConfig, achieved: float, target: float, n_bytes: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="blt-lightning calibrate",
-        description="Find the entropy threshold that gives a target mean patch size, and write it as YAML for stage two.",
+        description="Find the entropy threshold that gives a target mean patch size, and write it as YAML "
+                    "for stage two.",
     )
     parser.add_argument("--checkpoint", required=True, help="stage-one (entropy model) checkpoint")
-    parser.add_argument("--data", nargs="+", required=True, help="manifest.json, shard URLs, or text / JSON-lines files and directories")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="manifest.json, shard URLs, or text / JSON-lines files and directories")
     parser.add_argument("--split", default="validation", help="split of a manifest to sample (default: validation)")
-    parser.add_argument("--target", type=float, required=True, help="mean patch size to reach, in bytes (the paper's runs: about 4.5)")
+    parser.add_argument("--target", type=float, required=True,
+                        help="mean patch size to reach, in bytes (the paper's runs: about 4.5)")
     parser.add_argument("--mode", choices=["entropy", "monotonic", "combined"], default="entropy")
-    parser.add_argument("--relative_threshold", type=float, default=0.0, help="kept fixed in combined mode (default: 0)")
+    parser.add_argument("--relative_threshold", type=float, default=0.0,
+                        help="kept fixed in combined mode (default: 0)")
     parser.add_argument("--max_patch_length", type=int, default=None, help="cut longer patches (default: no limit)")
-    parser.add_argument("--sample_bytes", type=int, default=1_000_000, help="bytes of whole documents to sample (default: 1e6)")
-    parser.add_argument("--output", help="YAML snippet to write (default: patching-MODE-TARGET.yaml beside the checkpoint)")
+    parser.add_argument("--sample_bytes", type=int, default=1_000_000,
+                        help="bytes of whole documents to sample (default: 1e6)")
+    parser.add_argument("--output",
+                        help="YAML snippet to write (default: patching-MODE-TARGET.yaml beside the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
@@ -114,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"calibrate: {error}")
     n_bytes = int((ids >= 4).sum())
     value = config.relative_threshold if config.mode == "monotonic" else config.threshold
-    print(f"{config.mode} threshold {value:.6f}: mean patch size {achieved:.3f} (target {args.target}) on {n_bytes:,} bytes")
+    print(f"{config.mode} threshold {value:.6f}: mean patch size {achieved:.3f} (target {args.target}) "
+          f"on {n_bytes:,} bytes")
     output = Path(args.output or Path(args.checkpoint).parent / f"patching-{args.mode}-{args.target:g}.yaml")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(snippet(config, achieved, args.target, n_bytes, args.checkpoint))

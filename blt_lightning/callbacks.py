@@ -157,8 +157,8 @@ class FlopBudget(Callback):
         # Ranks measure on different batches: rank 0's count stands for all, so every rank stops together.
         steps = trainer.strategy.broadcast(max(1, round(self.flops / (per_byte * step_bytes))), src=0)
         trainer.fit_loop.epoch_loop.max_steps = steps  # before configure_optimizers, which sizes the schedule by it
-        rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte at a mean patch size "
-                       f"of {patch_size:.2f} x {step_bytes:,} bytes per step = {steps:,} steps")
+        rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte "
+                       f"at a mean patch size of {patch_size:.2f} x {step_bytes:,} bytes per step = {steps:,} steps")
 
     def on_train_end(self, trainer, pl_module) -> None:
         # The budget seldom ends on a validation step, where ModelCheckpoint saves: last.ckpt must hold the

@@ -53,7 +53,8 @@ class SaveConfigPerAttempt(SaveConfigCallback):
 
 class BLTLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_name", default="run", help="Name of the TensorBoard run (and its folder) under default_root_dir.")
+        parser.add_argument("--run_name", default="run",
+                            help="Name of the TensorBoard run (and its folder) under default_root_dir.")
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
     def instantiate_trainer(self, **kwargs):

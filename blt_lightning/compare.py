@@ -69,7 +69,8 @@ def stage_one(args, manifest: Path, data: list[str]) -> tuple[Path, Path]:
     return checkpoint, patching
 
 
-def table_row(name: str, budget: float, checkpoint: Path, seconds: float, held_out: dict, extra: dict[str, dict]) -> dict:
+def table_row(name: str, budget: float, checkpoint: Path, seconds: float, held_out: dict,
+              extra: dict[str, dict]) -> dict:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     params = sum(v.numel() for k, v in state["state_dict"].items() if not k.startswith("entropy_model."))
     return {"experiment": name, "budget_flops": budget, "training_flops": state.get("trained_flops"),
@@ -129,7 +130,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="blt-lightning compare", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--data", nargs="+", default=["data/corpus"],
                         help="text, JSON-lines files or directories to train and hold out from")
     parser.add_argument("--eval", nargs="*", default=[], help="extra files every model is evaluated on")
@@ -137,9 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
                         help="names in configs/experiments/, or YAML paths")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--patch-size", type=float, default=4.5, help="mean patch size the entropy threshold is calibrated for")
+    parser.add_argument("--patch-size", type=float, default=4.5,
+                        help="mean patch size the entropy threshold is calibrated for")
     parser.add_argument("--entropy-config", type=Path, default=CONFIGS / "entropy/tiny.yaml", help="stage one's config")
-    parser.add_argument("--config", type=Path, nargs="*", default=[], help="more configs for every run (a trainer YAML)")
+    parser.add_argument("--config", type=Path, nargs="*", default=[],
+                        help="more configs for every run (a trainer YAML)")
     args = parser.parse_args(argv)
 
     out = args.output_dir
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                 overrides += ["--model.init_args.entropy_checkpoint", str(entropy_checkpoint)]
             checkpoint, seconds = fit(configs, overrides, out, name)
             held_out = evaluate(str(checkpoint), [str(manifest)], out / "evaluate", enable_progress_bar=False)
-            extra = {Path(f).name.split(".")[0]: evaluate(str(checkpoint), [f], out / "evaluate", enable_progress_bar=False)
+            extra = {Path(f).name.split(".")[0]: evaluate(str(checkpoint), [f], out / "evaluate",
+                                                          enable_progress_bar=False)
                      for f in args.eval}
             rows.append(table_row(experiment.stem, budget, checkpoint, seconds, held_out, extra))
             write_results(rows, out)  # after every run: an interrupted comparison keeps what it finished

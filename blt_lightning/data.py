@@ -104,7 +104,8 @@ def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
     except ShardError:
         raise
     except Exception as error:  # tarfile, gzip, OS and webdataset errors alike: name the shard
-        raise ShardError(f"{url}: corrupt shard, unreadable after {count} documents ({type(error).__name__}: {error})") from error
+        raise ShardError(f"{url}: corrupt shard, unreadable after {count} documents "
+                         f"({type(error).__name__}: {error})") from error
     finally:
         stream.close()
     if documents is not None and count != documents:
@@ -271,9 +272,10 @@ class TrainStream(IterableDataset):
 
     def layout(self) -> dict:
         """What the order of batches depends on besides the epoch: a resumed run must have the same."""
-        return {"shards": [s.url.rsplit("/", 1)[-1] for s in self.shards], "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "world_size": self.world_size, "seed": self.seed, "shuffle_rows": self.shuffle_rows,
-                "mix_shards": self.mix_shards, "batches_per_epoch": self.batches_per_epoch}
+        return {"shards": [s.url.rsplit("/", 1)[-1] for s in self.shards], "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "world_size": self.world_size, "seed": self.seed,
+                "shuffle_rows": self.shuffle_rows, "mix_shards": self.mix_shards,
+                "batches_per_epoch": self.batches_per_epoch}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = current_worker()
@@ -587,7 +589,8 @@ def iter_documents(data: list[str], split: str = "validation") -> Iterator[bytes
             urls = expand_urls(spec)
         else:
             for path, source in expand_inputs([spec]):
-                yield from (doc.data for doc in read_documents(path, source, PrepareOptions(), Counts(), lambda _: None))
+                yield from (doc.data for doc in read_documents(path, source, PrepareOptions(), Counts(),
+                                                               lambda _: None))
             continue
         for url in urls:
             yield from shard_documents(url)

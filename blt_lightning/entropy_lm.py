@@ -46,7 +46,8 @@ class EntropyLM(ByteLMModule):
         ids, doc_ids = batch["ids"], batch["doc_ids"]
         logits = self.model(ids[:, :-1], doc_ids[:, :-1])
         targets = ids[:, 1:]
-        self.flops_per_batch = self.model_flops_per_batch = targets.numel() * self.flops_per_byte * (3 if self.training else 1)
+        self.flops_per_batch = self.model_flops_per_batch = (targets.numel() * self.flops_per_byte
+                                                             * (3 if self.training else 1))
         return self.next_byte_cross_entropy(logits, targets), targets
 
     def training_flops_per_byte(self, batches) -> tuple[float, float]:

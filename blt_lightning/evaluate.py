@@ -61,7 +61,8 @@ def evaluate(checkpoint: str, data: list[str], output_dir: str | Path = "runs/ev
 
 
 def format_report(report: dict) -> str:
-    lines = [f"bpb {report['bpb']:.4f} over {report['bytes']:,} bytes (byte perplexity {report['byte_perplexity']:.3f})"]
+    lines = [f"bpb {report['bpb']:.4f} over {report['bytes']:,} bytes "
+             f"(byte perplexity {report['byte_perplexity']:.3f})"]
     if "mean_patch_size" in report:
         lines.append(f"mean patch size {report['mean_patch_size']:.2f} bytes")
     lines.append(f"inference {report['flops_per_byte'] / 1e6:.2f} MFLOPs per byte")

@@ -57,7 +57,8 @@ def blt_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_size: float, 
     encoder += patches * 2 * c.encoder_dim * c.encoder_dim * k if k > 1 else 0  # pooled patch -> k slots
 
     width_in = k * c.encoder_dim
-    global_ = patches * (c.global_layers * block_flops(c.global_dim, hidden(c.global_dim, c.global_ffn_hidden), patch_keys)
+    global_ = patches * (c.global_layers * block_flops(c.global_dim, hidden(c.global_dim, c.global_ffn_hidden),
+                                                       patch_keys)
                          + (2 * width_in * c.global_dim if width_in != c.global_dim else 0))
 
     d = c.decoder_dim

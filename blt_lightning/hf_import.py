@@ -105,8 +105,8 @@ def separate_entropy_model(directory: Path) -> tuple[EntropyModelConfig, int, di
         weights = directory / "consolidated.pth"
         stored = torch.load(weights, map_location="cpu", weights_only=True)
         args = json.loads(params.read_text()).get("entropy_model")
-        return reference_entropy_model(args, "entropy_model", str(params), REFERENCE_WINDOW, stored.get("model", stored),
-                                       str(weights))
+        return reference_entropy_model(args, "entropy_model", str(params), REFERENCE_WINDOW,
+                                       stored.get("model", stored), str(weights))
     tensors_at = str(directory / "model.safetensors")
     if config_json.is_file() and "args" in json.loads(config_json.read_text()):
         args = json.loads(config_json.read_text())["args"]

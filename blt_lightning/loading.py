@@ -22,9 +22,11 @@ def load_lm(checkpoint: str | Path, map_location: str | torch.device = "cpu") ->
     except Exception as error:
         raise ValueError(f"{path}: not a checkpoint of this project: it does not load ({error})") from None
     hparams = header.get("hyper_parameters") if isinstance(header, dict) else None
-    module_class = {cls.__name__: cls for cls in (EntropyLM, BLTLM)}.get(str((hparams or {}).get("_class_path")).rsplit(".", 1)[-1])
+    module_class = {cls.__name__: cls for cls in (EntropyLM, BLTLM)}.get(
+        str((hparams or {}).get("_class_path")).rsplit(".", 1)[-1])
     if module_class is None:
-        raise ValueError(f"{path}: not a checkpoint of `blt-lightning fit` (no EntropyLM or BLTLM in its hyperparameters)")
+        raise ValueError(f"{path}: not a checkpoint of `blt-lightning fit` "
+                         "(no EntropyLM or BLTLM in its hyperparameters)")
     overrides = {}
     if hparams.get("entropy_checkpoint") and CARRIED_ENTROPY_MODEL in header:
         overrides["entropy_checkpoint"] = str(path)  # the entropy model it carries, not the file it was trained with

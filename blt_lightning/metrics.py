@@ -11,10 +11,10 @@ from .vocab import is_byte
 class BitsPerByte(Metric):
     """bpb = (cross entropy in nats summed over predicted bytes) / (ln 2 * number of bytes).
 
-    Nats are summed in float64 and bytes counted in int64 (exact), over ranks before the division, so the result is the bpb of the whole
-    set however it is split across ranks and batches (never a mean of per-batch values). Only targets
-    that are bytes count: predictions of EOS, BOS and padding are left out. (The reference divides by
-    all predicted positions, EOS included, which gives a slightly lower number.)
+    Nats are summed in float64 and bytes counted in int64 (exact), over ranks before the division, so the
+    result is the bpb of the whole set however it is split across ranks and batches (never a mean of
+    per-batch values). Only targets that are bytes count: predictions of EOS, BOS and padding are left out.
+    (The reference divides by all predicted positions, EOS included, which gives a slightly lower number.)
     """
 
     is_differentiable = False

@@ -31,7 +31,8 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
     or a stage-two one (which carries the entropy model that patched it)."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no entropy model checkpoint here (train one: blt-lightning fit --config configs/entropy/tiny.yaml)")
+        raise FileNotFoundError(f"{path}: no entropy model checkpoint here "
+                                "(train one: blt-lightning fit --config configs/entropy/tiny.yaml)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # not a torch file, truncated, or pickled from code that is gone
@@ -45,7 +46,8 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
         if isinstance(config, dict):  # LightningCLI saves the init arguments as the config's plain values
             config = EntropyModelConfig(**config)
         if not isinstance(config, EntropyModelConfig) or context is None:
-            raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint, nor a stage-two one with an entropy model")
+            raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint, "
+                             "nor a stage-two one with an entropy model")
     with torch.device(map_location):  # real weights go in, whatever default device is in force
         model = EntropyModel(config)
     weights = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -132,7 +134,8 @@ class IncrementalPatcher:
         offset = 0 if first else self.segment_offset + 1
         rule_start = first or (next_id != PAD and (offset == 1 or (offset >= 2 and self._rule(offset))))
         patch_offset = 0 if rule_start else self.patch_offset + 1
-        cut = self.config.max_patch_length is not None and next_id != PAD and patch_offset % self.config.max_patch_length == 0
+        cut = (self.config.max_patch_length is not None and next_id != PAD
+               and patch_offset % self.config.max_patch_length == 0)
         return offset, patch_offset, rule_start or cut
 
     def _rule(self, offset: int) -> bool:

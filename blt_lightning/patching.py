@@ -67,7 +67,8 @@ class Patches:
     padding: torch.Tensor  # [B, P] bool: the patch is a run of PAD
     patched_bytes: int  # bytes of the batch (not specials, not padding)
     byte_patches: int  # patches that hold bytes
-    next_starts: torch.Tensor  # [B] bool: a byte after the row would begin a patch (what the decoder's last position reads)
+    next_starts: torch.Tensor  # [B] bool: a byte after the row would begin a patch (what the decoder's last
+                               # position reads)
 
     @property
     def mean_size(self) -> float:
@@ -78,7 +79,8 @@ class Patches:
 def spacelike(ids: torch.Tensor) -> torch.Tensor:
     """Ids that are not an ASCII letter or digit and not a UTF-8 continuation byte (specials included)."""
     b = ids - OFFSET
-    letter_or_digit = ((b >= ord("0")) & (b <= ord("9"))) | ((b >= ord("A")) & (b <= ord("Z"))) | ((b >= ord("a")) & (b <= ord("z")))
+    letter_or_digit = (((b >= ord("0")) & (b <= ord("9"))) | ((b >= ord("A")) & (b <= ord("Z")))
+                       | ((b >= ord("a")) & (b <= ord("z"))))
     continuation = (b >= 0x80) & (b < 0xC0)
     return ~(letter_or_digit | continuation)
 
@@ -145,7 +147,8 @@ def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, next_starts: to
     P = most if num_patches is None else num_patches
     if most > P:
         raise ValueError(f"a row has {most} patches, more than the budget of {num_patches}")
-    per_patch = lambda values: torch.zeros(starts.shape[0], P, dtype=torch.long, device=starts.device).scatter_add_(1, patch_ids, values)
+    per_patch = lambda values: torch.zeros(starts.shape[0], P, dtype=torch.long,
+                                           device=starts.device).scatter_add_(1, patch_ids, values)
     lengths = per_patch(torch.ones_like(patch_ids))
     byte_counts = per_patch(is_byte(ids).long())
     mask = torch.arange(P, device=starts.device)[None, :] < counts[:, None]

@@ -131,7 +131,8 @@ def source_name(path: Path) -> str:
     return name or path.name
 
 
-def read_documents(path: Path, source: str, options: PrepareOptions, skipped: Counts, on_progress) -> Iterator[Document]:
+def read_documents(path: Path, source: str, options: PrepareOptions, skipped: Counts,
+                   on_progress) -> Iterator[Document]:
     """Documents of one file: a record per line of JSON-lines, the whole file otherwise; either cut into
     pieces of at most `max_document_bytes`. Unreadable input is an error naming the file."""
     try:
@@ -226,14 +227,16 @@ class ShardSlot:
     def write(self, key: str, doc: Document, extra: dict[str, bytes] | None = None) -> None:
         """One document as a sample: `key`.bin (its bytes), `key`.json (source, lang), and `extra` members."""
         meta = {"source": doc.source} | ({"lang": doc.lang} if doc.lang is not None else {})
-        self.writer.write({"__key__": key, "bin": doc.data, "json": json.dumps(meta, sort_keys=True).encode(), **(extra or {})})
+        self.writer.write({"__key__": key, "bin": doc.data, "json": json.dumps(meta, sort_keys=True).encode(),
+                           **(extra or {})})
         self.counts.add(len(doc.data))
 
     def finish(self) -> dict:
         self.writer.close()
         self.file.close()  # TarWriter leaves a file it was given open: close (flush) it before renaming and hashing
         os.replace(self.partial, self.path)
-        return {"path": self.path.name, **asdict(self.counts), "size": self.path.stat().st_size, "sha256": _sha256(self.path)}
+        return {"path": self.path.name, **asdict(self.counts), "size": self.path.stat().st_size,
+                "sha256": _sha256(self.path)}
 
     def discard(self) -> None:
         self.writer.close()
@@ -249,7 +252,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOptions = PrepareOptions(), progress: bool = True) -> dict:
+def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOptions = PrepareOptions(),
+            progress: bool = True) -> dict:
     """Write the shards of `inputs` and their manifest under `output`; return the manifest."""
     files = expand_inputs(inputs)
     out = Path(output)
@@ -265,7 +269,8 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
     done_before = 0
     try:
         for path, source in files:
-            for doc in read_documents(path, source, options, malformed, lambda pos: bar.update(done_before + pos - bar.n)):
+            for doc in read_documents(path, source, options, malformed,
+                                      lambda pos: bar.update(done_before + pos - bar.n)):
                 if not doc.data:
                     empty.add(0)
                     continue
@@ -336,14 +341,16 @@ def summary(manifest: dict) -> str:
     for split, s in manifest["splits"].items():
         lines.append(f"{split:>10}: {s['documents']:,} documents, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     skipped = manifest["skipped"]
-    lines.append(f"   skipped: {skipped['empty_documents']} empty documents, {skipped['malformed_lines']} malformed lines")
+    lines.append(f"   skipped: {skipped['empty_documents']} empty documents, "
+                 f"{skipped['malformed_lines']} malformed lines")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="blt-lightning prepare",
-        description="Write text files, directories and JSON-lines (.jsonl, .jsonl.gz) as webdataset shards with a manifest.",
+        description="Write text files, directories and JSON-lines (.jsonl, .jsonl.gz) as webdataset shards "
+                    "with a manifest.",
     )
     parser.add_argument("inputs", nargs="+", help="files, directories (recursive) or glob patterns ('**' allowed)")
     parser.add_argument("--output", "-o", required=True, help="directory for the shards and manifest.json")

@@ -36,7 +36,8 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     with tqdm(total=total, unit="B", unit_scale=True, desc="entropies", disable=None) as bar:
         for split in manifest["splits"].values():
             split["shards"] = [_rewrite(source.parent / s["path"], out, model, window, bar) for s in split["shards"]]
-    manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16", "member": ENTROPY_MEMBER}
+    manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16",
+                             "member": ENTROPY_MEMBER}
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 

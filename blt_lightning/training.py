@@ -55,8 +55,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class ByteLMModule(L.LightningModule):
     """Subclasses build `self.model` and say how ids become per-target cross entropy and what a byte costs."""
 
-    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False, flops_budget: float | None = None,
-                 init_from: str | None = None, activation_checkpointing: bool = False):
+    def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False,
+                 flops_budget: float | None = None, init_from: str | None = None,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
         self.activation_checkpointing = activation_checkpointing
@@ -230,11 +231,12 @@ class ByteLMModule(L.LightningModule):
         if data is not None and hasattr(data, "batch_size"):
             accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
             global_batch = data.batch_size * self.seq_len * world * accumulate
-            rank_zero_info(f"global batch: {data.batch_size} rows x {self.seq_len} bytes x {world} ranks x {accumulate} "
-                           f"accumulated = {global_batch:,} bytes per optimizer step")
+            rank_zero_info(f"global batch: {data.batch_size} rows x {self.seq_len} bytes x {world} ranks x "
+                           f"{accumulate} accumulated = {global_batch:,} bytes per optimizer step")
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
-                params = flatten_hparams(dict(self.hparams)) | ({"global_batch_bytes": global_batch} if global_batch else {})
+                params = flatten_hparams(dict(self.hparams)) | ({"global_batch_bytes": global_batch}
+                                                               if global_batch else {})
                 if self.trainer.datamodule is not None:
                     params |= flatten_hparams(dict(self.trainer.datamodule.hparams), prefix="data/")
                 writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
@@ -247,13 +249,15 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     them); not its optimizer state or step."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: init_from names no checkpoint (train one, or write one with `blt-lightning import-hf`)")
+        raise FileNotFoundError(f"{path}: init_from names no checkpoint "
+                                "(train one, or write one with `blt-lightning import-hf`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     except Exception as error:  # not a torch file, no state dict, or pickled from code that is gone
         raise ValueError(f"{path}: init_from is not a checkpoint of this project ({error})") from None
     try:
-        model.load_state_dict({name.removeprefix("model."): w for name, w in state.items() if name.startswith("model.")})
+        model.load_state_dict({name.removeprefix("model."): w for name, w in state.items()
+                               if name.startswith("model.")})
     except RuntimeError as error:
         raise ValueError(f"{path}: its weights do not fit this model's config ({error})") from None
 

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("patch: --plot draws entropies: give --checkpoint")
         shown = args.plot_bytes + 1  # BOS first
         title = f"{config.mode} patching, mean patch size {stats['mean']:.2f}"
-        patch_figure(ids[:shown], entropies[:shown], starts[:shown], config.threshold, title).savefig(args.plot, dpi=150)
+        patch_figure(ids[:shown], entropies[:shown], starts[:shown], config.threshold,
+                     title).savefig(args.plot, dpi=150)
         print(f"figure: {args.plot}")
 
 

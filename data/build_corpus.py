@@ -49,7 +49,8 @@ def main() -> None:
         with open(OUT / f"{name}.jsonl.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
             pieces = [piece for doc in taken for piece in cut(doc["text"])]
             for piece in pieces:
-                gz.write((json.dumps({"text": piece, "source": name, "lang": taken[0]["lang"]}, ensure_ascii=False) + "\n").encode())
+                gz.write((json.dumps({"text": piece, "source": name, "lang": taken[0]["lang"]}, ensure_ascii=False)
+                          + "\n").encode())
         print(f"{name}: {len(pieces)} documents, {size:,} bytes", file=sys.stderr)
 
 

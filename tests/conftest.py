@@ -58,7 +58,8 @@ def corpus(tmp_path) -> Path:
 def shards(corpus, tmp_path) -> Path:
     """The corpus as shards: many small ones per split, so several ranks and workers each get some."""
     out = tmp_path / "shards"
-    prepare([str(corpus)], out, PrepareOptions(val_fraction=0.2, test_fraction=0.1, shard_bytes=2000, interleave=4), progress=False)
+    prepare([str(corpus)], out, PrepareOptions(val_fraction=0.2, test_fraction=0.1, shard_bytes=2000, interleave=4),
+            progress=False)
     return out
 
 
@@ -86,7 +87,8 @@ def blt_checkpoint(entropy_checkpoint, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stage_two")
     corpus = write_jsonl(root / "corpus.jsonl", make_documents(240))
     main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/blt/tiny.yaml"),
-          "--model.init_args.patching.mode", "monotonic", "--model.init_args.entropy_checkpoint", str(entropy_checkpoint),
+          "--model.init_args.patching.mode", "monotonic",
+          "--model.init_args.entropy_checkpoint", str(entropy_checkpoint),
           "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
           "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
           "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000",

@@ -27,7 +27,8 @@ class RecordingLM(EntropyLM):
 
     def on_fit_end(self):
         out = Path(sys.argv[1])
-        torch.save({**self.seen, "bpb": float(self.trainer.callback_metrics["val/bpb"])}, out / f"rank{self.global_rank}.pt")
+        torch.save({**self.seen, "bpb": float(self.trainer.callback_metrics["val/bpb"])},
+                   out / f"rank{self.global_rank}.pt")
 
 
 if __name__ == "__main__":

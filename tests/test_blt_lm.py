@@ -59,17 +59,20 @@ def test_the_entropy_model_stays_frozen_while_everything_else_learns(entropy_che
 
 def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, shards, tmp_path, capsys):
     snippet = tmp_path / "patching.yaml"
-    calibrate(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / MANIFEST), "--target", "2.5", "--output", str(snippet)])
+    calibrate(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / MANIFEST), "--target", "2.5",
+               "--output", str(snippet)])
     main(["fit", "--config", str(ROOT / "configs/blt/tiny.yaml"), "--config", str(snippet),
           "--model.init_args.entropy_checkpoint", str(entropy_checkpoint),
           "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "2",
+          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.limit_val_batches", "2",
           "--data.sources", "null", "--data.manifest", str(shards / MANIFEST), "--data.seq_len", "32",
           "--data.batch_size", "4", "--data.num_workers", "0"])
     run = tmp_path / "blt-tiny" / "version_0"
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
-    assert {"val/bpb", "train/loss", "train/mean_patch_size", "train/patches_per_row", "val/mean_patch_size"} <= set(events.Tags()["scalars"])
+    assert {"val/bpb", "train/loss", "train/mean_patch_size", "train/patches_per_row",
+            "val/mean_patch_size"} <= set(events.Tags()["scalars"])
     assert "patches" in events.Tags()["images"]
     assert 1.5 < events.Scalars("val/mean_patch_size")[-1].value < 4
     assert (run / "checkpoints" / "last.ckpt").is_file()

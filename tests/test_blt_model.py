@@ -127,7 +127,8 @@ def test_a_tiny_model_overfits_one_batch():
     patches = patcher_for(PatchingConfig(mode="space"))(inputs)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(200):
-        loss = torch.nn.functional.cross_entropy(model(inputs, patches).flatten(0, 1), targets.flatten(), ignore_index=PAD)
+        loss = torch.nn.functional.cross_entropy(model(inputs, patches).flatten(0, 1), targets.flatten(),
+                                                 ignore_index=PAD)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

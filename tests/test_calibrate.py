@@ -61,5 +61,6 @@ def test_figure_marks_patch_starts():
     figure = visualize.patch_figure(ids, h, starts, threshold=1.0, title="test")
     axes = figure.axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == list("by␣George")
-    start_lines = [line for line in axes.lines if line.get_xdata()[0] == line.get_xdata()[-1] and line.get_color() == "tab:red"]
+    start_lines = [line for line in axes.lines
+                   if line.get_xdata()[0] == line.get_xdata()[-1] and line.get_color() == "tab:red"]
     assert sorted(line.get_xdata()[0] for line in start_lines) == [-0.5, 2.5, 3.5]

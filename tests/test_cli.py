@@ -60,7 +60,8 @@ def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capf
     assert {"val/bpb", "train/loss", "train/lr", "train/bytes_per_sec"} <= set(scalars)
     assert [e.step for e in events.Scalars("val/bpb")] == [1, 3]
     assert 0 < events.Scalars("val/bpb")[-1].value < 9
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(events.SummaryMetadata("_hparams_/experiment").plugin_data.content)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.SummaryMetadata("_hparams_/experiment").plugin_data.content)
     assert [m.name.tag for m in experiment.experiment.metric_infos] == ["val/bpb"]
     assert "model/dim" in {h.name for h in experiment.experiment.hparam_infos}
 
@@ -148,7 +149,8 @@ def test_a_requeued_slurm_job_resumes_its_own_run_and_a_new_job_starts_afresh(co
         main(["fit", *args, "--trainer.max_steps", str(steps)])
         restored = re.findall(r"Restored all states from the checkpoint at (\S+)", caplog.text)
         assert restored == ([str(resumed_from)] if resumed_from else [])
-        assert torch.load(tmp_path / f"entropy-tiny/slurm-{job}/checkpoints/last.ckpt", weights_only=False)["global_step"] == steps
+        assert torch.load(tmp_path / f"entropy-tiny/slurm-{job}/checkpoints/last.ckpt",
+                          weights_only=False)["global_step"] == steps
 
     (tmp_path / "hpc_ckpt_7.ckpt").parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "hpc_ckpt_7.ckpt").write_bytes(b"another run's, in the shared root")

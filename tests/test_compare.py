@@ -18,7 +18,8 @@ from test_cli import ROOT, fit_args
 def test_a_flop_budget_sets_the_steps_and_the_last_checkpoint_holds_them(corpus, tmp_path):
     config = yaml.safe_load((ROOT / "configs/entropy/tiny.yaml").read_text())["model"]["init_args"]["model"]
     per_step = 3 * entropy_model_flops_per_byte(EntropyModelConfig(**config), 32) * 4 * 32  # 4 rows of 32 bytes
-    main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "-1", "--model.init_args.flops_budget", str(5 * per_step)])
+    main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "-1",
+          "--model.init_args.flops_budget", str(5 * per_step)])
     last = torch.load(tmp_path / "entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
     # 5 steps, though validation (where ModelCheckpoint saves) ran at steps 2 and 4 only.
     assert last["global_step"] == 5
@@ -37,7 +38,8 @@ def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus):
     compare(["--data", str(corpus), "--eval", str(extra), "--experiments", "byte", "static", "--budget", "3e8", "1e9",
              "--output-dir", str(out), "--config", str(quick)])
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["experiment"], float(r["budget_flops"])) for r in rows] == [("byte", 3e8), ("static", 3e8), ("byte", 1e9), ("static", 1e9)]
+    assert [(r["experiment"], float(r["budget_flops"])) for r in rows] == [("byte", 3e8), ("static", 3e8),
+                                                                           ("byte", 1e9), ("static", 1e9)]
     for row in rows:
         assert 0 < float(row["bpb"]) < 9 and 0 < float(row["bpb:extra"]) < 9
         # Whole steps: at most one step's FLOPs past the budget (and at least one step).
@@ -50,6 +52,6 @@ def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["byte-1e+09", "byte-3e+08", "evaluate", "shards",
                                                                    "static-1e+09", "static-3e+08"]
     # Run again: what is done is not redone.
-    compare(["--data", str(corpus), "--experiments", "byte", "static", "--budget", "3e8", "1e9", "--output-dir", str(out),
-             "--config", str(quick)])
+    compare(["--data", str(corpus), "--experiments", "byte", "static", "--budget", "3e8", "1e9",
+             "--output-dir", str(out), "--config", str(quick)])
     assert len(list((out / "byte-3e+08").glob("version_*"))) == 1

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from blt_lightning.data import ByteShardDataModule, EvalStream, Shard, TrainStream, expand_urls, pack_rows, read_manifest, shard_documents
+from blt_lightning.data import (ByteShardDataModule, EvalStream, Shard, TrainStream, expand_urls, pack_rows,
+                                read_manifest, shard_documents)
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.vocab import BOS, EOS, PAD, decode, encode
 
@@ -96,9 +97,11 @@ def test_training_stream_is_seeded_reproducible_and_equal_across_ranks(shards):
 def test_datamodule_from_urls_and_manifest(shards, tmp_path):
     pattern = str(shards / "validation-{000000..000001}.tar")
     assert expand_urls(pattern) == [str(shards / "validation-000000.tar"), str(shards / "validation-000001.tar")]
-    dm = ByteShardDataModule(manifest=str(shards / MANIFEST), val_shards=f"pipe:cat {pattern}", seq_len=16, batch_size=2)
+    dm = ByteShardDataModule(manifest=str(shards / MANIFEST), val_shards=f"pipe:cat {pattern}", seq_len=16,
+                             batch_size=2)
     dm.setup("fit")
-    assert [s.url for s in dm.shards["validation"]] == [f"pipe:cat {shards}/validation-000000.tar", f"pipe:cat {shards}/validation-000001.tar"]
+    assert [s.url for s in dm.shards["validation"]] == [f"pipe:cat {shards}/validation-000000.tar",
+                                                        f"pipe:cat {shards}/validation-000001.tar"]
     piped = documents_of(dm.shards["validation"])
     assert piped == documents_of(read_manifest(str(shards / MANIFEST))["validation"][:2])
     batch = next(iter(dm.train_dataloader()))
@@ -142,7 +145,8 @@ def test_streams_run_in_spawned_workers(shards):
     split = read_manifest(str(shards / MANIFEST))
     train = TrainStream(split["train"], 16, 2, 0, 1, 0, shuffle_rows=4, mix_shards=2, batches_per_epoch=4)
     evaluation = EvalStream(split["validation"], 16, 2, 0, 1, 2)
-    spawned = [list(DataLoader(s, batch_size=None, num_workers=2, multiprocessing_context="spawn")) for s in (train, evaluation)]
+    spawned = [list(DataLoader(s, batch_size=None, num_workers=2, multiprocessing_context="spawn"))
+               for s in (train, evaluation)]
     forked = [list(DataLoader(s, batch_size=None, num_workers=2)) for s in (train, evaluation)]
     for a, b in zip(spawned, forked):
         assert len(a) == len(b) > 0

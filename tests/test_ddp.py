@@ -29,7 +29,8 @@ def test_ranks_and_workers_read_disjoint_data_covering_validation_once(shards, t
     train_ids = manifest["train"]["bytes"] + 2 * manifest["train"]["documents"]
     per_epoch = train_ids // (64 * 4 * 2)
     assert [len(r["train"]) for r in ranks] == [2 * per_epoch] * 2
-    shard_ids = [torch.cat([encode(d) for d in shard_documents(s.url)]) for s in read_manifest(str(shards / MANIFEST))["train"]]
+    shard_ids = [torch.cat([encode(d) for d in shard_documents(s.url)])
+                 for s in read_manifest(str(shards / MANIFEST))["train"]]
     for rank, r in enumerate(ranks):
         for batch in r["train"]:
             for shard, row in zip(batch["shard"].tolist(), batch["ids"]):

@@ -66,7 +66,8 @@ def test_entropies_are_the_next_byte_distributions_entropy():
 
 def test_reference_shape_and_sizes():
     config = EntropyModelConfig()
-    assert (config.dim, config.n_layers, config.n_heads, config.sliding_window, config.ffn_hidden) == (768, 14, 12, 512, 2048)
+    assert (config.dim, config.n_layers, config.n_heads, config.sliding_window,
+            config.ffn_hidden) == (768, 14, 12, 512, 2048)
 
 
 def test_a_stream_through_the_cache_gives_the_windowed_pass_in_bounded_memory():

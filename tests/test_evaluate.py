@@ -60,11 +60,13 @@ def test_blt_report_on_a_manifest_split_with_patches_and_flops(blt_checkpoint, s
     manifest = json.loads((shards / MANIFEST).read_text())["splits"]["validation"]
     assert report["bytes"] == manifest["bytes"] and report["model"] == "BLTLM"
     assert sum(g["bytes"] for g in report["per_source"].values()) == manifest["bytes"]
-    assert sum(g["bpb"] * g["bytes"] for g in report["per_lang"].values()) == pytest.approx(report["bpb"] * report["bytes"])
+    assert sum(g["bpb"] * g["bytes"] for g in report["per_lang"].values()) == pytest.approx(
+        report["bpb"] * report["bytes"])
     module = load_lm(blt_checkpoint)
     assert 1.0 < report["mean_patch_size"] < 32
     assert report["flops_per_byte"] == pytest.approx(
-        blt_flops_per_byte(module.model.config, module.seq_len, report["mean_patch_size"]) + module.entropy_flops_per_byte)
+        blt_flops_per_byte(module.model.config, module.seq_len, report["mean_patch_size"])
+        + module.entropy_flops_per_byte)
 
 
 def test_a_stage_two_checkpoint_carries_its_entropy_model(blt_checkpoint, tmp_path):

@@ -85,7 +85,8 @@ def test_patches_never_span_documents_and_ignore_other_documents():
 def test_empty_and_one_byte_documents_and_padding():
     ids = torch.cat([encode(b""), encode(b"x"), encode(b"yz"), torch.full((5,), PAD)])[None]
     starts = patch_starts(ids, PatchingConfig(threshold=1.0), torch.full(ids.shape, LOW))[0]
-    assert pieces(ids[0], starts) == [[BOS], [EOS], [BOS], [ord("x") + 4, EOS], [BOS], [ord("y") + 4, ord("z") + 4, EOS], [PAD] * 5]
+    assert pieces(ids[0], starts) == [[BOS], [EOS], [BOS], [ord("x") + 4, EOS], [BOS],
+                                      [ord("y") + 4, ord("z") + 4, EOS], [PAD] * 5]
     patches = patch(ids, PatchingConfig(threshold=1.0, max_patch_length=2), torch.full(ids.shape, LOW))
     assert patches.lengths[0].tolist() == [1, 1, 1, 2, 1, 2, 1, 5]  # padding is never cut
     assert patches.padding[0].tolist() == [False] * 7 + [True]
@@ -107,7 +108,8 @@ def test_space_mode_follows_the_reference():
     # UTF-8 lead bytes are spacelike and continuation bytes are not, so the reference cuts after the
     # second character's lead byte (the first one follows BOS, which is spacelike too).
     cjk = encode("字节".encode())
-    assert texts(cjk, patch_starts(cjk[None], PatchingConfig(mode="space"))[0]) == [b"", "字".encode() + b"\xe8", b"\x8a\x82"]
+    assert texts(cjk, patch_starts(cjk[None], PatchingConfig(mode="space"))[0]) == [b"", "字".encode() + b"\xe8",
+                                                                                     b"\x8a\x82"]
 
 
 def test_static_and_byte_modes():

@@ -59,7 +59,8 @@ def test_split_is_deterministic_and_by_content(corpus, tmp_path):
     other = prepare([str(shuffled)], tmp_path / "b", OPTIONS, progress=False)
 
     def texts(out, manifest, split):
-        return sorted(d for s in manifest["splits"][split]["shards"] for d, _ in shard_samples(out / s["path"]).values())
+        return sorted(d for s in manifest["splits"][split]["shards"]
+                      for d, _ in shard_samples(out / s["path"]).values())
 
     for split in ("train", "validation", "test"):
         assert texts(tmp_path / "a", first, split) == texts(tmp_path / "b", other, split)
@@ -81,12 +82,14 @@ def test_malformed_json_names_file_and_line_and_keeps_finished_shards(tmp_path):
     for path in finished:
         shard_samples(path)  # each is a complete tar
 
-    manifest = prepare([str(good), str(bad)], out, PrepareOptions(**{**OPTIONS.__dict__, "skip_malformed": True}), progress=False)
+    manifest = prepare([str(good), str(bad)], out, PrepareOptions(**{**OPTIONS.__dict__, "skip_malformed": True}),
+                       progress=False)
     assert manifest["skipped"]["malformed_lines"] == 1
     assert sum(s["documents"] for s in manifest["splits"].values()) == 102
 
 
-@pytest.mark.parametrize("line, problem", [('["a list"]', "expected a JSON object"), ('{"body": "x"}', "no string field 'text'")])
+@pytest.mark.parametrize("line, problem", [('["a list"]', "expected a JSON object"),
+                                           ('{"body": "x"}', "no string field 'text'")])
 def test_records_without_text_are_errors(tmp_path, line, problem):
     path = tmp_path / "c.jsonl"
     path.write_text(line + "\n")
@@ -104,10 +107,12 @@ def test_text_files_directories_globs_and_text_field(tmp_path):
     (tree / ".hidden").write_text("skipped")
     write_jsonl(tmp_path / "r.jsonl", [{"body": "in another field", "lang": "en"}])
     out = tmp_path / "out"
-    manifest = prepare([str(tree), str(tmp_path / "r.jsonl")], out, PrepareOptions(val_fraction=0.0, text_field="body"), progress=False)
+    manifest = prepare([str(tree), str(tmp_path / "r.jsonl")], out, PrepareOptions(val_fraction=0.0, text_field="body"),
+                       progress=False)
     train = manifest["splits"]["train"]
     assert train["documents"] == 3 and manifest["skipped"]["empty_documents"] == 1
-    assert train["sources"] == {"tree": {"documents": 2, "bytes": len(a) + len("nested file")}, "r": {"documents": 1, "bytes": 16}}
+    assert train["sources"] == {"tree": {"documents": 2, "bytes": len(a) + len("nested file")},
+                                "r": {"documents": 1, "bytes": 16}}
     data = sorted(d for s in train["shards"] for d, _ in shard_samples(out / s["path"]).values())
     assert data == sorted([a, b"nested file", b"in another field"])
 

@@ -32,7 +32,8 @@ def test_new_shards_hold_the_same_documents(stored, shards):
     assert manifest["entropies"]["window"] == 16
     old, new = read_manifest(str(shards / MANIFEST)), read_manifest(str(path))
     for split in old:
-        assert [d for s in old[split] for d in shard_documents(s.url)] == [d for s in new[split] for d in shard_documents(s.url)]
+        assert [d for s in old[split] for d in shard_documents(s.url)] == [d for s in new[split]
+                                                                           for d in shard_documents(s.url)]
 
 
 def test_patches_from_stored_entropies_equal_patches_on_the_fly(stored):
@@ -59,7 +60,8 @@ def test_patches_from_stored_entropies_equal_patches_on_the_fly(stored):
 
 def test_training_batches_carry_entropies(stored):
     _, path, _ = stored
-    stream = TrainStream(read_manifest(str(path))["train"], 32, 2, 0, 1, 0, shuffle_rows=4, mix_shards=2, batches_per_epoch=3)
+    stream = TrainStream(read_manifest(str(path))["train"], 32, 2, 0, 1, 0, shuffle_rows=4, mix_shards=2,
+                         batches_per_epoch=3)
     for batch in stream:
         assert batch["entropies"].shape == batch["ids"].shape == (2, 33)
         assert (batch["entropies"] >= 0).all()
@@ -67,7 +69,8 @@ def test_training_batches_carry_entropies(stored):
 
 def test_bad_input_is_a_clear_error(shards, tmp_path, stored):
     with pytest.raises(SystemExit, match="not a stage-one"):
-        main(["--checkpoint", str(shards / MANIFEST), "--manifest", str(shards / MANIFEST), "--output", str(tmp_path / "x")])
+        main(["--checkpoint", str(shards / MANIFEST), "--manifest", str(shards / MANIFEST),
+              "--output", str(tmp_path / "x")])
     checkpoint = save_checkpoint(sharp_model(window=16), 64, tmp_path / "again.ckpt")
     with pytest.raises(SystemExit, match="another directory"):
         main(["--checkpoint", str(checkpoint), "--manifest", str(shards / MANIFEST), "--output", str(shards)])

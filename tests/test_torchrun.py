@@ -59,4 +59,5 @@ def test_two_nodes_read_disjoint_data_and_end_with_identical_weights(stage, shar
         torchrun_two_nodes("configs/blt/tiny.yaml", tmp_path / stage, shards / MANIFEST,
                            "--model.init_args.patching.mode", "entropy", "--model.init_args.patching.threshold", "2.0",
                            "--model.init_args.entropy_checkpoint", str(entropy_checkpoint),
-                           "--model.init_args.model.global_layers", "1", "--model.init_args.model.ngram_table_size", "101")
+                           "--model.init_args.model.global_layers", "1",
+                           "--model.init_args.model.ngram_table_size", "101")

@@ -175,12 +175,14 @@ class LocalEncoder(nn.Module):
         d, k = config.encoder_dim, config.cross_attn_k
         self.config = config
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, d)
-        self.ngram_embeddings = (HashNgramEmbedding(d, config.ngram_sizes, config.ngram_table_size, config.hash_functions)
+        self.ngram_embeddings = (HashNgramEmbedding(d, config.ngram_sizes, config.ngram_table_size,
+                                                    config.hash_functions)
                                  if config.ngram_sizes else None)
         self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config.encoder_ffn_hidden, config)
         self.patch_projection = Linear(d, d * k) if k > 1 else None
         n_cross = config.encoder_layers if config.encoder_cross_attn_all_layers else 1
-        self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps) for _ in range(n_cross))
+        self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps)
+                                        for _ in range(n_cross))
 
     def forward(self, ids: torch.Tensor, self_mask, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
         """Byte states [B, L, d_enc] and patch vectors [B, P, k * d_enc]."""
@@ -229,7 +231,8 @@ class GlobalTransformer(nn.Module):
         width_in = config.cross_attn_k * config.encoder_dim
         self.config = config
         self.input_projection = Linear(width_in, config.global_dim) if width_in != config.global_dim else None
-        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config.global_ffn_hidden, config)
+        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config.global_ffn_hidden,
+                              config)
 
     def forward(self, patch_vectors: torch.Tensor, patch_doc_ids: torch.Tensor) -> torch.Tensor:
         """[B, P, d_glob]: patch p sees patches <= p of its own document."""
@@ -253,12 +256,14 @@ class LocalDecoder(nn.Module):
         self.input_projection = Linear(config.encoder_dim, d) if config.encoder_dim != d else None
         self.patch_projection = Linear(config.global_dim, d * k)  # present even when the widths match, as released
         n_cross = config.decoder_layers if config.decoder_cross_attn_all_layers else 1
-        self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps) for _ in range(n_cross))
+        self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps)
+                                        for _ in range(n_cross))
         self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config.decoder_ffn_hidden, config)
         self.norm = RMSNorm(d, eps=config.norm_eps)
         self.output = Linear(d, VOCAB_SIZE)
 
-    def forward(self, byte_states: torch.Tensor, global_out: torch.Tensor, decoder_patch_ids: torch.Tensor, self_mask) -> torch.Tensor:
+    def forward(self, byte_states: torch.Tensor, global_out: torch.Tensor, decoder_patch_ids: torch.Tensor,
+                self_mask) -> torch.Tensor:
         """Next-byte logits [B, L, VOCAB_SIZE]; byte i reads the k slots of global output decoder_patch_ids[i]."""
         B, L, _ = byte_states.shape
         P, k, d = global_out.shape[1], self.config.cross_attn_k, self.config.decoder_dim
@@ -302,7 +307,8 @@ class ByteLatentTransformer(nn.Module):
         ids[:, :t+1] only (given patches whose starts up to t depend only on them, as the patcher's do)."""
         B, L = ids.shape
         doc_ids = document_ids(ids) if doc_ids is None else doc_ids
-        self_mask = build_mask(causal_documents(doc_ids, self.config.local_window), B, L, L, ids.device, self.config.attention)
+        self_mask = build_mask(causal_documents(doc_ids, self.config.local_window), B, L, L, ids.device,
+                               self.config.attention)
         byte_states, patch_vectors = self.encoder(ids, self_mask, patches)  # [B, L, d_enc], [B, P, k * d_enc]
         global_out = self.global_transformer(patch_vectors, patch_document_ids(doc_ids, patches))  # [B, P, d_glob]
         return self.decoder(byte_states, global_out, decoder_patch_ids(ids, patches), self_mask)

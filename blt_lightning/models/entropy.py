@@ -51,7 +51,8 @@ class EntropyModel(nn.Module):
         self.output = Linear(config.dim, VOCAB_SIZE)
         init_weights(self, config.n_layers)
 
-    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                window: int | None = None) -> torch.Tensor:
         """Next-byte logits [B, L, VOCAB_SIZE] for ids [B, L]; position t sees ids[:, :t+1] of its own
         document (doc_ids, [B, L], default: counted from BOS markers), within the sliding window
         (`window` overrides the configured one)."""
@@ -87,7 +88,8 @@ class EntropyModel(nn.Module):
         return self.output(self.norm(x))
 
     @torch.no_grad()
-    def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                  window: int | None = None) -> torch.Tensor:
         """H(t) = -sum_v p(v | ids[:t+1]) ln p(v | ids[:t+1]) in nats, [B, L], float32: the uncertainty
         about the byte after position t. Between 0 and ln(VOCAB_SIZE)."""
         return entropy_of(self(ids, doc_ids, window))
