@@ -24,16 +24,16 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        wide = torch.promote_types(x.dtype, torch.float32)  # torch's default eps is that of the compute dtype
-        eps = self.eps if self.eps is not None else torch.finfo(wide).eps
-        return _RMSNorm.apply(x, self.weight, eps)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # torch's own steps (F.rms_norm): in at least float32, the result in x's dtype.
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+        # torch's own steps (F.rms_norm): in at least float32, the result in x's dtype; eps by default that
+        # of the computing dtype.
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        eps = torch.finfo(wide.dtype).eps if eps is None else eps
         inverse_rms = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, inverse_rms, weight)
         return (wide * inverse_rms * weight).to(x.dtype)
