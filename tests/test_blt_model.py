@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import kept_for_backward
 
 from blt_lightning.models import EntropyModel, EntropyModelConfig
 from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer, decoder_patch_ids, ngram_hashes
@@ -190,16 +191,9 @@ def test_activation_checkpointing_gives_the_same_gradients_keeping_less_for_back
         lm = BLTLM(TINY, seq_len=ids.shape[1] - 1, activation_checkpointing=recompute)
         lm.model.load_state_dict(blt().state_dict())
         lm.configure_model()  # where the option reaches the blocks
-        kept = {}
-
-        def pack(t):  # what autograd keeps for backward, by storage
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = lm.model(ids[:, :-1], patches)
+        logits, kept = kept_for_backward(lambda: lm.model(ids[:, :-1], patches))
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-        return {n: p.grad for n, p in lm.model.named_parameters()}, sum(kept.values())
+        return {n: p.grad for n, p in lm.model.named_parameters()}, kept
 
     plain, plain_kept = gradients_and_kept_bytes(False)
     recomputed, recomputed_kept = gradients_and_kept_bytes(True)

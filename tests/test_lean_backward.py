@@ -1,22 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kept_for_backward
 
 from blt_lightning.models.layers import FeedForward
 from blt_lightning.models.lean_backward import RMSNorm, swiglu_down
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def composite_swiglu_down(gate_up, w2):
@@ -58,13 +46,13 @@ def test_backward_keeps_the_input_and_the_stacked_product_only():
     params = sum(p.untyped_storage().nbytes() for p in (*ffn.parameters(), norm.weight))
     activations = x.numel() * 4 + 4 * 64 * 4  # the norm's input and 1 / rms
     activations += x.numel() * 4 + 4 * 64 * 2 * 96 * 4  # w13's input and its product [gate, up]
-    assert saved_bytes(lambda: ffn(norm(x))) == params + activations
+    assert kept_for_backward(lambda: ffn(norm(x)))[1] == params + activations
 
     def composite():
         gate, up = ffn.w13(F.rms_norm(x, (32,), norm.weight)).chunk(2, dim=-1)
         return ffn.w2(F.silu(gate) * up)
 
-    assert saved_bytes(composite) > params + activations + 2 * 4 * 64 * 96 * 4  # silu(gate) and the product too
+    assert kept_for_backward(composite)[1] > params + activations + 2 * 4 * 64 * 96 * 4  # silu(gate) and the product too
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
