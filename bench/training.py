@@ -29,7 +29,7 @@ Two measures, both over whole training steps:
   aten op of one more step: the memory the tensors need, without what the allocator keeps back.
 
     python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
-                              [--activation_checkpointing]
+                              [--activation_checkpointing {none,blocks,byte_feed_forward}]
 
 Prints one JSON object on stdout; progress goes to stderr. transformers is optional: without it the
 hf_blt entries say so.
@@ -151,9 +151,10 @@ def malloc_peak(step) -> int | None:
     return sample.peak
 
 
-def build(model: str, batches: list[torch.Tensor], attention: str, activation_checkpointing: bool = False):
-    """(module, loss of batch i) for one model; patches are made now, off the clock. activation_checkpointing:
-    our models' transformer blocks are recomputed in backward."""
+def build(model: str, batches: list[torch.Tensor], attention: str, activation_checkpointing: str = "none"):
+    """(module, loss of batch i) for one model; patches are made now, off the clock. activation_checkpointing
+    (our models): "blocks" recomputes every transformer block in backward, "byte_feed_forward" the SwiGLU
+    hidden of the blocks that run over bytes, as the LightningModules' option of that name."""
     cross_entropy = lambda logits, ids: F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
     if model == "entropy":
         net = EntropyModel(ENTROPY_SMALL)
@@ -170,7 +171,9 @@ def build(model: str, batches: list[torch.Tensor], attention: str, activation_ch
         loss_of = lambda i: cross_entropy(net(batches[i][:, :-1], patches[i]), batches[i])
     for block in net.modules():
         if isinstance(block, TransformerBlock):
-            block.recompute_in_backward = activation_checkpointing
+            block.recompute_in_backward = activation_checkpointing == "blocks"
+    for block in net.byte_level_blocks():
+        block.feed_forward.recompute_hidden = activation_checkpointing == "byte_feed_forward"
     return net, loss_of
 
 
@@ -268,8 +271,9 @@ def main() -> None:
                         help="JSONL (.gz or plain), a 'text' field a line")
     parser.add_argument("--attention", choices=("sdpa", "dense", "flex"), default="sdpa",
                         help="our BLT's attention (dense: the quadratic reference)")
-    parser.add_argument("--activation_checkpointing", action="store_true",
-                        help="recompute our models' transformer blocks in backward (BltForCausalLM: as it is)")
+    parser.add_argument("--activation_checkpointing", choices=("none", "blocks", "byte_feed_forward"), default="none",
+                        help="what our models recompute in backward (BltForCausalLM: nothing): whole transformer "
+                             "blocks, or the SwiGLU hidden of the blocks over bytes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -1,5 +1,7 @@
 """BLTLM: stage two. Trains the Byte Latent Transformer, with the frozen stage-one entropy model patching."""
 
+from typing import Literal
+
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -25,7 +27,7 @@ class BLTLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | Literal["byte_feed_forward"] = False,
         flops_budget: float | None = None,
         init_from: str | None = None,
     ):
@@ -44,9 +46,12 @@ class BLTLM(ByteLMModule):
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++
                 compiler). Patch counts vary per batch: a patch_budget keeps the global model's shapes fixed.
-            activation_checkpointing: Recompute each transformer block in backward instead of keeping its
+            activation_checkpointing: true: recompute each transformer block in backward instead of keeping its
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
-                or the strategy's activation_checkpointing_policy, not both.)
+                or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward": recompute
+                only the SwiGLU hidden (w1 x, w3 x) of the blocks that run over bytes (the local encoder's and
+                decoder's), the largest
+                thing they keep, for one more product each.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of the first validation batches (FlopBudget).

@@ -1,5 +1,7 @@
 """EntropyLM: stage one. Trains the entropy model with next-byte cross entropy."""
 
+from typing import Literal
+
 import torch
 
 from .flops import entropy_model_flops_per_byte
@@ -15,7 +17,7 @@ class EntropyLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | Literal["byte_feed_forward"] = False,
         flops_budget: float | None = None,
         init_from: str | None = None,
     ):
@@ -26,9 +28,11 @@ class EntropyLM(ByteLMModule):
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
-            activation_checkpointing: Recompute each transformer block in backward instead of keeping its
+            activation_checkpointing: true: recompute each transformer block in backward instead of keeping its
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
-                or the strategy's activation_checkpointing_policy, not both.)
+                or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward": recompute
+                only the SwiGLU hidden (w1 x, w3 x) of the blocks that run over bytes, the largest
+                thing they keep, for one more product each.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte (FlopBudget).
             init_from: A checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts `fit`

@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -57,9 +58,12 @@ class ByteLMModule(L.LightningModule):
 
     def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False,
                  flops_budget: float | None = None, init_from: str | None = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool | Literal["byte_feed_forward"] = False):
         super().__init__()
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
+        if activation_checkpointing not in (False, True, "byte_feed_forward"):
+            raise ValueError("activation_checkpointing is true, false or 'byte_feed_forward', "
+                             f"not {activation_checkpointing!r}")
         self.activation_checkpointing = activation_checkpointing
         self.flops_budget = flops_budget
         self.init_from = init_from
@@ -98,9 +102,12 @@ class ByteLMModule(L.LightningModule):
             rank_zero_info(f"model weights from {self.init_from}")
 
     def configure_model(self) -> None:
+        byte_level = set(self.model.byte_level_blocks())
         for module in self.model.modules():
             if isinstance(module, TransformerBlock):
-                module.recompute_in_backward = self.activation_checkpointing
+                module.recompute_in_backward = self.activation_checkpointing is True
+                module.feed_forward.recompute_hidden = (self.activation_checkpointing == "byte_feed_forward"
+                                                        and module in byte_level)
                 if self.compile_blocks:  # block by block: the masks and patching around them stay eager
                     module.compile()
 

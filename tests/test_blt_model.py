@@ -6,6 +6,7 @@ from conftest import kept_for_backward
 
 from blt_lightning.models import EntropyModel, EntropyModelConfig
 from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer, decoder_patch_ids, ngram_hashes
+from blt_lightning.models.layers import TransformerBlock, swiglu_hidden
 from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.vocab import EOS, OFFSET, PAD, VOCAB_SIZE, encode
@@ -187,17 +188,27 @@ def test_activation_checkpointing_gives_the_same_gradients_keeping_less_for_back
     ids = rows(0)
     patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[:, :-1])
 
-    def gradients_and_kept_bytes(recompute: bool):
+    def gradients_and_kept_bytes(recompute):
         lm = BLTLM(TINY, seq_len=ids.shape[1] - 1, activation_checkpointing=recompute)
         lm.model.load_state_dict(blt().state_dict())
         lm.configure_model()  # where the option reaches the blocks
         logits, kept = kept_for_backward(lambda: lm.model(ids[:, :-1], patches))
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-        return {n: p.grad for n, p in lm.model.named_parameters()}, kept
+        return {n: p.grad for n, p in lm.model.named_parameters()}, kept, lm.model
 
-    plain, plain_kept = gradients_and_kept_bytes(False)
-    recomputed, recomputed_kept = gradients_and_kept_bytes(True)
+    plain, plain_kept, _ = gradients_and_kept_bytes(False)
+    recomputed, recomputed_kept, _ = gradients_and_kept_bytes(True)
     assert recomputed.keys() == plain.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=0, msg=name)
     assert recomputed_kept < 0.5 * plain_kept
+    # only the SwiGLU hidden of the blocks over bytes: the global transformer's keep theirs
+    hidden, hidden_kept, model = gradients_and_kept_bytes("byte_feed_forward")
+    assert [b.feed_forward.recompute_hidden for b in model.modules() if isinstance(b, TransformerBlock)] == [
+        True, False, False, True, True]  # encoder, global (2), decoder (2)
+    for name, grad in plain.items():
+        torch.testing.assert_close(hidden[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    gate_up_bytes = ids[:, :-1].numel() * 2 * swiglu_hidden(TINY.encoder_dim, TINY.ffn_multiple_of) * 4
+    assert plain_kept - hidden_kept == 3 * gate_up_bytes  # three blocks over bytes, all of the same width
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        BLTLM(TINY, activation_checkpointing="feed_forward")

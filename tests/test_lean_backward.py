@@ -1,10 +1,12 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import kept_for_backward
 
 from blt_lightning.models.layers import FeedForward
-from blt_lightning.models.lean_backward import RMSNorm, swiglu_down
+from blt_lightning.models.lean_backward import RMSNorm, swiglu_down, swiglu_recomputed
 
 
 def composite_swiglu_down(gate_up, w2):
@@ -52,13 +54,15 @@ def test_backward_keeps_the_input_and_the_stacked_product_only():
         gate, up = ffn.w13(F.rms_norm(x, (32,), norm.weight)).chunk(2, dim=-1)
         return ffn.w2(F.silu(gate) * up)
 
-    assert kept_for_backward(composite)[1] > params + activations + 2 * 4 * 64 * 96 * 4  # silu(gate) and the product too
+    assert kept_for_backward(composite)[1] > params + activations + 2 * 4 * 64 * 96 * 4  # silu(gate), the product
 
 
+@pytest.mark.parametrize("recompute_hidden", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_under_bfloat16_autocast_the_gradients_are_those_of_autocasts_composite(dtype):
+def test_under_bfloat16_autocast_the_gradients_are_those_of_autocasts_composite(dtype, recompute_hidden):
     torch.manual_seed(0)
     ffn, norm = FeedForward(32, 64), RMSNorm(32, eps=1e-6)
+    ffn.recompute_hidden = recompute_hidden
     x = torch.randn(2, 16, 32, dtype=dtype, requires_grad=True)
 
     def grads(forward):
@@ -89,6 +93,8 @@ def test_frozen_weights_one_dimensional_inputs_and_torchs_default_eps():
     norm(x).float().sum().backward()
     assert x.grad is not None and norm.weight.grad is None
     assert torch.autograd.gradcheck(swiglu_down, (gate_up, w2))
+    x, w13 = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True), torch.randn(12, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(swiglu_recomputed, (x, w13, w2))
 
 
 def test_second_derivatives_raise_rather_than_being_wrong():
@@ -109,3 +115,106 @@ def test_without_gradients_the_modules_take_torchs_own_paths(monkeypatch):
     for module in (ffn, norm):
         with pytest.raises(TypeError):  # None is not callable: with gradients, each takes its own function
             module(x)
+
+
+def test_a_recomputed_hidden_keeps_the_input_only_and_gives_the_same_results():
+    torch.manual_seed(0)
+    ffn = FeedForward(32, 48)
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    float64 = [t.detach().double().requires_grad_() for t in (x, ffn.w13.weight, ffn.w2.weight)]
+    assert torch.autograd.gradcheck(swiglu_recomputed, float64)
+
+    def run(recompute_hidden: bool):
+        ffn.recompute_hidden, x.grad = recompute_hidden, None
+        ffn.zero_grad()
+        y, kept = kept_for_backward(lambda: ffn(x))
+        y.square().sum().backward()
+        return y, [x.grad, ffn.w13.weight.grad, ffn.w2.weight.grad], kept
+
+    (y, grads, kept), (y_recomputed, grads_recomputed, kept_recomputed) = run(False), run(True)
+    assert torch.equal(y_recomputed, y)
+    for a, b in zip(grads_recomputed, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    params = sum(p.untyped_storage().nbytes() for p in ffn.parameters())
+    assert kept_recomputed == params + x.untyped_storage().nbytes()
+    assert kept == kept_recomputed + 4 * 16 * 2 * 48 * 4  # and [gate, up]
+
+
+@pytest.mark.parametrize("recompute_hidden", [False, True])
+def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch, recompute_hidden):
+    """Under the models' keeping_recipes(), the norms' outputs, the window blocks' copies of keys and the
+    cross-attentions' gathered keys are kept as recipes: backward makes them again."""
+    from test_blt_model import TINY, patcher_for, rows
+
+    from blt_lightning.models import lean_backward
+    from blt_lightning.models.blt import ByteLatentTransformer
+    from blt_lightning.patching import PatchingConfig
+
+    ids = rows(0)
+    patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[:, :-1])
+    torch.manual_seed(0)
+    model = ByteLatentTransformer(TINY)
+    for block in model.byte_level_blocks():
+        block.feed_forward.recompute_hidden = recompute_hidden
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1], patches)
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    kept, kept_without, pack = {}, {}, lean_backward._pack
+
+    def counting_pack(t):  # the storages kept: the tensor's, or those its recipe holds
+        packed = pack(t)
+        held = packed.mark.recipe.args if isinstance(packed, lean_backward._Remade) else (packed.tensor,)
+        kept.update((x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
+                    for x in held if isinstance(x, torch.Tensor))
+        return packed
+
+    def outer_pack(t):
+        kept_without[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    monkeypatch.setattr(lean_backward, "_pack", counting_pack)
+    with_recipes = gradients()
+    # An outer saved-tensor hook (here a count) turns recipes off: it sees all that is saved inside.
+    with torch.autograd.graph.saved_tensors_hooks(outer_pack, lambda t: t):
+        without_recipes = gradients()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = lambda storages: sum(n for address, n in storages.items() if address not in weights)
+    assert 0 < activations(kept) < 0.75 * activations(kept_without)  # 0.71 here (0.65 recomputing the hidden)
+    for name, grad in without_recipes.items():
+        assert torch.equal(with_recipes[name], grad), name
+
+
+def test_inside_keeping_recipes_changes_in_place_are_caught_as_autograd_catches_them():
+    from blt_lightning.models.lean_backward import keeping_recipes, remade_in_backward
+
+    def doubled(x):
+        return x * 2
+
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    # a saved tensor changed in place before backward: an error, as without hooks
+    with keeping_recipes():
+        b = torch.randn(4, 3)
+        y = (x * b).sum()
+    b.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # a marked tensor changed in place before an operation saves it: kept itself, so w's gradient is right
+    with keeping_recipes():
+        h = remade_in_backward(doubled(x), functools.partial(doubled, x.detach()))
+        (h.mul_(3) @ w).sum().backward()
+    torch.testing.assert_close(w.grad, (6 * x).detach().sum(0)[:, None].expand(3, 2))
+    # a tensor a recipe reads changed in place after the save: an error
+    source = torch.randn(4, 3)
+    with keeping_recipes():
+        y = (remade_in_backward(doubled(source), functools.partial(doubled, source)) @ w).sum()
+    source.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # sparse and meta tensors are kept as they are
+    with keeping_recipes():
+        torch.sparse.mm(torch.eye(3).to_sparse(), w).sum().backward()
+        torch.randn(2, 3, device="meta", requires_grad=True).square()

@@ -16,12 +16,15 @@ Each mask below is a small dataclass that is its own mask_mod, so the structure 
 function dense and flex evaluate cannot drift apart.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from .lean_backward import remade_in_backward
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Implementation = Literal["sdpa", "dense", "flex"]
@@ -72,8 +75,9 @@ def causal_documents(doc_ids: torch.Tensor, window: int | None = None) -> Causal
     return CausalDocuments(doc_ids, window)
 
 
-# Queries per block. On a 2-core CPU, at a window of 512: 512 took 30% longer, 128 was 10% faster but
-# keeps 5 copies of the keys for backward (256: 3); without a window 256 was the fastest.
+# Queries per block. On a 2-core CPU, at a window of 512: 512 took 30% longer; 128 did less work but took
+# as long over a whole BLT training step (1 x 8192 bytes) and holds 5 copies of the keys at once (256: 3);
+# without a window 256 was the fastest.
 BLOCK = 256
 
 
@@ -83,7 +87,7 @@ class SelfAttentionBlocks:
     block can see are never computed.
     - windowed (rows longer than window_block_keys): block i's queries can only see keys of blocks i - back ..
       i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: one SDPA
-      call over all blocks, each against its own copy of those keys.
+      call over all blocks, each against its own copy of those keys (made again in backward, not kept).
     - causal: block i's queries see keys of blocks 0 .. i. allowed [B, 1, L, L]: one SDPA call a block,
       over the keys up to its end (about half the work of the whole square on a long row)."""
 
@@ -185,7 +189,12 @@ def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks:
         return F.pad(x, (0, 0, front * S, pad)).view(B, H, front + n, S, D).transpose(1, 2)
 
     q = cut(q, 0).reshape(B * n, H, S, D)
-    k, v = (torch.cat([x[:, j : j + n] for j in range(back + 1)], dim=3).reshape(B * n, H, (back + 1) * S, D)
+
+    def windows(x: torch.Tensor) -> torch.Tensor:  # [B * n, H, (back + 1) * S, D]: the keys each block meets
+        return torch.cat([x[:, j : j + n] for j in range(back + 1)], dim=3).reshape(B * n, H, (back + 1) * S, D)
+
+    # SDPA keeps k and v for backward: recipes instead of back + 1 copies of them
+    k, v = (remade_in_backward(windows(x), functools.partial(windows, x.detach()))
             for x in (cut(k, back), cut(v, back)))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=blocks.additive(q.dtype))  # [B * n, H, S, D]
     return y.view(B, n, H, S, D).transpose(1, 2).reshape(B, H, n * S, D)[:, :, :L]
@@ -197,9 +206,14 @@ def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: S
     B, H, Lk, D = k.shape
     s, G = mask.slots, q.shape[2] // mask.slots
     group = mask.key_group[:, None, :, None]  # [B, 1, Lk, 1]
-    q_at_keys = q.reshape(B, H, G, s * D).gather(2, group.expand(B, H, Lk, s * D)).view(B, H, Lk, s, D)
+    index = group.expand(B, H, Lk, s * D)
+
+    def at_keys(q: torch.Tensor) -> torch.Tensor:  # [B * H * Lk, slots, D]: the slots each key meets
+        return q.reshape(B, H, G, s * D).gather(2, index).view(B * H * Lk, s, D)
+
+    q_at_keys = remade_in_backward(at_keys(q), functools.partial(at_keys, q.detach()))
     group = group.expand(B, H, Lk, s)
-    scores = torch.einsum("bhksd,bhkd->bhks", q_at_keys, k) * D**-0.5  # [B, H, Lk, slots]
+    scores = torch.bmm(q_at_keys, k.reshape(B * H * Lk, D, 1)).view(B, H, Lk, s) * D**-0.5  # [B, H, Lk, slots]
     # Subtracting each group's max keeps exp() finite; the softmax does not depend on it, so no gradient.
     top = torch.full((B, H, G, s), float("-inf"), dtype=q.dtype, device=q.device)
     top = top.scatter_reduce(2, group, scores.detach(), "amax")
@@ -216,9 +230,14 @@ def _read_group_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: R
     B, H, Lq, D = q.shape
     s, G = mask.slots, k.shape[2] // mask.slots
     index = mask.query_group.clamp(min=0)[:, None, :, None].expand(B, H, Lq, s * D)
-    k, v = (x.reshape(B, H, G, s * D).gather(2, index).view(B, H, Lq, s, D) for x in (k, v))
-    weights = torch.softmax(torch.einsum("bhqd,bhqsd->bhqs", q, k) * D**-0.5, dim=-1)  # [B, H, Lq, slots]
+
+    def gathered(x: torch.Tensor) -> torch.Tensor:  # [B * H * Lq, slots, D]: the slots each query reads
+        return x.reshape(B, H, G, s * D).gather(2, index).view(B * H * Lq, s, D)
+
+    k, v = (remade_in_backward(gathered(x), functools.partial(gathered, x.detach())) for x in (k, v))
+    scores = torch.bmm(k, q.reshape(B * H * Lq, D, 1)).view(B, H, Lq, s) * D**-0.5
+    weights = torch.softmax(scores, dim=-1)  # [B, H, Lq, slots]
     # A query of group -1 (BLT: in a row that starts with padding, no patch yet) reads nothing: a zero
     # update, as SDPA on the CPU gives a query that may see no key.
     weights = weights * (mask.query_group >= 0)[:, None, :, None]
-    return torch.einsum("bhqs,bhqsd->bhqd", weights, v)
+    return torch.bmm(weights.view(B * H * Lq, 1, s), v).view(B, H, Lq, D)

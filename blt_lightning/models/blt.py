@@ -37,7 +37,7 @@ from ..patching import Patches
 from ..vocab import EOS, VOCAB_SIZE, document_ids
 from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
-from .lean_backward import RMSNorm
+from .lean_backward import RMSNorm, keeping_recipes
 
 HASH_PRIMES = (1000000007, 5915587277)  # the reference's first two hash functions
 
@@ -309,9 +309,15 @@ class ByteLatentTransformer(nn.Module):
         doc_ids = document_ids(ids) if doc_ids is None else doc_ids
         self_mask = build_mask(causal_documents(doc_ids, self.config.local_window), B, L, L, ids.device,
                                self.config.attention)
-        byte_states, patch_vectors = self.encoder(ids, self_mask, patches)  # [B, L, d_enc], [B, P, k * d_enc]
-        global_out = self.global_transformer(patch_vectors, patch_document_ids(doc_ids, patches))  # [B, P, d_glob]
-        return self.decoder(byte_states, global_out, decoder_patch_ids(ids, patches), self_mask)
+        with keeping_recipes():  # backward makes norms' outputs and copies of keys again (lean_backward.py)
+            byte_states, patch_vectors = self.encoder(ids, self_mask, patches)  # [B, L, d_enc], [B, P, k * d_enc]
+            patch_doc_ids = patch_document_ids(doc_ids, patches)
+            global_out = self.global_transformer(patch_vectors, patch_doc_ids)  # [B, P, d_glob]
+            return self.decoder(byte_states, global_out, decoder_patch_ids(ids, patches), self_mask)
+
+    def byte_level_blocks(self) -> list[TransformerBlock]:
+        """The blocks that run over bytes (the local encoder's and decoder's): at long rows, most activations."""
+        return [*self.encoder.layers, *self.decoder.layers]
 
 
 def patch_document_ids(doc_ids: torch.Tensor, patches: Patches) -> torch.Tensor:

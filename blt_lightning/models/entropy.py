@@ -11,7 +11,7 @@ from torch import nn
 from ..vocab import VOCAB_SIZE, document_ids
 from .attention import build_mask, causal_documents
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
-from .lean_backward import RMSNorm
+from .lean_backward import RMSNorm, keeping_recipes
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,11 @@ class EntropyModel(nn.Module):
         B, L = ids.shape
         mask = build_mask(causal_documents(doc_ids, window or self.config.sliding_window), B, L, L, ids.device, "sdpa")
         rope = self.rope(torch.arange(L, device=ids.device))
-        x = self.tok_embeddings(ids)  # [B, L, dim]
-        for layer in self.layers:
-            x = layer(x, mask, rope)
-        return self.output(self.norm(x))
+        with keeping_recipes():  # backward makes norms' outputs and copies of keys again (lean_backward.py)
+            x = self.tok_embeddings(ids)  # [B, L, dim]
+            for layer in self.layers:
+                x = layer(x, mask, rope)
+            return self.output(self.norm(x))
 
     def rope(self, positions: torch.Tensor) -> Rope:
         return Rope.at(positions, self.config.dim // self.config.n_heads, self.config.rope_theta)
@@ -103,6 +104,10 @@ class EntropyModel(nn.Module):
         waste at most half the attention work."""
         cache = self.new_cache(window)
         return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0] for part in ids.split(chunk or window)])
+
+    def byte_level_blocks(self) -> list[TransformerBlock]:
+        """The blocks that run over bytes: all of them."""
+        return list(self.layers)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

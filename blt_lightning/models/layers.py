@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .lean_backward import RMSNorm, swiglu_down
+from .lean_backward import RMSNorm, remade_in_backward, swiglu_down, swiglu_recomputed
 
 
 def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -209,10 +209,17 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, L, head_dim]
         (q, k), v = rope.rotate(qkv[:2]), qkv[2]
+        if torch.is_grad_enabled():
+            v = v.contiguous()  # a storage of its own: a view would keep all of qkv for backward
         if cache is not None:
             k, v = cache.extend(layer, k, v)
         y = attention(q, k, v, mask)  # under any mask from build_mask, or a dense bool mask
-        return self.wo(y.transpose(1, 2).reshape(B, L, D))
+
+        def heads_in_a_row(y: torch.Tensor) -> torch.Tensor:  # [B, L, H * head_dim]
+            return y.transpose(1, 2).reshape(B, L, D)
+
+        # SDPA keeps y: wo keeps its recipe, not a copy
+        return self.wo(remade_in_backward(heads_in_a_row(y), functools.partial(heads_in_a_row, y.detach())))
 
 
 class FeedForward(nn.Module):
@@ -222,8 +229,12 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = Linear(dim, 2 * hidden)  # w1, w3 stacked (STACKED_PARTS)
         self.w2 = Linear(hidden, dim)
+        # Keep only x for backward and compute w13 x again there, instead of keeping w13 x (2 * hidden wide).
+        self.recompute_hidden = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.recompute_hidden:
+            return swiglu_recomputed(x, self.w13.weight, self.w2.weight)
         gate_up = self.w13(x)
         if torch.is_grad_enabled():
             return swiglu_down(gate_up, self.w2.weight)  # keeps only gate_up for backward
