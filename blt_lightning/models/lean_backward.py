@@ -14,7 +14,8 @@
 
 bench/training.py's 48M BLT training on a 1 x 8192-byte row holds 2,113 MB at its peak without any of
 these, 1,823 MB with (1), 1,522 MB with (1) and (2) at the same speed, and 1,364 MB with (3) in the blocks
-over bytes too, for 3-5% of the speed. On the CPU, forward results are bitwise those of torch's operations;
+over bytes too, for 3-5% of the speed. (The demo's tiny BLT, where little is kept, runs ~4% slower with
+(2): remaking costs it more than it saves.) On the CPU, forward results are bitwise those of torch's operations;
 gradients agree to rounding (with recipes, bitwise); second derivatives raise. Without gradients the
 modules take torch's own paths and nothing is marked.
 """
@@ -41,34 +42,36 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        normalised = _RMSNorm.apply(x, self.weight, self.eps)
-        return remade_in_backward(normalised, functools.partial(_rms_norm, x.detach(), self.weight.detach(), self.eps))
+        normalised, inverse_rms = _RMSNorm.apply(x, self.weight, self.eps)
+        return remade_in_backward(normalised, functools.partial(_normalise, x.detach(), inverse_rms,
+                                                                self.weight.detach()))
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
-    return _rms_norm_and_inverse_rms(x, weight, eps)[0]
-
-
-def _rms_norm_and_inverse_rms(x: torch.Tensor, weight: torch.Tensor,
-                              eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's own steps (F.rms_norm): in at least float32, the result in x's dtype; eps by default that of
-    the computing dtype."""
+def _inverse_rms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """torch's own steps (F.rms_norm): in at least float32; eps by default that of the computing dtype."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     eps = torch.finfo(wide.dtype).eps if eps is None else eps
-    inverse_rms = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
-    return (wide * inverse_rms * weight).to(x.dtype), inverse_rms
+    return torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _normalise(x: torch.Tensor, inverse_rms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The norm's output, in x's dtype."""
+    return (x.to(inverse_rms.dtype) * inverse_rms * weight).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
+    """(the norm's output, 1 / rms): the second for a recipe of the first, without a gradient."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
-        normalised, inverse_rms = _rms_norm_and_inverse_rms(x, weight, eps)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        inverse_rms = _inverse_rms(x, eps)
         ctx.save_for_backward(x, inverse_rms, weight)
-        return normalised
+        ctx.mark_non_differentiable(inverse_rms)
+        return _normalise(x, inverse_rms, weight), inverse_rms
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor):
         x, inverse_rms, weight = ctx.saved_tensors
         normalised = x.to(inverse_rms.dtype) * inverse_rms
         grad = grad.to(inverse_rms.dtype)
