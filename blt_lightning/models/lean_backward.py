@@ -103,12 +103,27 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate_up, w2 = ctx.saved_tensors
         grad = grad.to(gate_up.dtype)  # bf16 from the autocast product even of a float32 gate_up
-        gate, up = gate_up.chunk(2, dim=-1)
-        silu = F.silu(gate)
-        grad_w2 = (_rows(grad).t() @ _rows(silu * up)).to(w2.dtype) if ctx.needs_input_grad[1] else None
-        grad_hidden = grad @ w2.to(grad.dtype)
-        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
-        return torch.cat([grad_gate, grad_hidden.mul_(silu)], dim=-1), grad_w2
+        # into a tensor of its own: gate_up stays as saved (a second backward with retain_graph reads it)
+        grad_gate_up, grad_w2 = _swiglu_gradients(gate_up, w2.to(grad.dtype), grad, ctx.needs_input_grad[1],
+                                                  torch.empty_like(gate_up))
+        return grad_gate_up, grad_w2.to(w2.dtype) if grad_w2 is not None else None
+
+
+def _swiglu_gradients(gate_up: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor, w2_needs_grad: bool,
+                      out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients of [gate, up] (written into `out`, which may be gate_up itself) and of w2 (None unless
+    needed), given the gradient of F.linear(silu(gate) * up, w2); all in one dtype, the result's too."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    silu = F.silu(gate)
+    grad_w2 = _rows(grad).t() @ _rows(silu * up) if w2_needs_grad else None
+    grad_hidden = grad @ w2
+    grad_up = silu.mul_(grad_hidden)
+    grad_hidden.mul_(up)  # the gradient of silu(gate); up is not read again
+    out_gate, out_up = out.chunk(2, dim=-1)
+    out_up.copy_(grad_up)
+    del silu, grad_up
+    out_gate.copy_(torch.ops.aten.silu_backward(grad_hidden, gate))
+    return out, grad_w2
 
 
 # Marked tensors by the device and address of their storage: an operation may save a view of one (F.linear
@@ -247,19 +262,10 @@ class _SwiGLURecomputed(torch.autograd.Function):
         x, w13, w2 = ctx.saved_tensors
         x_, w13_, w2_, grad = (t.to(ctx.dtype) for t in (x, w13, w2, grad))
         gate_up = F.linear(x_, w13_)
-        gate, up = gate_up.chunk(2, dim=-1)
-        silu = F.silu(gate)
-        grad_w2 = (_rows(grad).t() @ _rows(silu * up)).to(w2.dtype) if ctx.needs_input_grad[2] else None
-        grad_hidden = grad @ w2_
-        # gate_up becomes its own gradient, in place: [silu_backward(grad_hidden * up, gate), grad_hidden * silu]
-        grad_up = silu.mul_(grad_hidden)
-        grad_hidden.mul_(up)
-        up.copy_(grad_up)
-        del silu, grad_up
-        gate.copy_(torch.ops.aten.silu_backward(grad_hidden, gate))
-        del grad_hidden
-        grad_w13 = (_rows(gate_up).t() @ _rows(x_)).to(w13.dtype) if ctx.needs_input_grad[1] else None
-        grad_x = (gate_up @ w13_).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_gate_up, grad_w2 = _swiglu_gradients(gate_up, w2_, grad, ctx.needs_input_grad[2], gate_up)  # in place
+        grad_w2 = grad_w2.to(w2.dtype) if grad_w2 is not None else None
+        grad_w13 = (_rows(grad_gate_up).t() @ _rows(x_)).to(w13.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = (grad_gate_up @ w13_).to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w13, grad_w2
 
 
