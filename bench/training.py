@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from blt_lightning.models import EntropyModel, EntropyModelConfig
 from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer
-from blt_lightning.models.layers import TransformerBlock
+from blt_lightning.models.layers import set_activation_checkpointing
 from blt_lightning.patching import PatchingConfig, patch
 from blt_lightning.vocab import PAD, VOCAB_SIZE, encode
 
@@ -169,11 +169,8 @@ def build(model: str, batches: list[torch.Tensor], attention: str, activation_ch
             return net, lambda i: cross_entropy(logits(i), batches[i])
         net = ByteLatentTransformer(replace(BLT_48M, attention=attention))
         loss_of = lambda i: cross_entropy(net(batches[i][:, :-1], patches[i]), batches[i])
-    for block in net.modules():
-        if isinstance(block, TransformerBlock):
-            block.recompute_in_backward = activation_checkpointing == "blocks"
-    for block in net.byte_level_blocks():
-        block.feed_forward.recompute_hidden = activation_checkpointing == "byte_feed_forward"
+    set_activation_checkpointing(net, {"none": False, "blocks": True}.get(activation_checkpointing,
+                                                                           activation_checkpointing))
     return net, loss_of
 
 

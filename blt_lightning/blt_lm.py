@@ -50,8 +50,7 @@ class BLTLM(ByteLMModule):
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
                 or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward": recompute
                 only the SwiGLU hidden (w1 x, w3 x) of the blocks that run over bytes (the local encoder's and
-                decoder's), the largest
-                thing they keep, for one more product each.
+                decoder's), the largest thing they keep, for one more product each.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of the first validation batches (FlopBudget).

@@ -21,7 +21,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from .callbacks import FlopBudget
 from .metrics import BitsPerByte, BitsPerByteByGroup
-from .models.layers import TransformerBlock, holds_parts
+from .models.layers import TransformerBlock, holds_parts, set_activation_checkpointing
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
@@ -102,14 +102,10 @@ class ByteLMModule(L.LightningModule):
             rank_zero_info(f"model weights from {self.init_from}")
 
     def configure_model(self) -> None:
-        byte_level = set(self.model.byte_level_blocks())
+        set_activation_checkpointing(self.model, self.activation_checkpointing)
         for module in self.model.modules():
-            if isinstance(module, TransformerBlock):
-                module.recompute_in_backward = self.activation_checkpointing is True
-                module.feed_forward.recompute_hidden = (self.activation_checkpointing == "byte_feed_forward"
-                                                        and module in byte_level)
-                if self.compile_blocks:  # block by block: the masks and patching around them stay eager
-                    module.compile()
+            if isinstance(module, TransformerBlock) and self.compile_blocks:
+                module.compile()  # block by block: the masks and patching around them stay eager
 
     def configure_callbacks(self):
         budget = [FlopBudget(self.flops_budget)] if self.flops_budget else []

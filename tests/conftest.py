@@ -25,8 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kept_for_backward(fn):
-    """fn()'s result, and the bytes of the distinct storages autograd keeps for backward while it runs."""
+def kept_for_backward(fn, excluding: set[int] = frozenset()):
+    """fn()'s result, and the bytes of the distinct storages autograd keeps for backward while it runs, but
+    those at the addresses in `excluding` (the weights', say)."""
     storages = {}
 
     def pack(t):
@@ -35,7 +36,7 @@ def kept_for_backward(fn):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
-    return result, sum(storages.values())
+    return result, sum(n for address, n in storages.items() if address not in excluding)
 
 
 # What SLURM sets for a job of one task, bar SLURM_JOB_ID: enough for Lightning to run under its SLURM environment.

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import kept_for_backward
 
-from blt_lightning.models.layers import FeedForward
+from blt_lightning.models.layers import FeedForward, set_activation_checkpointing
 from blt_lightning.models.lean_backward import RMSNorm, swiglu_down, swiglu_recomputed
 
 
@@ -154,8 +154,7 @@ def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch
     patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[:, :-1])
     torch.manual_seed(0)
     model = ByteLatentTransformer(TINY)
-    for block in model.byte_level_blocks():
-        block.feed_forward.recompute_hidden = recompute_hidden
+    set_activation_checkpointing(model, "byte_feed_forward" if recompute_hidden else False)
 
     def gradients():
         model.zero_grad(set_to_none=True)
@@ -163,7 +162,7 @@ def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
-    kept, kept_without, pack = {}, {}, lean_backward._pack
+    kept, pack = {}, lean_backward._pack
 
     def counting_pack(t):  # the storages kept: the tensor's, or those its recipe holds
         packed = pack(t)
@@ -172,18 +171,13 @@ def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch
                     for x in held if isinstance(x, torch.Tensor))
         return packed
 
-    def outer_pack(t):
-        kept_without[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     monkeypatch.setattr(lean_backward, "_pack", counting_pack)
     with_recipes = gradients()
     # An outer saved-tensor hook (here a count) turns recipes off: it sees all that is saved inside.
-    with torch.autograd.graph.saved_tensors_hooks(outer_pack, lambda t: t):
-        without_recipes = gradients()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = lambda storages: sum(n for address, n in storages.items() if address not in weights)
-    assert 0 < activations(kept) < 0.75 * activations(kept_without)  # 0.71 here (0.65 recomputing the hidden)
+    without_recipes, kept_without = kept_for_backward(gradients, excluding=weights)
+    kept_with = sum(n for address, n in kept.items() if address not in weights)
+    assert 0 < kept_with < 0.75 * kept_without  # 0.71 here (0.65 recomputing the hidden)
     for name, grad in without_recipes.items():
         assert torch.equal(with_recipes[name], grad), name
 

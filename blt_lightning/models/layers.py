@@ -9,7 +9,7 @@ mask); window_mask is the one a KV-cached stream of a single document needs.
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +280,16 @@ class TransformerBlock(nn.Module):
                  layer: int) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), mask, rope, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+def set_activation_checkpointing(model: nn.Module, mode: bool | Literal["byte_feed_forward"]) -> None:
+    """What the transformer blocks of `model` (an EntropyModel or ByteLatentTransformer) recompute in backward:
+    True, each whole block; "byte_feed_forward", the SwiGLU hidden of its byte_level_blocks(); False, nothing."""
+    byte_level = set(model.byte_level_blocks())
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            block.recompute_in_backward = mode is True
+            block.feed_forward.recompute_hidden = mode == "byte_feed_forward" and block in byte_level
 
 
 def swiglu_hidden(dim: int, multiple_of: int) -> int:
