@@ -28,6 +28,14 @@ Two measures, both over whole training steps:
 - peak_malloc_mb: the most bytes malloc reports in use (mallinfo2: heap plus mmapped), read after every
   aten op of one more step: the memory the tensors need, without what the allocator keeps back.
 
+Both BLTs' resident peaks sit well above their malloc peaks on this VM's glibc 2.36 in part because torch
+allocates with posix_memalign (64-byte alignment), and glibc's memalign puts the few bytes it splits off a
+chunk into malloc's per-thread cache and fast bins, where they never merge with free neighbours (glibc bug
+30723, fixed in newer releases). A freed tensor then leaves a hole exactly its own size, which a new tensor of
+that size, asking for its size plus the alignment, does not fit.
+GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0 in the environment turns both off and lets
+the pieces merge; the workers inherit the environment, and the JSON records it with the C library's version.
+
     python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
                               [--activation_checkpointing {none,blocks,byte_feed_forward}]
 
@@ -40,6 +48,7 @@ import ctypes
 import gzip
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -324,6 +333,8 @@ def main() -> None:
         "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
         "torch": torch.__version__, "transformers": None if hf_missing else transformers.__version__,
         "cpu": cpu_name(),
+        "libc": " ".join(platform.libc_ver()),
+        "malloc_environment": {k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")},
         "shapes": results,
     }, indent=2))
 

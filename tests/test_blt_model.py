@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -212,3 +214,11 @@ def test_activation_checkpointing_gives_the_same_gradients_keeping_less_for_back
     assert plain_kept - hidden_kept == 3 * gate_up_bytes  # three blocks over bytes, all of the same width
     with pytest.raises(ValueError, match="activation_checkpointing"):
         BLTLM(TINY, activation_checkpointing="feed_forward")
+
+
+def test_the_models_and_patching_load_without_lightning():
+    """The models are plain torch.nn: a script that only runs one, as bench/ does, need not load Lightning."""
+    script = ("import sys, blt_lightning.models.blt, blt_lightning.patcher, blt_lightning.patching\n"
+              "print(sorted({name.split('.')[0] for name in sys.modules} & {'lightning', 'pytorch_lightning'}))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
