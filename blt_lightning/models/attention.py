@@ -16,7 +16,6 @@ Each mask below is a small dataclass that is its own mask_mod, so the structure 
 function dense and flex evaluate cannot drift apart.
 """
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .lean_backward import remade_in_backward
+from .lean_backward import remade
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Implementation = Literal["sdpa", "dense", "flex"]
@@ -194,8 +193,7 @@ def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks:
         return torch.cat([x[:, j : j + n] for j in range(back + 1)], dim=3).reshape(B * n, H, (back + 1) * S, D)
 
     # SDPA keeps k and v for backward: recipes instead of back + 1 copies of them
-    k, v = (remade_in_backward(windows(x), functools.partial(windows, x.detach()))
-            for x in (cut(k, back), cut(v, back)))
+    k, v = (remade(windows, x) for x in (cut(k, back), cut(v, back)))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=blocks.additive(q.dtype))  # [B * n, H, S, D]
     return y.view(B, n, H, S, D).transpose(1, 2).reshape(B, H, n * S, D)[:, :, :L]
 
@@ -206,12 +204,7 @@ def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: S
     B, H, Lk, D = k.shape
     s, G = mask.slots, q.shape[2] // mask.slots
     group = mask.key_group[:, None, :, None]  # [B, 1, Lk, 1]
-    index = group.expand(B, H, Lk, s * D)
-
-    def at_keys(q: torch.Tensor) -> torch.Tensor:  # [B * H * Lk, slots, D]: the slots each key meets
-        return q.reshape(B, H, G, s * D).gather(2, index).view(B * H * Lk, s, D)
-
-    q_at_keys = remade_in_backward(at_keys(q), functools.partial(at_keys, q.detach()))
+    q_at_keys = remade(_slots_of_groups, q, group.expand(B, H, Lk, s * D))  # the slots each key meets
     group = group.expand(B, H, Lk, s)
     scores = torch.bmm(q_at_keys, k.reshape(B * H * Lk, D, 1)).view(B, H, Lk, s) * D**-0.5  # [B, H, Lk, slots]
     # Subtracting each group's max keeps exp() finite; the softmax does not depend on it, so no gradient.
@@ -224,17 +217,21 @@ def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: S
     return (summed / total.clamp_min(torch.finfo(q.dtype).tiny)[..., None]).view(B, H, G * s, D)
 
 
+def _slots_of_groups(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """x [B, H, G * slots, D], groups [B, H, L, slots * D] (each row's group, repeated): the slots of each
+    row's group, [B * H * L, slots, D]."""
+    B, H, L, row = groups.shape
+    D = x.shape[-1]
+    return x.reshape(B, H, -1, row).gather(2, groups).view(B * H * L, row // D, D)
+
+
 def _read_group_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ReadGroupSlots) -> torch.Tensor:
     """q [B, H, Lq, D], k and v [B, H, G * slots, D]: each query gathers its group's slots and takes a
     softmax over those few. Cost ~ Lq * slots, not Lq * G * slots."""
     B, H, Lq, D = q.shape
-    s, G = mask.slots, k.shape[2] // mask.slots
+    s = mask.slots
     index = mask.query_group.clamp(min=0)[:, None, :, None].expand(B, H, Lq, s * D)
-
-    def gathered(x: torch.Tensor) -> torch.Tensor:  # [B * H * Lq, slots, D]: the slots each query reads
-        return x.reshape(B, H, G, s * D).gather(2, index).view(B * H * Lq, s, D)
-
-    k, v = (remade_in_backward(gathered(x), functools.partial(gathered, x.detach())) for x in (k, v))
+    k, v = (remade(_slots_of_groups, x, index) for x in (k, v))  # the slots each query reads
     scores = torch.bmm(k, q.reshape(B * H * Lq, D, 1)).view(B, H, Lq, s) * D**-0.5
     weights = torch.softmax(scores, dim=-1)  # [B, H, Lq, slots]
     # A query of group -1 (BLT: in a row that starts with padding, no patch yet) reads nothing: a zero

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .lean_backward import RMSNorm, remade_in_backward, swiglu_down, swiglu_recomputed
+from .lean_backward import RMSNorm, remade, swiglu_down, swiglu_recomputed
 
 
 def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -219,7 +219,7 @@ class Attention(nn.Module):
             return y.transpose(1, 2).reshape(B, L, D)
 
         # SDPA keeps y: wo keeps its recipe, not a copy
-        return self.wo(remade_in_backward(heads_in_a_row(y), functools.partial(heads_in_a_row, y.detach())))
+        return self.wo(remade(heads_in_a_row, y))
 
 
 class FeedForward(nn.Module):

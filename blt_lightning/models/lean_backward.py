@@ -6,9 +6,10 @@
    and recompute the rest in backward, which is elementwise and cheap.
 2. Recipes. A tensor that is a cheap function of tensors backward keeps anyway (a norm's output of its
    input, the copies of keys each block of queries meets, the keys each query gathers) is marked with
-   remade_in_backward; while keeping_recipes() is on (the models' forward), an operation that saves it
-   (or a view of it) keeps the recipe instead, and backward makes it again, bitwise the same. (Under
-   autocast a product keeps its own low-precision copy of its input, so there norms' outputs gain nothing.)
+   remade_in_backward (or computed by remade); while keeping_recipes() is on (the models' forward), an
+   operation that saves it (or a view of it) keeps the recipe instead, and backward makes it again,
+   bitwise the same. (Under autocast a product keeps its own low-precision copy of its input, so there
+   norms' outputs gain nothing.)
 3. swiglu_recomputed: the feed-forward's hidden [gate, up] itself is recomputed in backward from its
    input (one more product with w13): the option for long rows, where it is the largest thing kept.
 
@@ -23,6 +24,7 @@ modules take torch's own paths and nothing is marked.
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -154,6 +156,13 @@ def remade_in_backward(tensor: torch.Tensor, recipe: functools.partial) -> torch
         sources = tuple(a._version for a in recipe.args if isinstance(a, torch.Tensor))
         _recipes[key] = _Mark(weakref.ref(tensor, forget), tensor._version, recipe, sources)
     return tensor
+
+
+def remade(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """fn(*args), marked with fn over the same arguments (detached) as its recipe: for a cheap function of
+    tensors backward keeps anyway."""
+    detached = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    return remade_in_backward(fn(*args), functools.partial(fn, *detached))
 
 
 def _markable(t: torch.Tensor) -> bool:
