@@ -67,9 +67,11 @@ class BLTLM(ByteLMModule):
             entropy_model, context = load_entropy_model(entropy_checkpoint)
         # frozen: no gradients, never in the optimizer
         self.entropy_model, self.entropy_context = entropy_model, context
-        self.entropy_flops_per_byte = (entropy_model_flops_per_byte(entropy_model.config, context)
-                                       if entropy_model else 0.0)
         self.patcher = Patcher(patching, entropy_model, context)
+        # The patcher runs it over this model's rows, each position seeing the patcher's window.
+        self.entropy_flops_per_byte = (entropy_model_flops_per_byte(entropy_model.config, seq_len,
+                                                                    window=self.patcher.window)
+                                       if entropy_model else 0.0)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
         # of this test run: bytes patched, their patches, entropy-model runs

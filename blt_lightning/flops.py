@@ -31,10 +31,12 @@ def cross_attention_flops(dim: int, queries: float, kv: float, keys_per_query: f
     return 2 * 2 * dim * dim * (queries + kv) + 4 * dim * keys_per_query * queries
 
 
-def entropy_model_flops_per_byte(config: EntropyModelConfig, seq_len: int, attention: bool = True) -> float:
-    """Forward FLOPs per byte of the entropy model over rows of seq_len (without attention scores and
-    their weighted sums unless `attention`: what is left are the weight matrices' products)."""
-    keys = mean_keys(seq_len, config.sliding_window) if attention else 0
+def entropy_model_flops_per_byte(config: EntropyModelConfig, seq_len: int, attention: bool = True,
+                                 window: int | None = None) -> float:
+    """Forward FLOPs per byte of the entropy model over rows of seq_len, each position seeing at most
+    `window` ids (default: the config's sliding window); without attention scores and their weighted sums
+    unless `attention` (what is left are the weight matrices' products)."""
+    keys = mean_keys(seq_len, window or config.sliding_window) if attention else 0
     return config.n_layers * block_flops(config.dim, config.ffn_hidden, keys) + 2 * config.dim * VOCAB_SIZE
 
 

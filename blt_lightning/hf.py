@@ -17,8 +17,9 @@ Where the two compute differently, and what is done about it:
 - Patching: with patch_in_forward, BltForCausalLM patches with its patcher exactly as our entropy mode does
   (bytes 0 and 1 start patches, byte t >= 2 when H(t-1) > patching_threshold, then max_patch_length cuts;
   entropies in nats of the same softmax). It knows no documents: a row is one document there, while ours
-  split attention and patches at BOS (and EOS reads its own patch). Without patch_in_forward it makes 1-byte
-  patches unless given patch_lengths; its static, space and byte modes are names only, mapped to ours.
+  split attention, patches and hash n-grams at BOS (and a row's last EOS reads its own patch). Without
+  patch_in_forward it makes 1-byte patches unless given patch_lengths; its static, space and byte modes are
+  names only, mapped to ours.
   monotonic and combined have no BltConfig form.
 - A row's last position: its decoder reads the patch before the one holding the next byte, which lies past
   the row. Ours asks the patching rules whether a byte there would begin a patch (Patches.next_starts), as

@@ -9,6 +9,7 @@ from test_blt_model import TINY
 from blt_lightning import BLTLM, ByteShardDataModule
 from blt_lightning.calibrate import main as calibrate
 from blt_lightning.cli import main
+from blt_lightning.flops import entropy_model_flops_per_byte
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.prepare import MANIFEST
 
@@ -31,6 +32,17 @@ def test_a_missing_or_mismatched_entropy_checkpoint_fails_before_training(tmp_pa
                 "state_dict": {"model.tok_embeddings.weight": torch.zeros(3, 3)}}, stage_two)
     with pytest.raises(ValueError, match="do not fit"):
         BLTLM(TINY, ENTROPY, entropy_checkpoint=str(stage_two))
+
+
+def test_the_entropy_models_flops_are_those_of_its_runs_over_this_models_rows(entropy_checkpoint):
+    """On the fly the patcher runs the entropy model (trained on rows of 32) over stage two's rows, each
+    position seeing at most the patcher's window: its FLOPs per byte follow this model's row length."""
+    short, long = (BLTLM(TINY, ENTROPY, entropy_checkpoint=str(entropy_checkpoint), seq_len=n) for n in (16, 256))
+    config, window = short.entropy_model.config, short.patcher.window
+    assert window == 32  # its sliding window (256) is longer than the rows it was trained on
+    assert short.entropy_flops_per_byte == entropy_model_flops_per_byte(config, 16, window=32)
+    assert long.entropy_flops_per_byte == entropy_model_flops_per_byte(config, 256, window=32)
+    assert short.entropy_flops_per_byte < long.entropy_flops_per_byte
 
 
 def test_the_entropy_model_stays_frozen_while_everything_else_learns(entropy_checkpoint, shards):

@@ -11,7 +11,7 @@ from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer, decoder_p
 from blt_lightning.models.layers import TransformerBlock, swiglu_hidden
 from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig
-from blt_lightning.vocab import EOS, OFFSET, PAD, VOCAB_SIZE, encode
+from blt_lightning.vocab import BOS, EOS, OFFSET, PAD, VOCAB_SIZE, encode
 
 TINY = BLTConfig(encoder_dim=32, encoder_layers=1, encoder_heads=2, global_dim=64, global_layers=2, global_heads=4,
                  decoder_dim=32, decoder_layers=2, decoder_heads=2, local_window=8, ngram_sizes=(3, 4, 5),
@@ -37,9 +37,13 @@ def patcher_for(config: PatchingConfig, seed: int = 0) -> Patcher:
     return Patcher(config, entropy_model, context=32)
 
 
+def printable(n: int, g: torch.Generator) -> bytes:
+    return bytes(torch.randint(32, 127, (n,), generator=g).tolist())
+
+
 def rows(seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    text = lambda n: bytes(torch.randint(32, 127, (n,), generator=g).tolist())
+    text = lambda n: printable(n, g)
     first = torch.cat([encode(text(13)), encode(text(20))])  # two documents
     second = torch.cat([encode(text(9))[4:], encode(b"a b c"), encode(text(25))])  # starts inside a document
     L = max(len(first), len(second))
@@ -79,6 +83,32 @@ def test_decoder_reads_the_latest_complete_patch():
         row = encode(text)[None, :-1]
         found = patcher_for(PatchingConfig(mode="static", patch_size=3))(row)
         assert decoder_patch_ids(row, found)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("config", MODES, ids=lambda c: c.mode)
+def test_ids_after_an_eos_never_reach_it(config):
+    """Rows follow EOS with BOS or padding; bytes there instead, in EOS's patch, still cannot change it."""
+    model, patcher = blt(), patcher_for(config)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.cat([encode(b"naive patches, hashed"), torch.randint(OFFSET, VOCAB_SIZE, (12,), generator=g)])[None]
+    eos = int((ids[0] == EOS).nonzero())
+    logits = model(ids, patcher(ids))
+    changed = ids.clone()
+    changed[0, eos + 1 :] = torch.randint(OFFSET, VOCAB_SIZE, (ids.shape[1] - eos - 1,), generator=g)
+    torch.testing.assert_close(model(changed, patcher(changed))[:, : eos + 1], logits[:, : eos + 1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", MODES, ids=lambda c: c.mode)
+def test_a_documents_logits_do_not_depend_on_the_documents_before_it(config):
+    """Neither attention nor hash n-grams reach into the document before: a document packed after others
+    has the logits it has alone in a row (and so when generated)."""
+    model, patcher = blt(), patcher_for(config)
+    g = torch.Generator().manual_seed(3)
+    doc = encode(printable(30, g))
+    alone = model(doc[None], patcher(doc[None]))[0]
+    for before in (encode(printable(12, g)), encode(printable(17, g))):
+        row = torch.cat([before, doc])[None]
+        torch.testing.assert_close(model(row, patcher(row))[0, len(before) :], alone, rtol=0, atol=1e-5)
 
 
 def reference_hash(window: list[int], prime: int, table: int) -> int:
@@ -128,6 +158,8 @@ def test_a_tiny_model_overfits_one_batch():
     model = blt().train()
     ids = rows(3)
     inputs, targets = ids[:, :-1], ids[:, 1:]
+    # Every document's BOS sees the same (nothing before it in its document): its first byte is not learnable.
+    targets = targets.masked_fill(inputs == BOS, PAD)
     patches = patcher_for(PatchingConfig(mode="space"))(inputs)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(200):

@@ -102,13 +102,21 @@ class BLTConfig:
             raise ValueError(f"at most {len(HASH_PRIMES)} hash functions")
 
 
-def ngram_hashes(ids: torch.Tensor, keys: tuple[tuple[int, int], ...], table_size: int) -> torch.Tensor:
+def ngram_hashes(ids: torch.Tensor, keys: tuple[tuple[int, int], ...], table_size: int,
+                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L, len(keys)] table rows, for each (prime, n) of keys, of the n ids ending at each position
     (left-padded with 0): the reference's sum_j id_j * prime^j over the window (j = 0 the oldest), in
     wrapping int64, modulo table_size. All sizes at once: one window of the longest, its older ids
-    weighted 0 for shorter n-grams (a wrapping sum is the same in any order)."""
+    weighted 0 for shorter n-grams (a wrapping sum is the same in any order).
+
+    With doc_ids [B, L], ids of another document count as the padding 0, as at a row's start: a document's
+    n-grams, like its attention, never reach into the document before it in a packed row (the reference
+    hashes across them), so a document's logits are those it has alone, or when generated."""
     longest = max(n for _, n in keys)
     windows = F.pad(ids, (longest - 1, 0), value=0).unfold(-1, longest, 1)  # [B, L, longest], oldest first
+    if doc_ids is not None:
+        window_docs = F.pad(doc_ids, (longest - 1, 0), value=-1).unfold(-1, longest, 1)
+        windows = windows * (window_docs == doc_ids[..., None])
     powers = _window_powers(keys, ids.device)  # [len(keys), longest]
     return (windows.long()[..., None, :] * powers).sum(-1) % table_size
 
@@ -132,8 +140,9 @@ class HashNgramEmbedding(nn.Module):
         self.table_size = table_size
         self.embeddings = nn.ModuleList(nn.Embedding(table_size, dim) for _ in self.keys)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = ngram_hashes(ids, self.keys, self.table_size)  # [B, L, embeddings]
+    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, dim] of ids [B, L] (of one document, or of the documents doc_ids says)."""
+        rows = ngram_hashes(ids, self.keys, self.table_size, doc_ids)  # [B, L, embeddings]
         return functools.reduce(torch.add, (embedding(rows[..., i]) for i, embedding in enumerate(self.embeddings)))
 
 
@@ -184,13 +193,14 @@ class LocalEncoder(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps)
                                         for _ in range(n_cross))
 
-    def forward(self, ids: torch.Tensor, self_mask, patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor, self_mask,
+                patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
         """Byte states [B, L, d_enc] and patch vectors [B, P, k * d_enc]."""
         B, L = ids.shape
         P, k, d = patches.lengths.shape[1], self.config.cross_attn_k, self.config.encoder_dim
         x = self.tok_embeddings(ids)
         if self.ngram_embeddings is not None:
-            x = x + self.ngram_embeddings(ids)
+            x = x + self.ngram_embeddings(ids, doc_ids)
         # Slot q of patch q // k reads that patch's bytes (padding patches have none: see SlotsReadGroup).
         cross_mask = build_mask(SlotsReadGroup(patches.patch_ids, k, ~patches.mask), B, P * k, L, ids.device,
                                 self.config.attention)
@@ -310,7 +320,8 @@ class ByteLatentTransformer(nn.Module):
         self_mask = build_mask(causal_documents(doc_ids, self.config.local_window), B, L, L, ids.device,
                                self.config.attention)
         with keeping_recipes():  # backward makes norms' outputs and copies of keys again (lean_backward.py)
-            byte_states, patch_vectors = self.encoder(ids, self_mask, patches)  # [B, L, d_enc], [B, P, k * d_enc]
+            # [B, L, d_enc], [B, P, k * d_enc]
+            byte_states, patch_vectors = self.encoder(ids, doc_ids, self_mask, patches)
             patch_doc_ids = patch_document_ids(doc_ids, patches)
             global_out = self.global_transformer(patch_vectors, patch_doc_ids)  # [B, P, d_glob]
             return self.decoder(byte_states, global_out, decoder_patch_ids(ids, patches), self_mask)
@@ -331,11 +342,12 @@ def decoder_patch_ids(ids: torch.Tensor, patches: Patches) -> torch.Tensor:
     """[B, L] the global output each byte reads: byte i predicts byte i + 1, so it may read patches that
     end at or before i. It reads the last of them: the patch before the one holding i + 1. Past the row's
     end, a byte i + 1 would hold a new patch if patches.next_starts says so, else continue i's (as in
-    generation, where that is known before i + 1 is drawn). At EOS a document's patch is complete whatever
-    follows, so EOS reads its own patch and never depends on the next id."""
-    after_row = patches.patch_ids[:, -1:] + patches.next_starts[:, None].long()
+    generation, where that is known before i + 1 is drawn), or if i is EOS: a document's last patch is complete
+    at its EOS, as when the next document's BOS follows it in the row."""
+    row_ends_patch = patches.next_starts[:, None] | (ids[:, -1:] == EOS)
+    after_row = patches.patch_ids[:, -1:] + row_ends_patch.long()
     next_patch = torch.cat([patches.patch_ids[:, 1:], after_row], dim=1)
-    return torch.where(ids == EOS, patches.patch_ids, next_patch - 1)
+    return next_patch - 1
 
 
 def _max_pool(x: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
