@@ -30,6 +30,32 @@ class PredictionWriter(BasePredictionWriter):
         torch.save(prediction, out / f"rank{trainer.global_rank}-batch{batch_idx:06d}.pt")
 
 
+class LastCheckpoint(Callback):
+    """Keep last.ckpt at the newest step: write it after every validation while fitting and when training
+    ends, beside the run's ModelCheckpoint (where `--ckpt_path last` looks), so a resumed run continues
+    where this one stopped.
+
+    Lightning's ModelCheckpoint(save_last=True) writes last.ckpt only at steps where it also writes a top-k
+    checkpoint (since Lightning 2.6): monitoring val/bpb, only when it improves. A run resumed from it would
+    go back to its best step and train the rest again, and steps after the last validation were in no file.
+    """
+
+    def __init__(self):
+        self._saved_step = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            save_last(trainer)
+            self._saved_step = trainer.global_step
+
+
 class JobRequeued(SystemExit):
     """Ends a run after its checkpoint is saved and its SLURM job requeued (exit status 0)."""
 
@@ -159,8 +185,3 @@ class FlopBudget(Callback):
         trainer.fit_loop.epoch_loop.max_steps = steps  # before configure_optimizers, which sizes the schedule by it
         rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte "
                        f"at a mean patch size of {patch_size:.2f} x {step_bytes:,} bytes per step = {steps:,} steps")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        # The budget seldom ends on a validation step, where ModelCheckpoint saves: last.ckpt must hold the
-        # weights (and trained FLOPs) the whole budget bought.
-        save_last(trainer)

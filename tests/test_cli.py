@@ -103,6 +103,15 @@ def test_every_trainer_config_composes_with_a_model_config(config, capsys):
         assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
 
 
+def test_last_checkpoint_holds_the_last_step_though_validation_stopped_improving(corpus, tmp_path):
+    """At a learning rate of 0 no validation improves on the first: last.ckpt still follows the run, to the
+    step after the last validation, and the best checkpoint stays at the first."""
+    main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "5", "--model.init_args.optimizer.lr", "0"])
+    checkpoints = tmp_path / "entropy-tiny/version_0/checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert [c.name for c in checkpoints.glob("*.ckpt") if c.name != "last.ckpt"] == ["epoch=0-step=2.ckpt"]
+
+
 def test_gradient_accumulation_the_global_batch_in_bytes_and_fused_adamw(corpus, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "3"])
