@@ -1,9 +1,11 @@
 """BLTLM: stage two. Trains the Byte Latent Transformer, with the frozen stage-one entropy model patching."""
 
+import math
 from typing import Literal
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
 
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
@@ -76,6 +78,9 @@ class BLTLM(ByteLMModule):
         self.patch_budget, self.figure_text = patch_budget, figure_text
         # of this test run: bytes patched, their patches, entropy-model runs
         self._tested = torch.zeros(3, dtype=torch.float64)
+        # Bytes over patches of a whole validation or test run (per-batch sizes weighted by their patches),
+        # not a mean of batches' sizes, which a batch of a few long patches would sway.
+        self.val_patch_size, self.test_patch_size = MeanMetric(), MeanMetric()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, self.patch(ids, None, None))
@@ -96,7 +101,11 @@ class BLTLM(ByteLMModule):
         patches_per_row = patches.mask.sum(-1)
         if self._trainer is not None:
             split = "train" if self.training else "test" if self.trainer.testing else "val"
-            self.log(f"{split}/mean_patch_size", patches.mean_size, batch_size=len(ids))
+            mean_patch_size = patches.mean_size
+            if split != "train":
+                mean_patch_size = self.test_patch_size if split == "test" else self.val_patch_size
+                mean_patch_size.update(patches.mean_size, patches.byte_patches)
+            self.log(f"{split}/mean_patch_size", mean_patch_size, batch_size=len(ids))
             self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids))
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
@@ -105,6 +114,14 @@ class BLTLM(ByteLMModule):
         if self._trainer is not None and self.trainer.testing:
             self._tested += torch.tensor([patches.patched_bytes, patches.byte_patches, entropy_model_ran])
         return self.next_byte_cross_entropy(logits, targets), targets
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Each row's ids [B, L + 1], where its patches start [B, L], and the bits each next id cost [B, L]
+        (position t: -log2 p(ids[t + 1])); their sum over byte targets, over the bytes, is the bpb."""
+        patches = self.patch_batch(batch)
+        logits = self.model(batch["ids"][:, :-1], patches, batch["doc_ids"][:, :-1])
+        bits = self.next_byte_cross_entropy(logits, batch["ids"][:, 1:]) / math.log(2)
+        return {"ids": batch["ids"], "patch_starts": patches.starts, "bits": bits}
 
     def _count_cost(self, patches: Patches, n_patches: int, entropy_model_ran: bool) -> None:
         """FLOPs of this batch on this device, from its positions per (real) patch; its patches."""

@@ -12,6 +12,7 @@ from blt_lightning.cli import main
 from blt_lightning.flops import entropy_model_flops_per_byte
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.prepare import MANIFEST
+from blt_lightning.vocab import OFFSET
 
 ROOT = Path(__file__).resolve().parents[1]
 # Monotonic: the barely trained test entropy model gives every byte about the same entropy, so a global
@@ -89,3 +90,23 @@ def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, 
     assert 1.5 < events.Scalars("val/mean_patch_size")[-1].value < 4
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert "validation bpb" in capsys.readouterr().out
+
+    # test and predict over the same (test) split: the bits predict gives per byte add up to test's bpb, and
+    # test's mean patch size is its bytes over its patches.
+    for subcommand in ("test", "predict"):  # runs version_1 and version_2
+        main([subcommand, "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    events = EventAccumulator(str(run.parent / "version_1"))
+    events.Reload()
+    predicted = [torch.load(f) for f in sorted((run.parent / "version_2" / "predictions").glob("*.pt"))]
+    targets = torch.cat([p["ids"][:, 1:] for p in predicted])
+    is_byte = targets >= OFFSET
+    bits = torch.cat([p["bits"] for p in predicted])
+    assert predicted, "predict wrote nothing"
+    assert events.Scalars("test/bpb")[-1].value == pytest.approx(float(bits[is_byte].sum() / is_byte.sum()), rel=1e-5)
+    patch_bytes, patches = 0, 0
+    for p in predicted:
+        patch_ids = p["patch_starts"].cumsum(1) - 1
+        byte_positions = p["ids"][:, :-1] >= OFFSET
+        patch_bytes += int(byte_positions.sum())
+        patches += sum(len(row[held].unique()) for row, held in zip(patch_ids, byte_positions))
+    assert events.Scalars("test/mean_patch_size")[-1].value == pytest.approx(patch_bytes / patches, rel=1e-5)
