@@ -15,6 +15,7 @@ or text, JSON-lines and directory inputs, which are first prepared into shards u
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -26,8 +27,9 @@ from .prepare import PrepareOptions
 
 
 def data_module(data: list[str], output_dir: Path, split: str, seq_len: int, batch_size: int,
-                num_workers: int) -> ByteShardDataModule:
-    """The DataModule whose test loader streams `data`."""
+                num_workers: int, reading: PrepareOptions = PrepareOptions()) -> ByteShardDataModule:
+    """The DataModule whose test loader streams `data`; inputs to prepare are read as `reading` says (its
+    text_field and skip_malformed: its splits are replaced by one)."""
     common = {"seq_len": seq_len, "batch_size": batch_size, "num_workers": num_workers}
     manifests = [spec for spec in data if spec.endswith(".json")]
     if manifests:
@@ -41,18 +43,19 @@ def data_module(data: list[str], output_dir: Path, split: str, seq_len: int, bat
         return ByteShardDataModule(test_shards=shard_urls, **common)
     # Every document in one split (prepare calls it train), prepared once by global rank 0.
     return ByteShardDataModule(sources=data, shard_dir=str(output_dir / "shards"), test_split="train",
-                               prepare=PrepareOptions(val_fraction=0.0, test_fraction=0.0), **common)
+                               prepare=replace(reading, val_fraction=0.0, test_fraction=0.0), **common)
 
 
 def evaluate(checkpoint: str, data: list[str], output_dir: str | Path = "runs/evaluate", split: str = "test",
-             batch_size: int = 8, seq_len: int | None = None, num_workers: int = 0, **trainer_kwargs) -> dict:
-    """The report of one checkpoint on `data` (see the module docstring); trainer_kwargs go to L.Trainer
-    (accelerator, devices, num_nodes, strategy, precision)."""
+             batch_size: int = 8, seq_len: int | None = None, num_workers: int = 0,
+             reading: PrepareOptions = PrepareOptions(), **trainer_kwargs) -> dict:
+    """The report of one checkpoint on `data` (see the module docstring; `reading` as data_module takes it);
+    trainer_kwargs go to L.Trainer (accelerator, devices, num_nodes, strategy, precision)."""
     module = load_lm(checkpoint)
     if seq_len is not None:
         module.seq_len = seq_len
     output_dir = Path(output_dir)
-    datamodule = data_module(data, output_dir, split, module.seq_len, batch_size, num_workers)
+    datamodule = data_module(data, output_dir, split, module.seq_len, batch_size, num_workers, reading)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
                         default_root_dir=output_dir, **trainer_kwargs)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", nargs="+", required=True,
                         help="a manifest, shard URLs, or text / JSON-lines files and directories to prepare")
     parser.add_argument("--split", default="test", help="the manifest's split to evaluate")
+    parser.add_argument("--text-field", "--text_field", default="text",
+                        help="field of a JSON-lines record that holds the document (default: text)")
+    parser.add_argument("--skip-malformed", "--skip_malformed", action="store_true",
+                        help="skip (and count) malformed JSON lines instead of stopping at the first")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/evaluate"),
                         help="where inputs are prepared into shards")
@@ -94,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     try:
         report = evaluate(args.checkpoint, args.data, args.output_dir, args.split, args.batch_size, args.seq_len,
-                          args.num_workers, accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
+                          args.num_workers, PrepareOptions(text_field=args.text_field,
+                                                           skip_malformed=args.skip_malformed),
+                          accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
                           strategy=args.strategy, precision=args.precision)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"evaluate: {error}")

@@ -2,7 +2,10 @@
 
 It writes config.json and model.safetensors, which BltForCausalLM.from_pretrained loads, computing the same logits.
 
-    blt-lightning export-hf --checkpoint runs/blt-tiny/version_0/checkpoints/last.ckpt --output hf/blt-tiny
+    blt-lightning export-hf --checkpoint runs/blt-1b-finetune/version_0/checkpoints/last.ckpt --output hf/blt-1b-ft
+
+A model trained with doubled_cross_attn_residual (as imported ones and finetune-hf.yaml are) and in a shape
+BltConfig can state: BltForCausalLM always adds the cross-attention input twice.
 
 Entropy patching goes with its entropy model as BltForCausalLM's patcher (patch_in_forward): it patches
 as we do. Static, space and byte patching are written as patching_mode only: BltForCausalLM then makes

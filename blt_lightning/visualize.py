@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from .patcher import entropy_window, load_entropy_model
 from .patching import Patches, PatchingConfig, patch
-from .vocab import OFFSET, decode, encode
+from .vocab import OFFSET, decode, encode, is_byte
 
 MARK = "|"
 # Fonts matplotlib ships lack CJK glyphs: such labels draw as boxes, which needs no warning per glyph.
@@ -34,14 +34,17 @@ def mark_patches(ids: torch.Tensor, starts: torch.Tensor) -> str:
     return MARK.join(data[a:b].decode("utf-8", "backslashreplace") for a, b in zip(edges, edges[1:]))
 
 
-def patch_statistics(patches: Patches) -> dict:
-    lengths = patches.lengths[patches.mask & ~patches.padding].float()
+def patch_statistics(ids: torch.Tensor, patches: Patches) -> dict:
+    """The sizes in bytes of the patches that hold bytes, as the mean patch size counts them: BOS's patch
+    and the EOS at the end are not bytes of the text."""
+    held = torch.zeros_like(patches.lengths).scatter_add_(1, patches.patch_ids, is_byte(ids).long())
+    sizes = held[held > 0].float()
     return {
-        "patches": int(lengths.numel()),
+        "patches": int(sizes.numel()),
         "mean": patches.mean_size,
-        "median": float(lengths.median()),
-        "p90": float(lengths.quantile(0.9)),
-        "max": int(lengths.max()),
+        "median": float(sizes.median()),
+        "p90": float(sizes.quantile(0.9)),
+        "max": int(sizes.max()),
     }
 
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"patch: {error}")
     starts = patches.starts[0]
     print(mark_patches(ids, starts))
-    stats = patch_statistics(patches)
+    stats = patch_statistics(ids[None], patches)
     print(f"\n{stats['patches']} patches over {len(data):,} bytes: mean {stats['mean']:.2f}, median "
           f"{stats['median']:.0f}, 90th percentile {stats['p90']:.0f}, longest {stats['max']}")
     if args.plot:

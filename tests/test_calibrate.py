@@ -53,6 +53,13 @@ def test_calibrate_and_patch_commands_on_a_cli_checkpoint(entropy_checkpoint, sh
         calibrate.main(["--checkpoint", str(snippet), "--data", str(shards / "manifest.json"), "--target", "3"])
 
 
+def test_patch_statistics_count_the_bytes_of_patches_as_their_mean_does(capsys):
+    visualize.main(["--mode", "static", "--patch_size", "4", "--text", "hello world"])  # [BOS] hell|o wo|rld EOS
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "hell|o wo|rld"
+    assert "3 patches over 11 bytes: mean 3.67, median 4, 90th percentile 4, longest 4" in printed
+
+
 def test_figure_marks_patch_starts():
     ids = encode(b"by George")
     h = torch.full((len(ids),), 0.5)

@@ -92,6 +92,20 @@ def test_bad_checkpoints_and_data_are_named(entropy_checkpoint, tmp_path):
         main(["evaluate", "--checkpoint", str(entropy_checkpoint), "--data", str(tmp_path / "missing.json")])
 
 
+def test_json_lines_of_another_field_with_a_malformed_line(entropy_checkpoint, tmp_path):
+    from blt_lightning.cli import main
+
+    data = tmp_path / "other.jsonl"
+    data.write_text('{"body": "the first document"}\n{"body": \n{"body": "and a second, longer one"}\n')
+    args = ["evaluate", "--checkpoint", str(entropy_checkpoint), "--data", str(data), "--text-field", "body",
+            "--accelerator", "cpu", "--output-dir"]
+    with pytest.raises(SystemExit, match="other.jsonl:2: .*pass --skip_malformed"):
+        main([*args, str(tmp_path / "strict")])
+    main([*args, str(tmp_path / "lenient"), "--skip_malformed", "--json", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["bytes"] == len("the first document") + len("and a second, longer one")
+
+
 def test_two_ranks_report_what_one_does(blt_checkpoint, shards, tmp_path):
     """DDP on CPU through the command line: the groups each rank saw are merged, nothing counted twice."""
     one = evaluate(str(blt_checkpoint), [str(shards / MANIFEST)], tmp_path, **CPU)
