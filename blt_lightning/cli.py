@@ -57,6 +57,17 @@ class BLTLightningCLI(LightningCLI):
                             help="Name of the TensorBoard run (and its folder) under default_root_dir.")
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
+    def instantiate_classes(self) -> None:
+        """A config the constructors refuse (an entropy mode without entropy_checkpoint, a checkpoint that is
+        missing or of the wrong stage) ends with their own message, not under jsonargparse's error and its
+        dump of the whole resolved config."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, OSError) as error:
+            while error.__cause__ is not None:
+                error = error.__cause__
+            sys.exit(f"{self.subcommand or 'blt-lightning'}: {error}")
+
     def instantiate_trainer(self, **kwargs):
         self.slurm_run_dir = None
         # Unless a logger is configured, log to TensorBoard under default_root_dir, so that every output of

@@ -33,6 +33,14 @@ def test_a_missing_or_mismatched_entropy_checkpoint_fails_before_training(tmp_pa
                 "state_dict": {"model.tok_embeddings.weight": torch.zeros(3, 3)}}, stage_two)
     with pytest.raises(ValueError, match="do not fit"):
         BLTLM(TINY, ENTROPY, entropy_checkpoint=str(stage_two))
+    # From the command line: the constructor's message alone, and no data prepared.
+    cli = ["fit", "--config", str(ROOT / "configs/blt/tiny.yaml"), "--model.init_args.patching.mode", "monotonic",
+           "--trainer.default_root_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"^fit: monotonic patching needs entropy_checkpoint \(a stage-one checkpoint\)$"):
+        main(cli)
+    with pytest.raises(SystemExit, match="^fit: .*nope.ckpt: no entropy model checkpoint"):
+        main([*cli, "--model.init_args.entropy_checkpoint", str(tmp_path / "nope.ckpt")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_entropy_models_flops_are_those_of_its_runs_over_this_models_rows(entropy_checkpoint):
