@@ -23,11 +23,12 @@ LATEST_ENTROPY = $$(ls -t $(RUNS)/entropy-tiny/version_*/checkpoints/last.ckpt |
 LATEST_BLT = $$(ls -t $(RUNS)/blt-tiny/version_*/checkpoints/last.ckpt | head -1)
 
 # Both stages on the corpus in data/, on a CPU: shards, the entropy model, its threshold for a mean patch
-# size of 4.5, the Byte Latent Transformer patched by it, and the test-split bpb of both.
+# size of 4.5 in stage two's rows (blt/tiny.yaml's seq_len), the Byte Latent Transformer patched by it, and
+# the test-split bpb of both.
 demo: setup
 	$(PY) -m blt_lightning fit --config configs/entropy/tiny.yaml --trainer.default_root_dir $(RUNS)
 	$(PY) -m blt_lightning calibrate --checkpoint $(LATEST_ENTROPY) --data $(RUNS)/shards/manifest.json \
-		--target 4.5 --output $(RUNS)/patching.yaml
+		--target 4.5 --seq_len 256 --output $(RUNS)/patching.yaml
 	$(PY) -m blt_lightning fit --config configs/blt/tiny.yaml --config $(RUNS)/patching.yaml \
 		--model.init_args.entropy_checkpoint $(LATEST_ENTROPY) --trainer.default_root_dir $(RUNS)
 	@echo "== stage one (entropy model), test split:"

@@ -126,5 +126,6 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything_default=0,
         save_config_callback=SaveConfigPerAttempt,
         args=argv,
-        parser_kwargs={"epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
+        parser_kwargs={"prog": "blt-lightning",
+                       "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
     )

@@ -181,5 +181,5 @@ def main(argv: list[str] | None = None) -> None:
             write_results(rows, out)  # after every run: an interrupted comparison keeps what it finished
     write_results(rows, out)
     print((out / "results.md").read_text())
-    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'bpb_vs_flops.png'}; "
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}, {out / 'bpb_vs_flops.png'}; "
           f"tensorboard --logdir {out}")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import yaml
@@ -24,6 +26,34 @@ def test_calibration_reaches_its_target_on_held_back_text(mode, target):
     config, achieved = calibrate.calibrate(*sample, PatchingConfig(mode=mode, threshold=0.0), target)
     assert achieved == pytest.approx(target, rel=0.005)
     assert mean_patch_size(*held_back, config) == pytest.approx(target, rel=0.02)
+
+
+def test_calibrated_in_rows_it_reaches_its_target_in_stage_twos_rows(tmp_path):
+    """Stage two patches rows of its seq_len, each seen alone: rows that start inside a document start
+    without context. Calibrated in such rows, the threshold gives the target there; calibrated on whole
+    documents, it does not."""
+    from blt_lightning.evaluate import data_module
+    from blt_lightning.patcher import Patcher
+
+    model, seq_len, target = sharp_model(window=64), 48, 4.5
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in real_documents(60_000)))
+    loader = data_module([str(data)], tmp_path, "test", seq_len, 16, 0)
+    loader.prepare_data()
+    loader.setup("test")
+
+    def in_stage_two(config: PatchingConfig) -> float:
+        patcher, patched, patches = Patcher(config, model, context=64), 0, 0
+        for batch in loader.test_dataloader():
+            found = patcher(batch["ids"][:, :-1], batch["doc_ids"][:, :-1])
+            patched, patches = patched + found.patched_bytes, patches + found.byte_patches
+        return patched / patches
+
+    start = PatchingConfig(threshold=0.0)
+    for rows, close in ((seq_len, True), (None, False)):
+        sample = calibrate.sample_entropies(model, 64, [str(data)], "validation", 10**6, rows)
+        config, _ = calibrate.calibrate(*sample, start, target)
+        assert (in_stage_two(config) == pytest.approx(target, rel=0.02)) == close
 
 
 def test_an_unreachable_target_is_a_clear_error():
