@@ -109,7 +109,9 @@ class ByteLMModule(L.LightningModule):
 
     def configure_callbacks(self):
         budget = [FlopBudget(self.flops_budget)] if self.flops_budget else []
-        return [ThroughputMonitor(batch_size_fn=rows_in_batch), *budget]  # FLOPs/s and, on GPUs, MFU
+        # FLOPs/s and, on GPUs, MFU, over the window our bytes/s use (its default, 100 batches, leaves short runs
+        # without them)
+        return [ThroughputMonitor(batch_size_fn=rows_in_batch, window_size=THROUGHPUT_WINDOW), *budget]
 
     # -- steps ----------------------------------------------------------------------------------------
 

@@ -112,6 +112,13 @@ def test_last_checkpoint_holds_the_last_step_though_validation_stopped_improving
     assert [c.name for c in checkpoints.glob("*.ckpt") if c.name != "last.ckpt"] == ["epoch=0-step=2.ckpt"]
 
 
+def test_flops_per_second_reach_tensorboard_within_a_short_run(corpus, tmp_path):
+    main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "22", "--trainer.val_check_interval", "11"])
+    events = EventAccumulator(str(tmp_path / "entropy-tiny" / "version_0"))
+    events.Reload()
+    assert {"train/device/flops_per_sec", "train/bytes_per_sec"} <= set(events.Tags()["scalars"])
+
+
 def test_gradient_accumulation_the_global_batch_in_bytes_and_fused_adamw(corpus, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     main(["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "3"])
