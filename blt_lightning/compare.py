@@ -4,7 +4,7 @@
 
 1. The data are prepared into shards once (train / validation / test splits), under --output-dir.
 2. Stage one: an entropy model is trained on them (--entropy-config) and its threshold calibrated for a
-   mean patch size of --patch-size (what the entropy-patched experiments use).
+   mean patch size of --patch-size in the rows the entropy-patched experiments train on (their seq_len).
 3. Every experiment of --experiments (configs/experiments/NAME.yaml: a byte-level transformer, static,
    space and entropy patches, BLT without hash n-grams) trains for each --budget of training FLOPs; its
    steps follow from its FLOPs per byte (FlopBudget). The frozen entropy model's FLOPs are not counted.
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .evaluate import evaluate
 from .prepare import MANIFEST, PrepareOptions, prepare
@@ -55,8 +56,18 @@ def last_checkpoint(run: Path) -> Path | None:
     return run / version / "checkpoints" / "last.ckpt" if version else None
 
 
-def stage_one(args, manifest: Path, data: list[str]) -> tuple[Path, Path]:
-    """The entropy model's checkpoint and the patching YAML calibrated for it."""
+def row_length(configs: list[Path]) -> int | None:
+    """data.init_args.seq_len as the configs compose (the last that sets it wins), None if none does."""
+    found = None
+    for config in configs:
+        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
+        found = (data.get("init_args") or {}).get("seq_len", found)
+    return found
+
+
+def stage_one(args, manifest: Path, data: list[str], seq_len: int | None) -> tuple[Path, Path]:
+    """The entropy model's checkpoint and the patching YAML calibrated for it, in rows of seq_len (those the
+    entropy-patched experiments train on) when given."""
     from .calibrate import main as calibrate
 
     patching = args.output_dir / f"patching-entropy-{args.patch_size}.yaml"
@@ -64,8 +75,9 @@ def stage_one(args, manifest: Path, data: list[str]) -> tuple[Path, Path]:
     if existing and patching.is_file():
         return existing, patching
     checkpoint, _ = fit([args.entropy_config, *args.config], data, args.output_dir, "entropy-model")
+    rows = ["--seq_len", str(seq_len)] if seq_len else []
     calibrate(["--checkpoint", str(checkpoint), "--data", str(manifest), "--target", str(args.patch_size),
-               "--output", str(patching)])
+               *rows, "--output", str(patching)])
     return checkpoint, patching
 
 
@@ -158,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if missing := [str(e) for e in experiments if not e.is_file()]:
         parser.error(f"no experiment config {missing}")
     needs_entropy = [e for e in experiments if "mode: entropy" in e.read_text()]
-    entropy_checkpoint, patching = stage_one(args, manifest, data) if needs_entropy else (None, None)
+    entropy_checkpoint, patching = (stage_one(args, manifest, data, row_length([needs_entropy[0], *args.config]))
+                                    if needs_entropy else (None, None))
 
     done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     rows = list(done)

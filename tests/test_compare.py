@@ -9,6 +9,7 @@ import yaml
 
 from blt_lightning.cli import main
 from blt_lightning.compare import main as compare
+from blt_lightning.compare import row_length
 from blt_lightning.flops import entropy_model_flops_per_byte
 from blt_lightning.models import EntropyModelConfig
 
@@ -24,6 +25,17 @@ def test_a_flop_budget_sets_the_steps_and_the_last_checkpoint_holds_them(corpus,
     # 5 steps, though validation (where ModelCheckpoint saves) ran at steps 2 and 4 only.
     assert last["global_step"] == 5
     assert last["trained_flops"] == pytest.approx(5 * per_step)
+
+
+def test_the_entropy_threshold_is_calibrated_in_the_rows_the_experiments_train_on(tmp_path):
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(yaml.safe_dump({"data": {"init_args": {"seq_len": 32}}}))
+    entropy = ROOT / "configs/experiments/entropy.yaml"
+    assert row_length([entropy]) == yaml.safe_load(entropy.read_text())["data"]["init_args"]["seq_len"]
+    assert row_length([entropy, quick]) == 32
+    silent = tmp_path / "silent.yaml"
+    silent.write_text("trainer:\n  max_steps: 1\n")
+    assert row_length([silent]) is None
 
 
 def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus):
