@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from .vocab import OFFSET, PAD, document_ids, is_byte
+from .vocab import EOS, OFFSET, PAD, document_ids, is_byte
 
 Mode = Literal["entropy", "monotonic", "combined", "static", "space", "byte"]
 ENTROPY_MODES = ("entropy", "monotonic", "combined")
@@ -65,9 +65,10 @@ class Patches:
     lengths: torch.Tensor  # [B, P] long: patch lengths, 0 past the row's last patch
     mask: torch.Tensor  # [B, P] bool: the slot holds a patch of the row (False past its last patch)
     padding: torch.Tensor  # [B, P] bool: the patch is a run of PAD
-    patched_bytes: int  # bytes of the batch (not specials, not padding)
+    byte_lengths: torch.Tensor  # [B, P] long: bytes of each patch (not specials, not padding)
+    patched_bytes: int  # bytes of the batch
     byte_patches: int  # patches that hold bytes
-    next_starts: torch.Tensor  # [B] bool: a byte after the row would begin a patch (what the decoder's last
+    next_starts: torch.Tensor  # [B] bool: the id after the row would begin a patch (what the decoder's last
                                # position reads)
 
     @property
@@ -150,19 +151,21 @@ def patches_from_starts(starts: torch.Tensor, ids: torch.Tensor, next_starts: to
     per_patch = lambda values: torch.zeros(starts.shape[0], P, dtype=torch.long,
                                            device=starts.device).scatter_add_(1, patch_ids, values)
     lengths = per_patch(torch.ones_like(patch_ids))
-    byte_counts = per_patch(is_byte(ids).long())
+    byte_lengths = per_patch(is_byte(ids).long())
     mask = torch.arange(P, device=starts.device)[None, :] < counts[:, None]
     padding = mask & (per_patch((ids == PAD).long()) == lengths)
-    return Patches(starts, patch_ids, lengths, mask, padding, int(byte_counts.sum()), int((byte_counts > 0).sum()),
-                   next_starts)
+    return Patches(starts, patch_ids, lengths, mask, padding, byte_lengths, int(byte_lengths.sum()),
+                   int((byte_lengths > 0).sum()), next_starts)
 
 
 def patch(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Tensor | None = None,
           doc_ids: torch.Tensor | None = None, num_patches: int | None = None) -> Patches:
     """Patches of rows of ids [B, L] (entropies [B, L] for the entropy modes).
 
-    Whether a byte after a row would begin a patch depends on the row alone (on H(L-1), the last ids), and
-    tells which patch the row's last position may read: the rules run over the row and one byte more."""
+    Whether the id after a row would begin a patch depends on the row alone, and tells which patch the
+    row's last position may read. After EOS it would: a document's last patch ends at its EOS, the next
+    document begins with BOS (or padding follows). Else the rules run over the row and one byte more (the
+    answer depends on H(L-1), the last ids)."""
     def extend(x: torch.Tensor, value) -> torch.Tensor:  # value None: repeat the last column (of a row that has one)
         if value is None and x.shape[1]:
             return torch.cat([x, x[:, -1:]], dim=1)
@@ -171,4 +174,5 @@ def patch(ids: torch.Tensor, config: PatchingConfig, entropies: torch.Tensor | N
 
     starts = patch_starts(extend(ids, OFFSET), config, None if entropies is None else extend(entropies, 0.0),
                           None if doc_ids is None else extend(doc_ids, None))
-    return patches_from_starts(starts[:, :-1], ids, starts[:, -1], num_patches)
+    ends_document = (ids[:, -1:] == EOS).any(-1)  # False for empty rows
+    return patches_from_starts(starts[:, :-1], ids, starts[:, -1] | ends_document, num_patches)

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from .patcher import entropy_window, load_entropy_model
 from .patching import Patches, PatchingConfig, patch
-from .vocab import OFFSET, decode, encode, is_byte
+from .vocab import OFFSET, decode, encode
 
 MARK = "|"
 # Fonts matplotlib ships lack CJK glyphs: such labels draw as boxes, which needs no warning per glyph.
@@ -34,11 +34,10 @@ def mark_patches(ids: torch.Tensor, starts: torch.Tensor) -> str:
     return MARK.join(data[a:b].decode("utf-8", "backslashreplace") for a, b in zip(edges, edges[1:]))
 
 
-def patch_statistics(ids: torch.Tensor, patches: Patches) -> dict:
+def patch_statistics(patches: Patches) -> dict:
     """The sizes in bytes of the patches that hold bytes, as the mean patch size counts them: BOS's patch
     and the EOS at the end are not bytes of the text."""
-    held = torch.zeros_like(patches.lengths).scatter_add_(1, patches.patch_ids, is_byte(ids).long())
-    sizes = held[held > 0].float()
+    sizes = patches.byte_lengths[patches.byte_lengths > 0].float()
     return {
         "patches": int(sizes.numel()),
         "mean": patches.mean_size,
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"patch: {error}")
     starts = patches.starts[0]
     print(mark_patches(ids, starts))
-    stats = patch_statistics(ids[None], patches)
+    stats = patch_statistics(patches)
     print(f"\n{stats['patches']} patches over {len(data):,} bytes: mean {stats['mean']:.2f}, median "
           f"{stats['median']:.0f}, 90th percentile {stats['p90']:.0f}, longest {stats['max']}")
     if args.plot:

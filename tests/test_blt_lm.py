@@ -106,10 +106,10 @@ def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, 
     events = EventAccumulator(str(run.parent / "version_1"))
     events.Reload()
     predicted = [torch.load(f) for f in sorted((run.parent / "version_2" / "predictions").glob("*.pt"))]
+    assert predicted, "predict wrote nothing"
     targets = torch.cat([p["ids"][:, 1:] for p in predicted])
     is_byte = targets >= OFFSET
     bits = torch.cat([p["bits"] for p in predicted])
-    assert predicted, "predict wrote nothing"
     assert events.Scalars("test/bpb")[-1].value == pytest.approx(float(bits[is_byte].sum() / is_byte.sum()), rel=1e-5)
     patch_bytes, patches = 0, 0
     for p in predicted:

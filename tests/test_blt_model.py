@@ -76,13 +76,13 @@ def test_decoder_reads_the_latest_complete_patch():
     patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids[None])
     assert patches.lengths[0].tolist() == [1, 3, 3, 2]
     # byte i reads patch d for i in [last byte of d, second-to-last byte of d + 1]; EOS its own
-    assert decoder_patch_ids(ids[None], patches)[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
+    assert decoder_patch_ids(patches)[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
     # A row that ends inside a patch: "f" would continue [d e], so "e" still reads [a b c]. One that ends
     # where a patch would begin: "d" starts the next, so "c" reads its own patch.
     for text, expected in ((b"abcde", [0, 0, 0, 1, 1, 1]), (b"abc", [0, 0, 0, 1])):
         row = encode(text)[None, :-1]
         found = patcher_for(PatchingConfig(mode="static", patch_size=3))(row)
-        assert decoder_patch_ids(row, found)[0].tolist() == expected
+        assert decoder_patch_ids(found)[0].tolist() == expected
 
 
 @pytest.mark.parametrize("config", MODES, ids=lambda c: c.mode)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..patching import Patches
-from ..vocab import EOS, VOCAB_SIZE, document_ids
+from ..vocab import VOCAB_SIZE, document_ids
 from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
 from .lean_backward import RMSNorm, keeping_recipes
@@ -324,7 +324,7 @@ class ByteLatentTransformer(nn.Module):
             byte_states, patch_vectors = self.encoder(ids, doc_ids, self_mask, patches)
             patch_doc_ids = patch_document_ids(doc_ids, patches)
             global_out = self.global_transformer(patch_vectors, patch_doc_ids)  # [B, P, d_glob]
-            return self.decoder(byte_states, global_out, decoder_patch_ids(ids, patches), self_mask)
+            return self.decoder(byte_states, global_out, decoder_patch_ids(patches), self_mask)
 
     def byte_level_blocks(self) -> list[TransformerBlock]:
         """The blocks that run over bytes (the local encoder's and decoder's): at long rows, most activations."""
@@ -338,14 +338,12 @@ def patch_document_ids(doc_ids: torch.Tensor, patches: Patches) -> torch.Tensor:
     return first.scatter_reduce(1, patches.patch_ids, doc_ids, "amin", include_self=False)
 
 
-def decoder_patch_ids(ids: torch.Tensor, patches: Patches) -> torch.Tensor:
+def decoder_patch_ids(patches: Patches) -> torch.Tensor:
     """[B, L] the global output each byte reads: byte i predicts byte i + 1, so it may read patches that
     end at or before i. It reads the last of them: the patch before the one holding i + 1. Past the row's
-    end, a byte i + 1 would hold a new patch if patches.next_starts says so, else continue i's (as in
-    generation, where that is known before i + 1 is drawn), or if i is EOS: a document's last patch is complete
-    at its EOS, as when the next document's BOS follows it in the row."""
-    row_ends_patch = patches.next_starts[:, None] | (ids[:, -1:] == EOS)
-    after_row = patches.patch_ids[:, -1:] + row_ends_patch.long()
+    end, the id i + 1 would begin a new patch if patches.next_starts says so (after EOS it does), else
+    continue i's (as in generation, where that is known before i + 1 is drawn)."""
+    after_row = patches.patch_ids[:, -1:] + patches.next_starts[:, None].long()
     next_patch = torch.cat([patches.patch_ids[:, 1:], after_row], dim=1)
     return next_patch - 1
 
