@@ -6,6 +6,7 @@ The model and the DataModule are chosen by class path in the YAML (subclass mode
 every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
@@ -115,7 +117,16 @@ def latest_version_with_checkpoint(run: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    """Run a tool or a LightningCLI subcommand. A run SIGTERM stopped (after saving last.ckpt) exits with 143, as
+    a process the signal ended does: Lightning ends it with status 0, which tells a scheduler, a restart policy or
+    `torchrun --max-restarts` that the run finished."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)
+
+
+def run(args: list[str]) -> None:
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
     BLTLightningCLI(
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_callback=SaveConfigPerAttempt,
-        args=argv,
+        args=args,
         parser_kwargs={"prog": "blt-lightning",
                        "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
     )

@@ -83,14 +83,16 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
 
     # SIGKILL when step 6 starts: nothing is saved then; the last checkpoint is step 3's, the end of epoch 0.
     # Its DataLoader workers end with it (else they would hold its output open, and this call would hang).
-    killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")])
+    # Started as a restarting launcher starts every attempt, with --ckpt_path last: there is none yet, so afresh.
+    killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")], "--ckpt_path", "last")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert batches(cut / "a") == {s: expected[s] for s in range(6)}  # step 5's batch was drawn, not trained
     assert last_checkpoint(cut)["global_step"] == 3
 
     # Resumed, it is sent SIGTERM during step 7, with its DataLoader workers (as schedulers send it): it
     # saves last.ckpt after that step (mid epoch 2, where the second of two workers is next) and exits.
     terminated = cli_run(cut, corpus, [record(cut / "b"), signal_at(6, "SIGTERM", group=True)], "--ckpt_path", "last")
-    assert terminated.returncode == 0, terminated.stderr[-3000:]
+    assert terminated.returncode == 128 + signal.SIGTERM, terminated.stderr[-3000:]  # not finished: not status 0
     assert "SIGTERM: saved" in terminated.stderr + terminated.stdout
     assert last_checkpoint(cut)["global_step"] == 7
 
@@ -135,7 +137,7 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
 def test_a_sigterm_before_the_requeue_is_acted_on_still_saves_and_requeues(corpus, tmp_path):
     job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "79", **fake_scontrol(tmp_path)}
     run = cli_run(tmp_path, corpus, [signal_at(4, "SIGUSR1"), signal_at(4, "SIGTERM")], env=job)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr[-3000:]
     assert torch.load(tmp_path / "entropy-tiny/slurm-79/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "79"]
 
