@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
@@ -58,6 +59,17 @@ class BLTLightningCLI(LightningCLI):
         parser.add_argument("--run_name", default="run",
                             help="Name of the TensorBoard run (and its folder) under default_root_dir.")
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's options with those saved in a --ckpt_path file: warn of each option
+        that changes, which a `--model...` override or the config set to something else, rather than drop it
+        silently."""
+        subcommand = self.config.get("subcommand")
+        given = self.config[subcommand].get("model") if subcommand else None
+        super()._parse_ckpt_path()
+        if given is not None and (changed := option_changes(given.as_dict(), self.config[subcommand].model.as_dict())):
+            rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
+                           "it was saved with, in place of the config's: " + "; ".join(changed))
 
     def instantiate_classes(self) -> None:
         """A config the constructors refuse (an entropy mode without entropy_checkpoint, a checkpoint that is
@@ -103,6 +115,18 @@ class BLTLightningCLI(LightningCLI):
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
 
+def option_changes(given: dict, restored: dict, prefix: str = "model.") -> list[str]:
+    """'name: given -> restored' for each (nested, dotted) option whose value differs."""
+    changes = []
+    for name in given.keys() | restored.keys():
+        before, after = given.get(name), restored.get(name)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += option_changes(before, after, f"{prefix}{name}.")
+        elif before != after:
+            changes.append(f"{prefix}{name}: {before} -> {after}")
+    return sorted(changes)
+
+
 def newest_checkpoint(run_dir: Path) -> str | None:
     """The newest of a run folder's hpc_ckpt_N.ckpt and checkpoints/last.ckpt (None: neither exists)."""
     found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("last.ckpt")]
@@ -117,16 +141,17 @@ def latest_version_with_checkpoint(run: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run a tool or a LightningCLI subcommand. A run SIGTERM stopped (after saving last.ckpt) exits with 143, as
-    a process the signal ended does: Lightning ends it with status 0, which tells a scheduler, a restart policy or
-    `torchrun --max-restarts` that the run finished."""
+    """Run a tool or a LightningCLI subcommand (argv: the arguments, else the command line's). A run SIGTERM
+    stopped (after saving last.ckpt) exits with 143, as a process the signal ended does: Lightning ends it with
+    status 0, which tells a scheduler, a restart policy or `torchrun --max-restarts` that the run finished."""
     try:
-        run(sys.argv[1:] if argv is None else argv)
+        run(argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
 
 
-def run(args: list[str]) -> None:
+def run(argv: list[str] | None) -> None:
+    args = sys.argv[1:] if argv is None else argv
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
     BLTLightningCLI(
@@ -136,7 +161,7 @@ def run(args: list[str]) -> None:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_callback=SaveConfigPerAttempt,
-        args=args,
+        args=argv,
         parser_kwargs={"prog": "blt-lightning",
                        "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
     )

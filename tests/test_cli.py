@@ -1,6 +1,7 @@
 import logging
-import shutil
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import jsonargparse
@@ -77,6 +78,16 @@ def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capf
     first = torch.load(predictions[0])
     assert first["entropies"].shape == first["ids"].shape and (first["entropies"] >= 0).all()
 
+
+def test_a_checkpoint_files_model_options_replace_the_given_ones_with_a_warning(corpus, tmp_path, entropy_checkpoint):
+    validate = ["validate", *fit_args(tmp_path, corpus), "--ckpt_path", str(entropy_checkpoint)]
+    with pytest.warns(UserWarning, match=r"restores the model options it was saved with, in place of the config's: "
+                                         r"model\.init_args\.optimizer\.lr: 0\.5 -> 0\.003$"):
+        main([*validate, "--model.init_args.optimizer.lr", "0.5"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(validate)  # the options it was trained with: nothing to say
+    assert not [w for w in caught if "restores the model options" in str(w.message)]
 
 def test_configs_compose_and_print(corpus, tmp_path, capsys):
     override = tmp_path / "override.yaml"
