@@ -87,6 +87,7 @@ class Sample(NamedTuple):
     data: bytes
     entropies: torch.Tensor | None  # [len + 2] (BOS to EOS), when `blt-lightning entropies` stored them
     meta: dict  # its .json member: source and lang ({} when it has none)
+    key: str  # its name in the shard
 
 
 def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
@@ -126,7 +127,7 @@ def _checked(url: str, samples: Iterator[dict]) -> Iterator[Sample]:
             entropies = torch.frombuffer(bytearray(stored), dtype=torch.float16).float()
             if len(entropies) != len(data) + 2:
                 raise ShardError(f"{url}: sample {key!r} has {len(entropies)} entropies for {len(data) + 2} ids")
-        yield Sample(data, entropies, meta if isinstance(meta, dict) else {})
+        yield Sample(data, entropies, meta if isinstance(meta, dict) else {}, key)
 
 
 class BadShards:

@@ -21,6 +21,7 @@ from pathlib import Path
 from .blt_lm import BLTLM
 from .hf import PATCHER, blt_to_hf, entropy_names, hf_config_kwargs, to_hf, transformers_module
 from .loading import load_lm
+from .outputs import check_output_dir
 
 
 def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
@@ -48,9 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="blt-lightning export-hf", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a stage-two (BLTLM) checkpoint")
     parser.add_argument("--output", required=True, type=Path, help="folder for config.json and model.safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")
     args = parser.parse_args(argv)
     try:
-        output = export_hf(args.checkpoint, args.output)
+        output = export_hf(args.checkpoint, check_output_dir(args.output, args.overwrite))
     except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"export-hf: {error}")
     print(f"wrote {output / 'config.json'} and {output / 'model.safetensors'}")

@@ -32,6 +32,7 @@ from .hf import (PATCHER, blt_config_from_hf, blt_from_hf, blt_hf_names, entropy
 from .models import EntropyModel, EntropyModelConfig
 from .models.blt import ByteLatentTransformer
 from .models.layers import parts_as_stacked, stacked_as_parts
+from .outputs import check_output_dir
 from .patcher import CARRIED_ENTROPY_MODEL, carried_entropy_model
 from .vocab import VOCAB_SIZE
 
@@ -196,9 +197,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for blt.ckpt, entropy.ckpt and finetune.yaml")
     parser.add_argument("--seq-len", type=int,
                         help="bytes a row for evaluation and training (default: its max_position_embeddings)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")
     args = parser.parse_args(argv)
     try:
-        written = import_hf(args.model, args.output, args.entropy_model, args.seq_len)
+        written = import_hf(args.model, check_output_dir(args.output, args.overwrite), args.entropy_model,
+                            args.seq_len)
     except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"import-hf: {error}")
     for kind, path in written.items():

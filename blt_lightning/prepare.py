@@ -28,6 +28,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from .outputs import check_output_dir, write_atomically
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "blt_lightning.shards/1"
 SPLITS = ("train", "validation", "test")
@@ -257,6 +259,10 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
     """Write the shards of `inputs` and their manifest under `output`; return the manifest."""
     files = expand_inputs(inputs)
     out = Path(output)
+    for directory in (Path(i) for i in inputs if Path(i).is_dir()):
+        if directory.resolve() in (out.resolve(), *out.resolve().parents):
+            raise ValueError(f"{output}: inside the input directory {directory}, which would then hold shards "
+                             "and a manifest that a later prepare of it reads as text")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
 
@@ -330,12 +336,6 @@ def input_list(files: list[tuple[Path, str]]) -> list[dict]:
     return [{"path": str(f), "size": f.stat().st_size} for f, _ in files]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def summary(manifest: dict) -> str:
     lines = []
     for split, s in manifest["splits"].items():
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("inputs", nargs="+", help="files, directories (recursive) or glob patterns ('**' allowed)")
     parser.add_argument("--output", "-o", required=True, help="directory for the shards and manifest.json")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty, "
+                        "replacing the shards and manifest there")
     defaults = PrepareOptions()
     for name, value in asdict(defaults).items():
         help_text = _attribute_help(name)
@@ -362,9 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             parser.add_argument(f"--{name}", type=type(value), default=value, help=f"{help_text} (default: {value})")
     args = vars(parser.parse_args(argv))
-    inputs, output = args.pop("inputs"), args.pop("output")
+    inputs, output, overwrite = args.pop("inputs"), args.pop("output"), args.pop("overwrite")
     try:
-        manifest = prepare(inputs, output, PrepareOptions(**args))
+        manifest = prepare(inputs, check_output_dir(output, overwrite), PrepareOptions(**args))
     except (ValueError, OSError) as error:  # PrepareError is a ValueError
         sys.exit(f"prepare: {error}")
     print(summary(manifest))

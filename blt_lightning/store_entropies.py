@@ -13,45 +13,48 @@ import sys
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
-from .data import ENTROPY_MEMBER
+from .data import ENTROPY_MEMBER, UNKNOWN, read_manifest, shard_samples
+from .outputs import check_output_dir, write_atomically
 from .patcher import entropy_window, load_entropy_model
-from .prepare import MANIFEST, Document, ShardSlot, write_atomically
+from .prepare import MANIFEST, Document, ShardSlot
 from .vocab import encode
 
 
-def store_entropies(checkpoint: str, manifest_path: str, output: str, device: str = "cpu") -> dict:
-    """Write the shards of a manifest, with entropies, under `output`; return the new manifest."""
-    model, context = load_entropy_model(checkpoint, device)
-    window = entropy_window(model, context)
-    source = Path(manifest_path)
-    manifest = json.loads(source.read_text())
-    out = Path(output)
+def store_entropies(checkpoint: str, manifest_path: str, output: str, device: str = "cpu",
+                    overwrite: bool = False) -> dict:
+    """Write the shards of a manifest, with entropies, under `output` (a new or empty directory, unless
+    `overwrite`); return the new manifest."""
+    source, out = Path(manifest_path), Path(output)
     if out.resolve() == source.parent.resolve():
         raise ValueError(f"{output}: write the new shards to another directory than the manifest's")
+    check_output_dir(out, overwrite)
+    read_manifest(manifest_path)  # a clear error now, for a manifest that is not one
+    manifest = json.loads(source.read_text())
+    model, context = load_entropy_model(checkpoint, device)
+    window = entropy_window(model, context)
     out.mkdir(parents=True, exist_ok=True)
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="entropies", disable=None) as bar:
         for split in manifest["splits"].values():
-            split["shards"] = [_rewrite(source.parent / s["path"], out, model, window, bar) for s in split["shards"]]
+            split["shards"] = [_rewrite(source.parent / s["path"], s["documents"], out, model, window, bar)
+                               for s in split["shards"]]
     manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16",
                              "member": ENTROPY_MEMBER}
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _rewrite(path: Path, out: Path, model, window: int, bar: tqdm) -> dict:
+def _rewrite(path: Path, documents: int, out: Path, model, window: int, bar: tqdm) -> dict:
     slot = ShardSlot(out, path.name)
     try:
-        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
-            data, meta = sample["bin"], json.loads(sample["json"])
-            ids = encode(data).to(model.output.weight.device)
+        for sample in shard_samples(str(path), documents):  # a bad shard is an error naming it
+            ids = encode(sample.data).to(model.output.weight.device)
             entropies = model.document_entropies(ids, window).half().cpu()
-            slot.write(sample["__key__"], Document(data, meta["source"], meta.get("lang")),
-                       {ENTROPY_MEMBER: entropies.numpy().tobytes()})
-            bar.update(len(data))
+            document = Document(sample.data, sample.meta.get("source", UNKNOWN), sample.meta.get("lang"))
+            slot.write(sample.key, document, {ENTROPY_MEMBER: entropies.numpy().tobytes()})
+            bar.update(len(sample.data))
     except BaseException:
         slot.discard()
         raise
@@ -65,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", required=True, help="manifest.json of the shards to annotate")
     parser.add_argument("--output", "-o", required=True, help="directory for the new shards and manifest")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")
     args = parser.parse_args(argv)
     try:
         with torch.inference_mode():
-            store_entropies(args.checkpoint, args.manifest, args.output, args.device)
+            store_entropies(args.checkpoint, args.manifest, args.output, args.device, args.overwrite)
     except (ValueError, OSError, KeyError) as error:
         sys.exit(f"entropies: {error}")
     print(f"manifest: {Path(args.output) / MANIFEST}")

@@ -186,6 +186,21 @@ def test_export_then_import_is_the_identity(hf_blt, imported, ids, tmp_path):
         assert all(torch.equal(w, second["state_dict"][name]) for name, w in first["state_dict"].items())
 
 
+def test_export_and_import_write_over_nothing_unless_told(hf_blt, imported, tmp_path):
+    from blt_lightning import hf_export, hf_import
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="taken: not empty; give a new directory, or --overwrite"):
+        hf_export.main(["--checkpoint", str(imported["blt"]), "--output", str(taken)])
+    with pytest.raises(SystemExit, match="taken: not empty; give a new directory, or --overwrite"):
+        hf_import.main(["--model", str(hf_blt[0]), "--output", str(taken)])
+    assert [p.name for p in taken.iterdir()] == ["config.json"] and (taken / "config.json").read_text() == "{}"
+    hf_export.main(["--checkpoint", str(imported["blt"]), "--output", str(taken), "--overwrite"])
+    assert json.loads((taken / "config.json").read_text())["model_type"] == "blt"
+
+
 def test_export_of_a_trained_checkpoint_gives_the_same_logits(small_corpus, ids, tmp_path):
     checkpoint = fit_one_step(tmp_path, small_corpus, "--model.init_args.model.doubled_cross_attn_residual", "true")
     hf = transformers.BltForCausalLM.from_pretrained(export_hf(checkpoint, tmp_path / "exported")).eval()

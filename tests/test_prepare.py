@@ -134,6 +134,24 @@ def test_command_line(corpus, tmp_path, capsys):
         main([str(tmp_path / "missing"), "--output", str(tmp_path / "x")])
 
 
+def test_the_command_line_writes_over_nothing_unless_told(corpus, tmp_path):
+    out = tmp_path / "out"
+    main([str(corpus), "--output", str(out), "--shard_bytes", "4000"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match=r"out: not empty; give a new directory, or --overwrite"):
+        main([str(corpus), "--output", str(out), "--shard_bytes", "8000"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    main([str(corpus), "--output", str(out), "--shard_bytes", "8000", "--overwrite"])
+    assert json.loads((out / MANIFEST).read_text())["options"]["shard_bytes"] == 8000
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("hello")
+    with pytest.raises(SystemExit, match=r"texts/shards: inside the input directory .*texts, which would then hold"):
+        main([str(texts), "--output", str(texts / "shards")])
+    assert [p.name for p in texts.iterdir()] == ["a.txt"]
+
+
 def test_unreadable_gzip_names_the_file(tmp_path):
     not_gzip = tmp_path / "plain.jsonl.gz"
     not_gzip.write_text('{"text": "not compressed"}\n')

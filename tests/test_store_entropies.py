@@ -1,3 +1,4 @@
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -74,6 +75,18 @@ def test_bad_input_is_a_clear_error(shards, tmp_path, stored):
     checkpoint = save_checkpoint(sharp_model(window=16), 64, tmp_path / "again.ckpt")
     with pytest.raises(SystemExit, match="another directory"):
         main(["--checkpoint", str(checkpoint), "--manifest", str(shards / MANIFEST), "--output", str(shards)])
+
+    out = tmp_path / "with_entropies"  # what `stored` wrote
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="with_entropies: not empty; give a new directory, or --overwrite"):
+        main(["--checkpoint", str(checkpoint), "--manifest", str(shards / MANIFEST), "--output", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    bad = shutil.copytree(shards, tmp_path / "bad")
+    cut = sorted(bad.glob("validation-*.tar"))[0]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=rf"{cut.name}: (corrupt|truncated) shard"):
+        main(["--checkpoint", str(checkpoint), "--manifest", str(bad / MANIFEST), "--output", str(tmp_path / "y")])
 
 
 def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
