@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from .evaluate import evaluate
-from .prepare import MANIFEST, PrepareOptions, prepare
+from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = ("byte", "static", "space", "entropy", "entropy-no-ngrams")
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     if not manifest.is_file():
         prepare(args.data, manifest.parent, PREPARE)
         print(f"prepared {args.data} under {manifest.parent}", flush=True)
+    elif not is_prepared(manifest, args.data, PREPARE):  # its runs and results are of other data
+        parser.error(f"{out} holds a comparison of other data than --data {' '.join(args.data)} (as the files are "
+                     f"now; see {manifest}): give another --output-dir")
     data = ["--data.init_args.sources", "null", "--data.init_args.manifest", str(manifest)]
 
     experiments = [Path(e) if e.endswith(".yaml") else CONFIGS / "experiments" / f"{e}.yaml" for e in args.experiments]

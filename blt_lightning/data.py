@@ -31,7 +31,7 @@ import math
 import random
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,7 +42,7 @@ import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, input_list, prepare, read_documents
+from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, is_prepared, prepare, read_documents
 from .vocab import PAD, document_ids, encode, is_byte
 from .workers import worker_options
 
@@ -147,9 +147,9 @@ class BadShards:
             warnings.warn(f"skipped the rest of a bad shard ({self.skipped} so far in this reader): {error}")
 
 
-def shard_documents(url: str) -> Iterator[bytes]:
-    """The documents of one shard, in order, as raw bytes."""
-    return (sample.data for sample in shard_samples(url))
+def shard_documents(url: str, documents: int | None = None) -> Iterator[bytes]:
+    """The documents of one shard, in order, as raw bytes (`documents`: as shard_samples)."""
+    return (sample.data for sample in shard_samples(url, documents))
 
 
 # Per-id values that travel with the ids, cut into rows the same way: stored next-byte entropies, and in
@@ -510,7 +510,7 @@ class ByteShardDataModule(L.LightningDataModule):
         if not self.sources:
             return
         out = self._prepared_dir()
-        if _is_prepared(out / MANIFEST, self.sources, self.prepare_options):
+        if is_prepared(out / MANIFEST, self.sources, self.prepare_options):
             return
         rank_zero_info(f"Preparing shards of {self.sources} under {out}")
         prepare(self.sources, out, self.prepare_options)
@@ -585,16 +585,16 @@ def iter_documents(data: list[str], split: str = "validation") -> Iterator[bytes
             shards = read_manifest(spec).get(split)
             if not shards:
                 raise ValueError(f"{spec}: the manifest has no {split} split")
-            urls = [s.url for s in shards]
+            counted = [(s.url, s.documents) for s in shards]  # so that a truncated shard is an error
         elif is_shard_url(spec):
-            urls = expand_urls(spec)
+            counted = [(url, None) for url in expand_urls(spec)]
         else:
             for path, source in expand_inputs([spec]):
                 yield from (doc.data for doc in read_documents(path, source, PrepareOptions(), Counts(),
                                                                lambda _: None))
             continue
-        for url in urls:
-            yield from shard_documents(url)
+        for url, documents in counted:
+            yield from shard_documents(url, documents)
 
 
 def is_shard_url(spec: str) -> bool:
@@ -621,11 +621,3 @@ def read_manifest(path: str) -> dict[str, list[Shard]]:
         raise FileNotFoundError(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None
-
-
-def _is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> bool:
-    """Whether `manifest` was written from these sources, unchanged, with these options."""
-    if not manifest.is_file():
-        return False
-    recorded = json.loads(manifest.read_text())
-    return recorded.get("inputs") == input_list(expand_inputs(sources)) and recorded.get("options") == asdict(options)

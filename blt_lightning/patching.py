@@ -17,6 +17,7 @@ A padding run is one patch. Last, patches longer than max_patch_length are cut i
 length and a remainder. Everything is tensor code over whole batches: no loop over positions.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,6 +49,9 @@ class PatchingConfig:
     def __post_init__(self):
         if self.mode in ("entropy", "combined") and self.threshold is None:
             raise ValueError(f"{self.mode} patching needs a threshold: find one with `blt-lightning calibrate`")
+        for name in ("threshold", "relative_threshold"):  # a NaN would compare False everywhere: no patches
+            if (value := getattr(self, name)) is not None and not math.isfinite(value):
+                raise ValueError(f"patching.{name} must be a finite number, not {value}")
         if self.patch_size < 1 or (self.max_patch_length is not None and self.max_patch_length < 1):
             raise ValueError("patch_size and max_patch_length must be at least 1")
 

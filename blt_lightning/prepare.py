@@ -331,6 +331,14 @@ def _remove_stale_shards(out: Path, manifest: dict) -> None:
             path.unlink()
 
 
+def is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> bool:
+    """Whether `manifest` was written from these sources, unchanged, with these options."""
+    if not manifest.is_file():
+        return False
+    recorded = json.loads(manifest.read_text())
+    return recorded.get("inputs") == input_list(expand_inputs(sources)) and recorded.get("options") == asdict(options)
+
+
 def input_list(files: list[tuple[Path, str]]) -> list[dict]:
     """The inputs as the manifest records them: enough to tell whether they changed since."""
     return [{"path": str(f), "size": f.stat().st_size} for f, _ in files]

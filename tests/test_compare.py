@@ -38,7 +38,7 @@ def test_the_entropy_threshold_is_calibrated_in_the_rows_the_experiments_train_o
     assert row_length([silent]) is None
 
 
-def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus):
+def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus, capsys):
     quick = tmp_path / "quick.yaml"
     quick.write_text(yaml.safe_dump({
         "trainer": {"val_check_interval": 2, "limit_val_batches": 2, "enable_progress_bar": False},
@@ -66,4 +66,9 @@ def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus):
     # Run again: what is done is not redone.
     compare(["--data", str(corpus), "--experiments", "byte", "static", "--budget", "3e8", "1e9",
              "--output-dir", str(out), "--config", str(quick)])
+    assert len(list((out / "byte-3e+08").glob("version_*"))) == 1
+    # Its folder holds a comparison of this corpus: of other data, it is refused before anything runs.
+    with pytest.raises(SystemExit):
+        compare(["--data", str(extra), "--experiments", "byte", "--budget", "3e8", "--output-dir", str(out)])
+    assert f"{out} holds a comparison of other data than --data {extra}" in capsys.readouterr().err
     assert len(list((out / "byte-3e+08").glob("version_*"))) == 1

@@ -1,14 +1,16 @@
 """Bad shards are named or skipped, and no rank waits forever for another."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from blt_lightning.data import EvalStream, ShardError, TrainStream, read_manifest
+from blt_lightning.data import EvalStream, ShardError, TrainStream, iter_documents, read_manifest
 from blt_lightning.prepare import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,20 @@ def test_a_truncated_shard_is_named_or_skipped_and_counted(shards):
     # The shard's missing rows come as padding, so every rank still runs the batches it planned.
     assert len(batches) == len(EvalStream(split, 32, 4, 0, 1, 0))
     assert any((b["shard"] == -1).any() for b in batches[:-1])
+
+
+def test_a_shard_cut_at_a_document_boundary_is_an_error_to_every_reader_of_its_manifest(shards):
+    """Such a shard reads as a shorter valid tar: only the manifest's count tells. calibrate reads this way."""
+    split = read_manifest(str(shards / MANIFEST))["validation"]
+    with tarfile.open(split[0].url) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    last = members[-1][0].name.split(".")[0]
+    with tarfile.open(split[0].url, "w") as tar:
+        for member, data in members:
+            if member.name.split(".")[0] != last:
+                tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ShardError, match=f"{split[0].url}: truncated shard, "):
+        list(iter_documents([str(shards / MANIFEST)], "validation"))
 
 
 def test_a_corrupt_training_shard_is_named_or_skipped(shards):

@@ -59,6 +59,9 @@ def test_monotonic_and_combined_modes():
     assert both.nonzero().flatten().tolist() == [0, 1, 6]  # the only rise that is also high
     with pytest.raises(ValueError, match="calibrate"):
         PatchingConfig(mode="combined")
+    for bad in ({"threshold": float("nan")}, {"relative_threshold": float("inf")}):  # a NaN would patch nothing
+        with pytest.raises(ValueError, match=r"patching\.\w+ must be a finite number"):
+            PatchingConfig(mode="combined", **{"threshold": 1.0, **bad})
 
 
 def test_max_patch_length_cuts_long_patches():
