@@ -9,9 +9,11 @@ every stage; the data's `seq_len` is linked into the model rather than repeated.
 import signal
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import jsonargparse
+import torch
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -66,6 +68,8 @@ class BLTLightningCLI(LightningCLI):
         silently."""
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].get("model") if subcommand else None
+        if given is not None:
+            check_stage(subcommand, self.config[subcommand].get("ckpt_path"), given.get("class_path"))
         super()._parse_ckpt_path()
         if given is not None and (changed := option_changes(given.as_dict(), self.config[subcommand].model.as_dict())):
             rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
@@ -113,6 +117,24 @@ class BLTLightningCLI(LightningCLI):
         if self.slurm_run_dir is not None and ckpt_path in (None, "last"):
             ckpt_path = newest_checkpoint(Path(self.slurm_run_dir)) or ckpt_path
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+
+
+def check_stage(subcommand: str, ckpt_path: str | None, model_class: str | None) -> None:
+    """Exit with a message, not a traceback or a dump of the config, when a --ckpt_path file does not load or
+    holds the other stage's model (whose options would not parse as the config's model's)."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    try:
+        if not zipfile.is_zipfile(ckpt_path):
+            raise ValueError("not a zip archive, as torch.save writes")
+        # mmap: only what is read of a large checkpoint comes off the disk
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception as error:  # not a torch file, truncated, or not a dict
+        sys.exit(f"{subcommand}: {ckpt_path}: not a checkpoint of `blt-lightning fit`: it does not load ({error})")
+    saved_class = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
+    if model_class and saved_class and saved_class != model_class.rsplit(".", 1)[-1]:
+        sys.exit(f"{subcommand}: {ckpt_path}: its model is {saved_class} and the config's is "
+                 f"{model_class.rsplit('.', 1)[-1]}: give the config of the checkpoint's stage")
 
 
 def option_changes(given: dict, restored: dict, prefix: str = "model.") -> list[str]:

@@ -43,8 +43,14 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
         config, context, prefix = EntropyModelConfig(**carried["config"]), carried["context"], "entropy_model."
     else:
         config, context, prefix = hparams.get("model"), hparams.get("seq_len"), "model."
+        if str(hparams.get("_class_path")).endswith("BLTLM"):
+            raise ValueError(f"{path}: a stage-two (BLTLM) checkpoint of a model patched without an entropy "
+                             "model, so it carries none: give a stage-one (EntropyLM) checkpoint")
         if isinstance(config, dict):  # LightningCLI saves the init arguments as the config's plain values
-            config = EntropyModelConfig(**config)
+            try:
+                config = EntropyModelConfig(**config)
+            except TypeError:
+                config = None
         if not isinstance(config, EntropyModelConfig) or context is None:
             raise ValueError(f"{path}: not a stage-one (EntropyLM) checkpoint, "
                              "nor a stage-two one with an entropy model")

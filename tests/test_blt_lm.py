@@ -1,3 +1,4 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,11 @@ def test_a_missing_or_mismatched_entropy_checkpoint_fails_before_training(tmp_pa
                 "state_dict": {"model.tok_embeddings.weight": torch.zeros(3, 3)}}, stage_two)
     with pytest.raises(ValueError, match="do not fit"):
         BLTLM(TINY, ENTROPY, entropy_checkpoint=str(stage_two))
+    static_blt = tmp_path / "static_blt.ckpt"  # stage two's, patched statically: it carries no entropy model
+    torch.save({"hyper_parameters": {"_class_path": "blt_lightning.BLTLM", "model": asdict(TINY), "seq_len": 16},
+                "state_dict": {}}, static_blt)
+    with pytest.raises(ValueError, match=r"static_blt.ckpt: a stage-two \(BLTLM\) checkpoint .* carries none"):
+        BLTLM(TINY, ENTROPY, entropy_checkpoint=str(static_blt))
     # From the command line: the constructor's message alone, and no data prepared.
     cli = ["fit", "--config", str(ROOT / "configs/blt/tiny.yaml"), "--model.init_args.patching.mode", "monotonic",
            "--trainer.default_root_dir", str(tmp_path / "run")]

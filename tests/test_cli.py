@@ -89,6 +89,19 @@ def test_a_checkpoint_files_model_options_replace_the_given_ones_with_a_warning(
         main(validate)  # the options it was trained with: nothing to say
     assert not [w for w in caught if "restores the model options" in str(w.message)]
 
+
+def test_a_ckpt_path_of_the_other_stage_or_no_checkpoint_is_a_message(tmp_path, entropy_checkpoint, capsys):
+    blt = ["--config", str(ROOT / "configs/blt/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=rf"^validate: {entropy_checkpoint}: its model is EntropyLM and the "
+                                         r"config's is BLTLM: give the config of the checkpoint's stage$"):
+        main(["validate", *blt, "--ckpt_path", str(entropy_checkpoint)])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(SystemExit, match=rf"^test: {garbage}: not a checkpoint of `blt-lightning fit`: it does not "
+                                         r"load \(not a zip archive"):
+        main(["test", *blt, "--ckpt_path", str(garbage)])
+    assert "Parsing of ckpt_path" not in capsys.readouterr().err and not (tmp_path / "run").exists()
+
 def test_configs_compose_and_print(corpus, tmp_path, capsys):
     override = tmp_path / "override.yaml"
     override.write_text("data:\n  init_args:\n    seq_len: 48\nmodel:\n  init_args:\n    model:\n      n_layers: 1\n")
