@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="YAML snippet to write (default: patching-MODE-TARGET.yaml beside the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.sample_bytes < 1 or (args.seq_len is not None and args.seq_len < 1):
+        parser.error("--sample_bytes and --seq_len must be at least 1")
+    if args.output and Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a directory: name the YAML file to write")
     try:
         model, context = load_entropy_model(args.checkpoint, args.device)
         window = entropy_window(model, context)

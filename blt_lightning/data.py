@@ -485,6 +485,9 @@ class ByteShardDataModule(L.LightningDataModule):
         super().__init__()
         if sources and manifest:
             raise ValueError("give sources or a manifest, not both (set the other to null)")
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be at least 1, not {value}")
         self.save_hyperparameters(logger=False)
         self.sources, self.manifest_path, self.shard_dir = sources, manifest, shard_dir
         self.shard_urls = {"train": train_shards, "validation": val_shards, "test": test_shards}

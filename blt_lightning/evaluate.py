@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", default="auto", help="e.g. ddp, fsdp")
     parser.add_argument("--precision", default=None, help="e.g. bf16-mixed (default: the Trainer's, float32)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
+        parser.error("--batch-size and --seq-len must be at least 1")
+    if args.json is not None and args.json.is_dir():
+        parser.error(f"--json {args.json} is a directory: name the file to write")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     try:
         report = evaluate(args.checkpoint, args.data, args.output_dir, args.split, args.batch_size, args.seq_len,

@@ -15,6 +15,7 @@ BOS or the reserved id, so the document it writes is bytes to the end: EOS, or -
 
 import argparse
 import codecs
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -156,9 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda if there is one")
     args = parser.parse_args(argv)
-    if args.temperature < 0 or args.max_bytes < 0 or (args.top_k is not None and args.top_k < 1) \
+    if not 0 <= args.temperature < math.inf or args.max_bytes < 0 or (args.top_k is not None and args.top_k < 1) \
             or (args.top_p is not None and not 0 < args.top_p <= 1):
-        parser.error("need temperature >= 0, max-bytes >= 0, top-k >= 1 and 0 < top-p <= 1")
+        parser.error("need a finite temperature >= 0, max-bytes >= 0, top-k >= 1 and 0 < top-p <= 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     try:
         new_stream = load(args.checkpoint, args.device)

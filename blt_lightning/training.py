@@ -60,6 +60,8 @@ class ByteLMModule(L.LightningModule):
                  flops_budget: float | None = None, init_from: str | None = None,
                  activation_checkpointing: bool | Literal["byte_feed_forward"] = False):
         super().__init__()
+        if seq_len < 1:
+            raise ValueError(f"seq_len (the data's, linked into the model) must be at least 1, not {seq_len}")
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
         if activation_checkpointing not in (False, True, "byte_feed_forward"):
             raise ValueError("activation_checkpointing is true, false or 'byte_feed_forward', "

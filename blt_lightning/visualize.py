@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = patching_config(args)
         data = args.text.encode() if args.text is not None else Path(args.file).read_bytes()
+        if not data:
+            raise ValueError(f"{args.file or 'the text'} is empty: no bytes to patch")
         if config.needs_entropies and not args.checkpoint:
             raise ValueError(f"{config.mode} patching needs --checkpoint (an entropy model)")
         ids = encode(data)
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("patch: --plot draws entropies: give --checkpoint")
         shown = args.plot_bytes + 1  # BOS first
         title = f"{config.mode} patching, mean patch size {stats['mean']:.2f}"
-        patch_figure(ids[:shown], entropies[:shown], starts[:shown], config.threshold,
-                     title).savefig(args.plot, dpi=150)
+        try:
+            patch_figure(ids[:shown], entropies[:shown], starts[:shown], config.threshold,
+                         title).savefig(args.plot, dpi=150)
+        except (ValueError, OSError) as error:  # an image format matplotlib does not write, or no such folder
+            sys.exit(f"patch: {args.plot}: {error}")
         print(f"figure: {args.plot}")
 
 

@@ -215,3 +215,31 @@ def test_a_run_of_an_earlier_version_with_its_weights_unstacked_does_not_resume(
         main(["fit", *fit_args(tmp_path / "resumed", corpus), "--ckpt_path", str(earlier)])
     weights = load_lm(earlier).model.state_dict()  # its weights still load
     assert all(torch.equal(w, checkpoint["state_dict"][f"model.{n}"]) for n, w in stacked_as_parts(weights).items())
+
+
+def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_path, entropy_checkpoint, capsys):
+    fit = ["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--trainer.default_root_dir",
+           str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"^fit: data\.batch_size must be at least 1, not 0$"):
+        main([*fit, "--data.batch_size", "0"])
+    with pytest.raises(SystemExit, match=r"^fit: seq_len \(the data's, linked into the model\) must be at least 1"):
+        main([*fit, "--data.seq_len", "0"])
+    assert not (tmp_path / "run").exists()
+
+    checkpoint, manifest = str(entropy_checkpoint), str(tmp_path / "unread.json")
+    for tool, message in [
+        (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "need a finite temperature >= 0"),
+        (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--seq_len", "0"],
+         "--sample_bytes and --seq_len must be at least 1"),
+        (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--output", str(tmp_path)],
+         "is a directory: name the YAML file to write"),
+        (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--batch-size", "0"],
+         "--batch-size and --seq-len must be at least 1"),
+        (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--json", str(tmp_path)],
+         "is a directory: name the file to write"),
+        (["patch", "--checkpoint", checkpoint, "--mode", "entropy", "--threshold", "1", "--text", ""],
+         "the text is empty: no bytes to patch"),
+    ]:
+        with pytest.raises(SystemExit) as exited:  # argparse prints its message; sys.exit carries it
+            main(tool)
+        assert message in f"{exited.value.code} {capsys.readouterr().err}", tool
