@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
+from .data import ShardError
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
+    except ShardError as error:  # bad data, named: its message, not Lightning's frames above it
+        # (from a DataLoader worker the message holds the worker's traceback, and the error's own line last)
+        sys.exit(f"blt-lightning: {str(error).strip().splitlines()[-1].split('ShardError: ', 1)[-1]}")
 
 
 def run(argv: list[str] | None) -> None:

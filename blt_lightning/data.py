@@ -497,6 +497,7 @@ class ByteShardDataModule(L.LightningDataModule):
         self.batches_per_epoch, self.seed, self.skip_bad_shards = batches_per_epoch, seed, skip_bad_shards
         self.test_split = "test" if test_shards else test_split
         self.shards: dict[str, list[Shard]] = {}
+        self._manifest_read: str | None = None  # the manifest setup() read the shards of
         self.rank, self.world_size = 0, 1
         # Sources are prepared once, by global rank 0: default_root_dir is shared by every node (it holds
         # the checkpoints too), and nodes preparing the same shards at once would write over each other.
@@ -521,6 +522,7 @@ class ByteShardDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         manifest = self.manifest_path or (str(self._prepared_dir() / MANIFEST) if self.sources else None)
         self.shards = read_manifest(manifest) if manifest else {}
+        self._manifest_read = manifest
         for split, urls in self.shard_urls.items():
             if urls:
                 self.shards[split] = [Shard(u) for u in expand_urls(urls)]
@@ -530,9 +532,9 @@ class ByteShardDataModule(L.LightningDataModule):
 
     def _split(self, split: str) -> list[Shard]:
         if not self.shards.get(split):
-            raise ValueError(
-                f"no {split} shards: name them (sources with a {split} fraction, manifest, or {split} shard URLs)"
-            )
+            where = f"{self._manifest_read} has none, so " if self._manifest_read else ""
+            raise ValueError(f"no {split} shards: {where}name them (sources with a {split} fraction, manifest, "
+                             f"or {split} shard URLs)")
         return self.shards[split]
 
     def train_dataloader(self) -> DataLoader:
@@ -622,5 +624,7 @@ def read_manifest(path: str) -> dict[str, list[Shard]]:
         }
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory; give the manifest.json in it") from None
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None

@@ -44,7 +44,10 @@ def read_config(directory: Path, model_type: str):
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json here (download the model's folder first)")
-    found = json.loads(path.read_text()).get("model_type")
+    try:
+        found = json.loads(path.read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:  # not JSON, or not an object
+        raise ValueError(f"{path}: not a model config ({error})") from None
     require(found == model_type, str(path), "model_type", found, f"a {model_type} config is expected")
     classes = {"blt": "BltConfig", "blt_patcher": "BltPatcherConfig"}
     return getattr(transformers_module(), classes[model_type]).from_pretrained(directory)

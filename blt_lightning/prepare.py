@@ -152,6 +152,8 @@ def read_documents(path: Path, source: str, options: PrepareOptions, skipped: Co
                             raise PrepareError(f"{path}:{lineno}: {error} (pass --skip_malformed to skip such lines)")
                         skipped.add(len(line))
                         continue
+                    if not doc.data:
+                        yield doc  # to be counted as an empty document
                     for piece in pieces(io.BytesIO(doc.data), options.max_document_bytes):
                         yield Document(piece, doc.source, doc.lang)
             else:
@@ -301,6 +303,9 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
         for slot in open_slots.values():
             slot.discard()
 
+    if not any(s.documents for s in stats.values()):
+        raise PrepareError(f"no documents in {', '.join(inputs)} ({empty.documents} empty, {malformed.documents} "
+                           "malformed lines skipped)")
     manifest = {
         "format": MANIFEST_FORMAT,
         "inputs": input_list(files),

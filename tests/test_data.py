@@ -1,6 +1,7 @@
 import functools
 import http.server
 import itertools
+import json
 import multiprocessing.forkserver
 import os
 import shutil
@@ -135,9 +136,19 @@ def test_too_few_shards_for_the_readers_is_a_clear_error(shards):
         dm.train_dataloader()
 
 
-def test_a_missing_manifest_is_a_clear_error(tmp_path):
+def test_a_missing_manifest_is_a_clear_error(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="no manifest here"):
         ByteShardDataModule(manifest=str(tmp_path / "none.json")).setup("fit")
+    with pytest.raises(ValueError, match="shards: a directory; give the manifest.json in it"):
+        ByteShardDataModule(manifest=str(shards)).setup("fit")
+    no_test = tmp_path / "no_test.json"
+    manifest = json.loads((shards / MANIFEST).read_text())
+    del manifest["splits"]["test"]
+    no_test.write_text(json.dumps(manifest))
+    data = ByteShardDataModule(manifest=str(no_test))
+    data.setup("test")
+    with pytest.raises(ValueError, match=f"no test shards: {no_test} has none, so name them"):
+        data.test_dataloader()
 
 
 def test_streams_run_in_spawned_workers(shards):

@@ -89,4 +89,4 @@ def test_ranks_with_unequal_shards_or_a_bad_shard_do_not_hang(shards, tmp_path):
 
     truncate(val[2])  # rank 0's second validation shard: rank 0 fails, rank 1 must not wait for it forever
     run = ddp_fit(tmp_path / "bad", urls + ["--data.batches_per_epoch", "3"])
-    assert run.returncode != 0 and f"{val[2]}: corrupt shard" in run.stderr
+    assert run.returncode != 0 and f"blt-lightning: {val[2]}: corrupt shard" in run.stderr  # a message, last

@@ -214,6 +214,10 @@ def test_export_of_a_trained_checkpoint_gives_the_same_logits(small_corpus, ids,
 
 
 def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
+    broken = shutil.copytree(hf_blt[0], tmp_path / "broken")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken/config.json: not a model config"):
+        import_hf(broken, tmp_path / "out")
     folder = shutil.copytree(hf_blt[0], tmp_path / "gqa")
     config = json.loads((folder / "config.json").read_text())
     config["encoder_config"]["num_key_value_heads"] = 1

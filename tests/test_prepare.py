@@ -123,6 +123,10 @@ def test_text_files_directories_globs_and_text_field(tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(PrepareError, match="nope.jsonl: no such file"):
         prepare([str(tmp_path / "nope.jsonl")], tmp_path / "out", OPTIONS, progress=False)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}])
+    with pytest.raises(PrepareError, match=r"no documents in .*empty.jsonl \(1 empty, 0 malformed lines skipped\)"):
+        prepare([str(empty)], tmp_path / "out", OPTIONS, progress=False)
+    assert not (tmp_path / "out" / MANIFEST).exists()
 
 
 def test_command_line(corpus, tmp_path, capsys):
