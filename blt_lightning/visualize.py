@@ -143,7 +143,10 @@ def patching_config(args: argparse.Namespace) -> PatchingConfig:
     """A PatchingConfig from a YAML snippet (model.init_args.patching) with command-line values on top."""
     values = {}
     if args.patching:
-        loaded = yaml.safe_load(Path(args.patching).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(args.patching).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{args.patching}: not YAML ({error})") from None
         values = loaded.get("model", {}).get("init_args", {}).get("patching", {})
         if not values:
             raise ValueError(f"{args.patching}: no model.init_args.patching section")

@@ -227,6 +227,8 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
     assert not (tmp_path / "run").exists()
 
     checkpoint, manifest = str(entropy_checkpoint), str(tmp_path / "unread.json")
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("model: [unclosed")
     for tool, message in [
         (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "need a finite temperature >= 0"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--seq_len", "0"],
@@ -239,6 +241,7 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
          "is a directory: name the file to write"),
         (["patch", "--checkpoint", checkpoint, "--mode", "entropy", "--threshold", "1", "--text", ""],
          "the text is empty: no bytes to patch"),
+        (["patch", "--patching", str(broken_yaml), "--text", "x"], "broken.yaml: not YAML"),
     ]:
         with pytest.raises(SystemExit) as exited:  # argparse prints its message; sys.exit carries it
             main(tool)
