@@ -64,9 +64,10 @@ class BLTLightningCLI(LightningCLI):
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning replaces the model's options with those saved in a --ckpt_path file: warn of each option
-        that changes, which a `--model...` override or the config set to something else, rather than drop it
-        silently."""
+        """Lightning replaces the model's options with those saved in a --ckpt_path file. A file that does not
+        load, or holds the other stage's model, ends the command with a message (check_stage); otherwise warn of
+        each option that changes, which a `--model...` override or the config set to something else, rather than
+        drop it silently."""
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].get("model") if subcommand else None
         if given is not None:
