@@ -5,6 +5,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
@@ -67,6 +68,9 @@ class BLTLM(ByteLMModule):
             if entropy_checkpoint is None:
                 raise ValueError(f"{patching.mode} patching needs entropy_checkpoint (a stage-one checkpoint)")
             entropy_model, context = load_entropy_model(entropy_checkpoint)
+        elif entropy_checkpoint is not None:  # not loaded, so not checked: the user may expect it to patch
+            rank_zero_warn(f"{patching.mode} patching uses no entropy model: entropy_checkpoint {entropy_checkpoint} "
+                           "is not loaded")
         # frozen: no gradients, never in the optimizer
         self.entropy_model, self.entropy_context = entropy_model, context
         self.patcher = Patcher(patching, entropy_model, context)

@@ -49,6 +49,12 @@ def test_a_missing_or_mismatched_entropy_checkpoint_fails_before_training(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_an_entropy_checkpoint_that_static_patching_does_not_use_is_a_warning(tmp_path):
+    unused = r"static patching uses no entropy model: entropy_checkpoint .*nope.ckpt is not loaded"
+    with pytest.warns(UserWarning, match=unused):
+        BLTLM(TINY, PatchingConfig(mode="static"), entropy_checkpoint=str(tmp_path / "nope.ckpt"))
+
+
 def test_the_entropy_models_flops_are_those_of_its_runs_over_this_models_rows(entropy_checkpoint):
     """On the fly the patcher runs the entropy model (trained on rows of 32) over stage two's rows, each
     position seeing at most the patcher's window: its FLOPs per byte follow this model's row length."""
