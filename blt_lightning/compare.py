@@ -15,11 +15,13 @@
 
 Runs happen in subprocesses (`python -m blt_lightning fit`), so --config files (configs/trainer/gpu.yaml,
 say) apply to every one. A run already in results.json is not run again: rerun the command to go on
-after an interruption.
+after an interruption. A run whose configs (their text) or overrides changed since its row was written
+is trained again and its row replaced; so is stage one, and with it every entropy-patched run.
 """
 
 import argparse
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -65,23 +67,39 @@ def row_length(configs: list[Path]) -> int | None:
     return found
 
 
+def settings(configs: list[Path], arguments: list[str]) -> str:
+    """A digest of what a run is, besides its data: the text of its configs, in order, and its arguments."""
+    digest = hashlib.sha256(json.dumps(arguments).encode())
+    for config in configs:
+        digest.update(Path(config).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def stage_one(args, manifest: Path, data: list[str], seq_len: int | None) -> tuple[Path, Path]:
     """The entropy model's checkpoint and the patching YAML calibrated for it, in rows of seq_len (those the
-    entropy-patched experiments train on) when given."""
+    entropy-patched experiments train on) when given: those of an earlier run of the same settings
+    (recorded in stage-one.json), else trained and calibrated now."""
     from .calibrate import main as calibrate
 
+    record = args.output_dir / "stage-one.json"
     patching = args.output_dir / f"patching-entropy-{args.patch_size}.yaml"
-    existing = last_checkpoint(args.output_dir / "entropy-model")
-    if existing and patching.is_file():
-        return existing, patching
-    checkpoint, _ = fit([args.entropy_config, *args.config], data, args.output_dir, "entropy-model")
+    configs = [args.entropy_config, *args.config]
+    wanted = settings(configs, [*data, str(args.patch_size), str(seq_len)])
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if (done.get("settings") == wanted and Path(done["checkpoint"]).is_file()
+            and Path(done["patching"]) == patching and patching.is_file()):
+        return Path(done["checkpoint"]), patching
+    if done:
+        print(f"== entropy-model: its settings changed since {record} was written: trained again", flush=True)
+    checkpoint, _ = fit(configs, data, args.output_dir, "entropy-model")
     rows = ["--seq_len", str(seq_len)] if seq_len else []
     calibrate(["--checkpoint", str(checkpoint), "--data", str(manifest), "--target", str(args.patch_size),
                *rows, "--output", str(patching)])
+    record.write_text(json.dumps({"settings": wanted, "checkpoint": str(checkpoint), "patching": str(patching)}))
     return checkpoint, patching
 
 
-def table_row(name: str, budget: float, checkpoint: Path, seconds: float, held_out: dict,
+def table_row(name: str, budget: float, run_settings: str, checkpoint: Path, seconds: float, held_out: dict,
               extra: dict[str, dict]) -> dict:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     params = sum(v.numel() for k, v in state["state_dict"].items() if not k.startswith("entropy_model."))
@@ -91,7 +109,7 @@ def table_row(name: str, budget: float, checkpoint: Path, seconds: float, held_o
             "inference_flops_per_byte": held_out["flops_per_byte"],
             "of_which_entropy_model": held_out.get("entropy_model_flops_per_byte", 0.0),
             "mean_patch_size": held_out.get("mean_patch_size", 1.0), "train_seconds": round(seconds, 1),
-            "checkpoint": str(checkpoint)}
+            "checkpoint": str(checkpoint), "settings": run_settings}
 
 
 def write_results(rows: list[dict], out: Path) -> None:
@@ -101,7 +119,7 @@ def write_results(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    shown = [c for c in columns if c != "checkpoint"]
+    shown = [c for c in columns if c not in ("checkpoint", "settings")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(cell(c, row.get(c, "")) for c in shown) + " |" for row in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -176,24 +194,29 @@ def main(argv: list[str] | None = None) -> None:
     entropy_checkpoint, patching = (stage_one(args, manifest, data, row_length([needs_entropy[0], *args.config]))
                                     if needs_entropy else (None, None))
 
-    done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
-    rows = list(done)
+    rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     for budget in args.budget:
         for experiment in experiments:
             name = f"{experiment.stem}-{budget:.0e}"
-            if any(row["experiment"] == experiment.stem and row["budget_flops"] == budget for row in done):
-                continue
             configs = [experiment, *args.config]
             overrides = data + ["--model.init_args.flops_budget", str(budget)]
             if experiment in needs_entropy:
                 configs.append(patching)
                 overrides += ["--model.init_args.entropy_checkpoint", str(entropy_checkpoint)]
+            run_settings = settings(configs, overrides)
+            previous = [row for row in rows if row["experiment"] == experiment.stem and row["budget_flops"] == budget]
+            if previous and previous[0].get("settings") == run_settings:
+                continue
+            if previous:
+                print(f"== {name}: its configs or overrides changed since its row in {out / 'results.json'}: "
+                      "trained again", flush=True)
+                rows.remove(previous[0])
             checkpoint, seconds = fit(configs, overrides, out, name)
             held_out = evaluate(str(checkpoint), [str(manifest)], out / "evaluate", enable_progress_bar=False)
             extra = {Path(f).name.split(".")[0]: evaluate(str(checkpoint), [f], out / "evaluate",
                                                           enable_progress_bar=False)
                      for f in args.eval}
-            rows.append(table_row(experiment.stem, budget, checkpoint, seconds, held_out, extra))
+            rows.append(table_row(experiment.stem, budget, run_settings, checkpoint, seconds, held_out, extra))
             write_results(rows, out)  # after every run: an interrupted comparison keeps what it finished
     write_results(rows, out)
     print((out / "results.md").read_text())

@@ -1,12 +1,16 @@
 """FLOP-matched training (FlopBudget) and the `compare` command."""
 
+import argparse
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from blt_lightning import calibrate as calibrate_module
+from blt_lightning import compare as compare_module
 from blt_lightning.cli import main
 from blt_lightning.compare import main as compare
 from blt_lightning.compare import row_length
@@ -67,8 +71,44 @@ def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus, capsys):
     compare(["--data", str(corpus), "--experiments", "byte", "static", "--budget", "3e8", "1e9",
              "--output-dir", str(out), "--config", str(quick)])
     assert len(list((out / "byte-3e+08").glob("version_*"))) == 1
+    # An experiment whose config changed is trained again and its row replaced; the others are kept.
+    static = tmp_path / "static.yaml"
+    static.write_text((ROOT / "configs/experiments/static.yaml").read_text().replace("patch_size: 4", "patch_size: 2"))
+    compare(["--data", str(corpus), "--experiments", "byte", str(static), "--budget", "3e8",
+             "--output-dir", str(out), "--config", str(quick)])
+    assert "static-3e+08: its configs or overrides changed since its row" in capsys.readouterr().out
+    assert [len(list((out / run).glob("version_*"))) for run in ("byte-3e+08", "static-3e+08")] == [1, 2]
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["experiment"], r["budget_flops"]) for r in rows] == [("byte", 3e8), ("byte", 1e9), ("static", 1e9),
+                                                                   ("static", 3e8)]
+    assert float(rows[-1]["mean_patch_size"]) <= 2.0
     # Its folder holds a comparison of this corpus: of other data, it is refused before anything runs.
     with pytest.raises(SystemExit):
         compare(["--data", str(extra), "--experiments", "byte", "--budget", "3e8", "--output-dir", str(out)])
     assert f"{out} holds a comparison of other data than --data {extra}" in capsys.readouterr().err
     assert len(list((out / "byte-3e+08").glob("version_*"))) == 1
+
+
+def test_stage_one_is_reused_while_its_settings_hold_and_trained_again_when_they_change(tmp_path, monkeypatch, capsys):
+    fits = []
+
+    def fake_fit(configs, overrides, root, run_name):
+        checkpoint = root / run_name / f"version_{len(fits)}" / "checkpoints" / "last.ckpt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_text("")
+        fits.append(configs)
+        return checkpoint, 1.0
+
+    monkeypatch.setattr(compare_module, "fit", fake_fit)
+    monkeypatch.setattr(calibrate_module, "main", lambda argv: Path(argv[argv.index("--output") + 1]).write_text("x"))
+    entropy_config = tmp_path / "entropy.yaml"
+    entropy_config.write_text("trainer:\n  max_steps: 3\n")
+    args = argparse.Namespace(output_dir=tmp_path, patch_size=4.5, entropy_config=entropy_config, config=[])
+    first = compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 32)
+    assert compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 32) == first
+    assert len(fits) == 1
+    compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 64)  # other rows
+    entropy_config.write_text("trainer:\n  max_steps: 4\n")
+    checkpoint, _ = compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 64)
+    assert len(fits) == 3 and checkpoint.parent.parent.name == "version_2"
+    assert capsys.readouterr().out.count("entropy-model: its settings changed since") == 2
