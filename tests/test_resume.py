@@ -12,20 +12,36 @@ import torch
 from conftest import SLURM_ONE_TASK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# The model a run trains: its config and what shrinks it (stage one; stage two adds its entropy checkpoint).
+ENTROPY_MODEL = ("configs/entropy/tiny.yaml", "--model.init_args.model.dim", "32",
+                 "--model.init_args.model.n_layers", "1")
+BLT_MODEL = ("configs/blt/tiny.yaml", "--data.seq_len", "64", "--model.init_args.patching.mode", "monotonic")
 
 
 def cli_run(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """`blt-lightning fit` of a tiny entropy model for 10 steps (epochs of 3 batches), as its own process,
-    with `callbacks` (class path and init args) besides a checkpoint every 3 steps and on SIGTERM; `env`
-    adds to its environment."""
-    args, env = fit_command(root, corpus, callbacks, *extra, workers=workers, env=env)
+            env: dict | None = None, model: tuple[str, ...] = ENTROPY_MODEL) -> subprocess.CompletedProcess:
+    """`blt-lightning fit` of a tiny model (an entropy model unless `model` says otherwise) for 10 steps
+    (epochs of 3 batches), as its own process, with `callbacks` (class path and init args) besides a
+    checkpoint every 3 steps and on SIGTERM; `env` adds to its environment."""
+    return finish(cli_start(root, corpus, callbacks, *extra, workers=workers, env=env, model=model))
+
+
+def cli_start(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2,
+              env: dict | None = None, model: tuple[str, ...] = ENTROPY_MODEL) -> subprocess.Popen:
+    """cli_run's process, started (finish() waits for it): a reference run goes on beside the one under test."""
+    args, env = fit_command(root, corpus, callbacks, *extra, workers=workers, env=env, model=model)
     # Its own session: a signal to its process group reaches it, its DataLoader workers and their forkserver only.
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def fit_command(root: Path, corpus: Path, callbacks: list[dict], *extra: str, workers: int = 2,
-                env: dict | None = None) -> tuple[list[str], dict]:
+                env: dict | None = None, model: tuple[str, ...] = ENTROPY_MODEL) -> tuple[list[str], dict]:
     """What cli_run runs, and in which environment."""
     listed = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                "init_args": {"monitor": None, "every_n_train_steps": 3, "save_last": True}},
@@ -34,14 +50,13 @@ def fit_command(root: Path, corpus: Path, callbacks: list[dict], *extra: str, wo
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps({"trainer": {"callbacks": listed + callbacks}}))  # JSON is YAML
     args = [
-        sys.executable, "-m", "blt_lightning", "fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"),
+        sys.executable, "-m", "blt_lightning", "fit", "--config", str(ROOT / model[0]),
         "--config", str(config), "--trainer.default_root_dir", str(root),
         "--trainer.max_steps", "10", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--data.sources", f"[{corpus}]", "--data.prepare.shard_bytes", "2000", "--data.seq_len", "32",
         "--data.batch_size", "4", "--data.num_workers", str(workers), "--data.batches_per_epoch", "3",
-        "--data.shuffle_rows", "8", "--model.init_args.model.dim", "32", "--model.init_args.model.n_layers", "1",
-        *extra,
+        "--data.shuffle_rows", "8", *model[1:], *extra,
     ]
     return args, {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
 
@@ -71,20 +86,20 @@ def batches(path: Path) -> dict[int, str]:
 
 
 def last_checkpoint(root: Path) -> dict:
-    (path,) = root.glob("entropy-tiny/version_*/checkpoints/last.ckpt")
+    (path,) = root.glob("*/version_*/checkpoints/last.ckpt")
     return torch.load(path, weights_only=False)
 
 
 def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_same_weights(corpus, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli_run(whole, corpus, [record(whole / "batches")]).returncode == 0
-    expected = batches(whole / "batches")
-    assert sorted(expected) == list(range(10)) and len(set(expected.values())) == 10
-
+    uninterrupted = cli_start(whole, corpus, [record(whole / "batches")])
     # SIGKILL when step 6 starts: nothing is saved then; the last checkpoint is step 3's, the end of epoch 0.
     # Its DataLoader workers end with it (else they would hold its output open, and this call would hang).
     # Started as a restarting launcher starts every attempt, with --ckpt_path last: there is none yet, so afresh.
     killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")], "--ckpt_path", "last")
+    assert finish(uninterrupted).returncode == 0
+    expected = batches(whole / "batches")
+    assert sorted(expected) == list(range(10)) and len(set(expected.values())) == 10
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert batches(cut / "a") == {s: expected[s] for s in range(6)}  # step 5's batch was drawn, not trained
     assert last_checkpoint(cut)["global_step"] == 3
@@ -108,11 +123,29 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
         assert torch.equal(final[name], reference[name]), f"{name} differs after resuming"
 
 
+def test_stage_two_patched_on_the_fly_resumes_exactly_after_a_sigkill(corpus, tmp_path, entropy_checkpoint):
+    """BLT, its frozen entropy model patching every batch: the same batches and bitwise the same weights."""
+    model = (*BLT_MODEL, "--model.init_args.entropy_checkpoint", str(entropy_checkpoint))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    uninterrupted = cli_start(whole, corpus, [record(whole / "batches")], workers=0, model=model)
+    killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")], workers=0, model=model)
+    assert finish(uninterrupted).returncode == 0
+    expected = batches(whole / "batches")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert last_checkpoint(cut)["global_step"] == 3
+    resumed = cli_run(cut, corpus, [record(cut / "b")], "--ckpt_path", "last", workers=0, model=model)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert batches(cut / "b") == {s: expected[s] for s in range(3, 10)}
+    final, reference = torch.load(f"{cut / 'b'}.rank0.weights"), torch.load(f"{whole / 'batches'}.rank0.weights")
+    assert any(name.startswith("entropy_model.") for name in reference)
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), f"{name} differs after resuming"
+
+
 def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_job_resumes_exactly(corpus, tmp_path):
     accumulate = ("--trainer.accumulate_grad_batches", "2")  # a step is 2 batches (epochs of 3 end on 1)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli_run(whole, corpus, [record(whole / "batches")], *accumulate).returncode == 0
-    expected = batches(whole / "batches")  # the last batch of each step
+    uninterrupted = cli_start(whole, corpus, [record(whole / "batches")], *accumulate)
     job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "77", **fake_scontrol(tmp_path)}
 
     # SIGUSR1 (SLURM, before the time limit) as step 4's first batch starts: nothing is saved within the
@@ -120,6 +153,8 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
     # handler, the job requeued, the run ended.
     signalled = cli_run(cut, corpus, [record(cut / "a"), signal_at(4, "SIGUSR1", group=True)], *accumulate, env=job)
     assert signalled.returncode == 0, signalled.stderr[-3000:]
+    assert finish(uninterrupted).returncode == 0
+    expected = batches(whole / "batches")  # the last batch of each step
     run = cut / "entropy-tiny/slurm-77"
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     assert not list(cut.rglob("hpc_ckpt_*.ckpt"))
@@ -147,7 +182,7 @@ def test_slurms_requeue_signal_to_one_rank_stops_every_rank_at_one_step_and_the_
     ranks save together after that step, rank 0 requeues once, and the requeued pair ends as an uninterrupted one."""
     requeue = fake_scontrol(tmp_path)
 
-    def two_tasks(root: Path, job: str, callbacks: list[dict]) -> None:
+    def two_tasks(root: Path, job: str, callbacks: list[dict]) -> list[subprocess.Popen]:
         port, processes = str(free_port()), []
         for rank in range(2):
             env = {**SLURM_ONE_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
@@ -156,16 +191,20 @@ def test_slurms_requeue_signal_to_one_rank_stops_every_rank_at_one_step_and_the_
             args, env = fit_command(root, corpus, [record(root / "batches"), *callbacks], "--trainer.devices", "2",
                                     "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", workers=1, env=env)
             processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        return processes
+
+    def succeed(processes: list[subprocess.Popen]) -> None:
         for process in processes:
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err[-3000:]
 
-    two_tasks(tmp_path / "whole", "90", [])
+    uninterrupted = two_tasks(tmp_path / "whole", "90", [])
     cut = tmp_path / "cut"
-    two_tasks(cut, "88", [signal_at(4, "SIGUSR1", rank=1)])
+    succeed(two_tasks(cut, "88", [signal_at(4, "SIGUSR1", rank=1)]))
+    succeed(uninterrupted)
     assert torch.load(cut / "entropy-tiny/slurm-88/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 88"]
-    two_tasks(cut, "88", [])  # requeued
+    succeed(two_tasks(cut, "88", []))  # requeued
     for rank in range(2):
         final = torch.load(f"{cut / 'batches'}.rank{rank}.weights")
         reference = torch.load(f"{tmp_path / 'whole' / 'batches'}.rank{rank}.weights")
