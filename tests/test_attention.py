@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from blt_lightning.models.attention import (ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents,
-                                           window_block_keys)
+                                           windows_save_work)
 
 
 def qkv(B: int, Lq: int, Lk: int, seed: int, H: int = 2, D: int = 8) -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, m
                            + (torch.arange(length) >= length - 2).long()])  # one document; three, one of 2 ids
     mask_mod = causal_documents(doc_ids, window)
     blocks = build_mask(mask_mod, 2, length, length, torch.device("cpu"), "sdpa")
-    assert blocks.windowed == (window is not None and window_block_keys(window) < length)
+    assert blocks.windowed == (window is not None and windows_save_work(window, length))
     sdpa, dense = run_both(mask_mod, *qkv(2, length, length, seed=length * 100 + (window or 0)))
     for a, b in zip(sdpa, dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -84,7 +84,7 @@ BLOCK = 256
 class SelfAttentionBlocks:
     """CausalDocuments as sdpa runs it: queries in blocks of `size`, so that blocks of keys no query of a
     block can see are never computed.
-    - windowed (rows longer than window_block_keys): block i's queries can only see keys of blocks i - back ..
+    - windowed (where windows_save_work): block i's queries can only see keys of blocks i - back ..
       i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: one SDPA
       call over all blocks, each against its own copy of those keys (made again in backward, not kept).
     - causal: block i's queries see keys of blocks 0 .. i. allowed [B, 1, L, L]: one SDPA call a block,
@@ -114,7 +114,7 @@ def build_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: t
 
         return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
     if implementation == "sdpa" and isinstance(mask_mod, CausalDocuments) and q_len == kv_len:
-        if mask_mod.window is not None and window_block_keys(mask_mod.window) < q_len:
+        if mask_mod.window is not None and windows_save_work(mask_mod.window, q_len):
             return _window_blocks(mask_mod, batch, q_len, device)
         return SelfAttentionBlocks(build_mask(mask_mod, batch, q_len, kv_len, device, "dense"), BLOCK, windowed=False)
     if implementation == "sdpa" and isinstance(mask_mod, (SlotsReadGroup, ReadGroupSlots)):
@@ -131,11 +131,16 @@ def _window_layout(window: int) -> tuple[int, int]:
     return size, -(-(window - 1) // size)
 
 
-def window_block_keys(window: int) -> int:
-    """Keys a block of queries meets under a sliding window. Only on rows longer than this do window blocks
-    skip work (else they only add copies)."""
+def windows_save_work(window: int, length: int) -> bool:
+    """Whether, over a row of `length`, window blocks (each block of queries against its own keys and those of
+    the `back` blocks before, the row padded to whole blocks) compute fewer query-key scores than causal
+    blocks (the queries of block i against the keys up to its end). Where they do not, they would only add
+    copies of the keys: on a row of 1,024 at a window of 512, windows make 3,072 scores a query block's
+    worth, causal blocks 2,560."""
     size, back = _window_layout(window)
-    return (back + 1) * size
+    windowed = -(-length // size) * size * (back + 1) * size
+    causal = sum(min(BLOCK, length - start) * min(start + BLOCK, length) for start in range(0, length, BLOCK))
+    return windowed < causal
 
 
 def _window_blocks(mask_mod: CausalDocuments, batch: int, length: int, device: torch.device) -> SelfAttentionBlocks:
