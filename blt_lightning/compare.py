@@ -15,8 +15,10 @@
 
 Runs happen in subprocesses (`python -m blt_lightning fit`), so --config files (configs/trainer/gpu.yaml,
 say) apply to every one. A run already in results.json is not run again: rerun the command to go on
-after an interruption. A run whose configs (their text) or overrides changed since its row was written
-is trained again and its row replaced; so is stage one, and with it every entropy-patched run.
+after an interruption. A run whose configs (the text of its experiment and --config files) or budget
+differ from those its row records is trained again and its row replaced. Stage one is trained again when
+its own (--entropy-config, --config, --patch-size, the rows it is calibrated in) change, and then so is
+every entropy-patched run.
 """
 
 import argparse
@@ -32,6 +34,7 @@ import torch
 import yaml
 
 from .evaluate import evaluate
+from .outputs import write_atomically
 from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,36 +70,40 @@ def row_length(configs: list[Path]) -> int | None:
     return found
 
 
-def settings(configs: list[Path], arguments: list[str]) -> str:
-    """A digest of what a run is, besides its data: the text of its configs, in order, and its arguments."""
-    digest = hashlib.sha256(json.dumps(arguments).encode())
+def settings(configs: list[Path], values: list) -> str:
+    """A digest of what a run is, besides its data (prepared once, and checked by is_prepared): the text of
+    each of its configs, in order, and `values`. No paths: the same folder named another way (out, ./out,
+    /abs/out) holds the same runs."""
+    digest = hashlib.sha256(json.dumps(values).encode())
     for config in configs:
-        digest.update(Path(config).read_bytes())
+        digest.update(hashlib.sha256(Path(config).read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 
-def stage_one(args, manifest: Path, data: list[str], seq_len: int | None) -> tuple[Path, Path]:
-    """The entropy model's checkpoint and the patching YAML calibrated for it, in rows of seq_len (those the
-    entropy-patched experiments train on) when given: those of an earlier run of the same settings
-    (recorded in stage-one.json), else trained and calibrated now."""
+def stage_one(args, manifest: Path, data: list[str], seq_len: int | None) -> tuple[Path, Path, str]:
+    """The entropy model's checkpoint, the patching YAML calibrated for it in rows of seq_len (those the
+    entropy-patched experiments train on) when given, and what identifies the two (for those experiments'
+    settings): those of an earlier run of the same settings (recorded in stage-one.json), else trained and
+    calibrated now."""
     from .calibrate import main as calibrate
 
-    record = args.output_dir / "stage-one.json"
-    patching = args.output_dir / f"patching-entropy-{args.patch_size}.yaml"
+    out = args.output_dir
+    record, patching = out / "stage-one.json", out / f"patching-entropy-{args.patch_size}.yaml"
     configs = [args.entropy_config, *args.config]
-    wanted = settings(configs, [*data, str(args.patch_size), str(seq_len)])
+    wanted = settings(configs, ["stage one", args.patch_size, seq_len])
     done = json.loads(record.read_text()) if record.is_file() else {}
-    if (done.get("settings") == wanted and Path(done["checkpoint"]).is_file()
-            and Path(done["patching"]) == patching and patching.is_file()):
-        return Path(done["checkpoint"]), patching
-    if done:
-        print(f"== entropy-model: its settings changed since {record} was written: trained again", flush=True)
-    checkpoint, _ = fit(configs, data, args.output_dir, "entropy-model")
+    if done.get("settings") == wanted and (out / done["checkpoint"]).is_file() and patching.is_file():
+        return out / done["checkpoint"], patching, f"{wanted} {done['checkpoint']}"
+    if done or (out / "entropy-model").exists():
+        why = "its settings changed since" if done else "it was trained by an earlier version, which kept no"
+        print(f"== entropy-model: {why} {record}: trained again", flush=True)
+    checkpoint, _ = fit(configs, data, out, "entropy-model")
     rows = ["--seq_len", str(seq_len)] if seq_len else []
     calibrate(["--checkpoint", str(checkpoint), "--data", str(manifest), "--target", str(args.patch_size),
                *rows, "--output", str(patching)])
-    record.write_text(json.dumps({"settings": wanted, "checkpoint": str(checkpoint), "patching": str(patching)}))
-    return checkpoint, patching
+    relative = str(checkpoint.relative_to(out))
+    write_atomically(record, json.dumps({"settings": wanted, "checkpoint": relative}) + "\n")
+    return checkpoint, patching, f"{wanted} {relative}"
 
 
 def table_row(name: str, budget: float, run_settings: str, checkpoint: Path, seconds: float, held_out: dict,
@@ -191,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     if missing := [str(e) for e in experiments if not e.is_file()]:
         parser.error(f"no experiment config {missing}")
     needs_entropy = [e for e in experiments if "mode: entropy" in e.read_text()]
-    entropy_checkpoint, patching = (stage_one(args, manifest, data, row_length([needs_entropy[0], *args.config]))
-                                    if needs_entropy else (None, None))
+    entropy_checkpoint, patching, entropy_model = (stage_one(args, manifest, data,
+                                                             row_length([needs_entropy[0], *args.config]))
+                                                   if needs_entropy else (None, None, None))
 
     rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     for budget in args.budget:
@@ -200,23 +208,28 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{experiment.stem}-{budget:.0e}"
             configs = [experiment, *args.config]
             overrides = data + ["--model.init_args.flops_budget", str(budget)]
+            run_settings = settings(configs, [budget, entropy_model if experiment in needs_entropy else None])
             if experiment in needs_entropy:
                 configs.append(patching)
                 overrides += ["--model.init_args.entropy_checkpoint", str(entropy_checkpoint)]
-            run_settings = settings(configs, overrides)
-            previous = [row for row in rows if row["experiment"] == experiment.stem and row["budget_flops"] == budget]
-            if previous and previous[0].get("settings") == run_settings:
+            place = next((i for i, row in enumerate(rows)
+                          if row["experiment"] == experiment.stem and row["budget_flops"] == budget), None)
+            if place is not None and rows[place].get("settings") == run_settings:
                 continue
-            if previous:
-                print(f"== {name}: its configs or overrides changed since its row in {out / 'results.json'}: "
-                      "trained again", flush=True)
-                rows.remove(previous[0])
+            if place is not None:
+                why = ("its configs or entropy model changed since its row in" if "settings" in rows[place]
+                       else "its row was written by an earlier version, which kept no settings, in")
+                print(f"== {name}: {why} {out / 'results.json'}: trained again", flush=True)
             checkpoint, seconds = fit(configs, overrides, out, name)
             held_out = evaluate(str(checkpoint), [str(manifest)], out / "evaluate", enable_progress_bar=False)
             extra = {Path(f).name.split(".")[0]: evaluate(str(checkpoint), [f], out / "evaluate",
                                                           enable_progress_bar=False)
                      for f in args.eval}
-            rows.append(table_row(experiment.stem, budget, run_settings, checkpoint, seconds, held_out, extra))
+            row = table_row(experiment.stem, budget, run_settings, checkpoint, seconds, held_out, extra)
+            if place is None:
+                rows.append(row)
+            else:
+                rows[place] = row  # in its place: the table keeps its order
             write_results(rows, out)  # after every run: an interrupted comparison keeps what it finished
     write_results(rows, out)
     print((out / "results.md").read_text())

@@ -76,12 +76,12 @@ def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus, capsys):
     static.write_text((ROOT / "configs/experiments/static.yaml").read_text().replace("patch_size: 4", "patch_size: 2"))
     compare(["--data", str(corpus), "--experiments", "byte", str(static), "--budget", "3e8",
              "--output-dir", str(out), "--config", str(quick)])
-    assert "static-3e+08: its configs or overrides changed since its row" in capsys.readouterr().out
+    assert "static-3e+08: its configs or entropy model changed since its row" in capsys.readouterr().out
     assert [len(list((out / run).glob("version_*"))) for run in ("byte-3e+08", "static-3e+08")] == [1, 2]
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["experiment"], r["budget_flops"]) for r in rows] == [("byte", 3e8), ("byte", 1e9), ("static", 1e9),
-                                                                   ("static", 3e8)]
-    assert float(rows[-1]["mean_patch_size"]) <= 2.0
+    assert [(r["experiment"], r["budget_flops"]) for r in rows] == [("byte", 3e8), ("static", 3e8), ("byte", 1e9),
+                                                                   ("static", 1e9)]
+    assert float(rows[1]["mean_patch_size"]) <= 2.0
     # Its folder holds a comparison of this corpus: of other data, it is refused before anything runs.
     with pytest.raises(SystemExit):
         compare(["--data", str(extra), "--experiments", "byte", "--budget", "3e8", "--output-dir", str(out)])
@@ -104,11 +104,19 @@ def test_stage_one_is_reused_while_its_settings_hold_and_trained_again_when_they
     entropy_config = tmp_path / "entropy.yaml"
     entropy_config.write_text("trainer:\n  max_steps: 3\n")
     args = argparse.Namespace(output_dir=tmp_path, patch_size=4.5, entropy_config=entropy_config, config=[])
-    first = compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 32)
-    assert compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 32) == first
-    assert len(fits) == 1
-    compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 64)  # other rows
+    manifest, data = tmp_path / "manifest.json", ["--data.init_args.manifest", "m"]
+    first = compare_module.stage_one(args, manifest, data, 32)
+    assert compare_module.stage_one(args, manifest, data, 32) == first
+    alias = tmp_path.parent / f"{tmp_path.name}-alias"  # the same folder, named another way
+    alias.symlink_to(tmp_path)
+    checkpoint, patching, identity = compare_module.stage_one(argparse.Namespace(**{**vars(args), "output_dir": alias}),
+                                                              manifest, data, 32)
+    assert identity == first[2] and checkpoint.resolve() == first[0].resolve() and len(fits) == 1
+    compare_module.stage_one(args, manifest, data, 64)  # calibrated in other rows
     entropy_config.write_text("trainer:\n  max_steps: 4\n")
-    checkpoint, _ = compare_module.stage_one(args, tmp_path / "manifest.json", ["--data.init_args.manifest", "m"], 64)
-    assert len(fits) == 3 and checkpoint.parent.parent.name == "version_2"
+    checkpoint, _, identity = compare_module.stage_one(args, manifest, data, 64)
+    assert len(fits) == 3 and checkpoint.parent.parent.name == "version_2" and identity != first[2]
     assert capsys.readouterr().out.count("entropy-model: its settings changed since") == 2
+    (tmp_path / "stage-one.json").unlink()  # as an earlier version left its folder
+    compare_module.stage_one(args, manifest, data, 64)
+    assert len(fits) == 4 and "entropy-model: it was trained by an earlier version" in capsys.readouterr().out

@@ -36,7 +36,13 @@ def cli_start(root: Path, corpus: Path, callbacks: list[dict], *extra: str, work
 
 
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=300)
+    """Wait for a cli_start process; one that hangs is killed, with its workers, rather than left running."""
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
@@ -198,10 +204,9 @@ def test_slurms_requeue_signal_to_one_rank_stops_every_rank_at_one_step_and_the_
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err[-3000:]
 
-    uninterrupted = two_tasks(tmp_path / "whole", "90", [])
+    succeed(two_tasks(tmp_path / "whole", "90", []))  # not beside the others: each pair takes a free port
     cut = tmp_path / "cut"
     succeed(two_tasks(cut, "88", [signal_at(4, "SIGUSR1", rank=1)]))
-    succeed(uninterrupted)
     assert torch.load(cut / "entropy-tiny/slurm-88/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 88"]
     succeed(two_tasks(cut, "88", []))  # requeued
