@@ -18,7 +18,7 @@ say) apply to every one. A run already in results.json is not run again: rerun t
 after an interruption. A run whose configs (the text of its experiment and --config files) or budget
 differ from those its row records is trained again and its row replaced. Stage one is trained again when
 its own (--entropy-config, --config, --patch-size, the rows it is calibrated in) change, and then so is
-every entropy-patched run.
+every entropy-patched run. A run kept is evaluated on any --eval file its row lacks.
 """
 
 import argparse
@@ -104,6 +104,27 @@ def stage_one(args, manifest: Path, data: list[str], seq_len: int | None) -> tup
     relative = str(checkpoint.relative_to(out))
     write_atomically(record, json.dumps({"settings": wanted, "checkpoint": relative}) + "\n")
     return checkpoint, patching, f"{wanted} {relative}"
+
+
+def label(eval_file: str) -> str:
+    """An --eval file's name in the table: its bpb is the column bpb:<label>."""
+    return Path(eval_file).name.split(".")[0]
+
+
+def add_evaluations(row: dict, name: str, eval_files: list[str], out: Path) -> bool:
+    """Evaluate a run already in the table on the --eval files its row lacks (added since it was trained);
+    whether the row gained any."""
+    missing = [f for f in eval_files if f"bpb:{label(f)}" not in row]
+    if not missing:
+        return False
+    if not Path(row["checkpoint"]).is_file():
+        print(f"== {name}: its checkpoint {row['checkpoint']} is gone: not evaluated on {' '.join(missing)}",
+              flush=True)
+        return False
+    print(f"== {name}: evaluated on {' '.join(missing)}, which its row lacks", flush=True)
+    for f in missing:
+        row[f"bpb:{label(f)}"] = evaluate(row["checkpoint"], [f], out / "evaluate", enable_progress_bar=False)["bpb"]
+    return True
 
 
 def table_row(name: str, budget: float, run_settings: str, checkpoint: Path, seconds: float, held_out: dict,
@@ -215,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             place = next((i for i, row in enumerate(rows)
                           if row["experiment"] == experiment.stem and row["budget_flops"] == budget), None)
             if place is not None and rows[place].get("settings") == run_settings:
+                if add_evaluations(rows[place], name, args.eval, out):
+                    write_results(rows, out)
                 continue
             if place is not None:
                 why = ("its configs or entropy model changed since its row in" if "settings" in rows[place]
@@ -222,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"== {name}: {why} {out / 'results.json'}: trained again", flush=True)
             checkpoint, seconds = fit(configs, overrides, out, name)
             held_out = evaluate(str(checkpoint), [str(manifest)], out / "evaluate", enable_progress_bar=False)
-            extra = {Path(f).name.split(".")[0]: evaluate(str(checkpoint), [f], out / "evaluate",
-                                                          enable_progress_bar=False)
+            extra = {label(f): evaluate(str(checkpoint), [f], out / "evaluate", enable_progress_bar=False)
                      for f in args.eval}
             row = table_row(experiment.stem, budget, run_settings, checkpoint, seconds, held_out, extra)
             if place is None:

@@ -82,6 +82,15 @@ def test_compare_trains_evaluates_and_tabulates(tmp_path, corpus, capsys):
     assert [(r["experiment"], r["budget_flops"]) for r in rows] == [("byte", 3e8), ("static", 3e8), ("byte", 1e9),
                                                                    ("static", 1e9)]
     assert float(rows[1]["mean_patch_size"]) <= 2.0
+    # An --eval file added later: the runs in the table are evaluated on it, not trained again.
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({"text": "Un texte court."}) + "\n")
+    compare(["--data", str(corpus), "--eval", str(more), "--experiments", "byte", "--budget", "3e8",
+             "--output-dir", str(out), "--config", str(quick)])
+    assert "byte-3e+08: evaluated on" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())
+    assert 0 < rows[0]["bpb:more"] < 9 and "bpb:more" not in rows[1]
+    assert len(list((out / "byte-3e+08").glob("version_*"))) == 1
     # Its folder holds a comparison of this corpus: of other data, it is refused before anything runs.
     with pytest.raises(SystemExit):
         compare(["--data", str(extra), "--experiments", "byte", "--budget", "3e8", "--output-dir", str(out)])
