@@ -529,6 +529,7 @@ class ByteShardDataModule(L.LightningDataModule):
         sampler_kwargs = self.trainer.distributed_sampler_kwargs if self.trainer else None
         if sampler_kwargs:
             self.rank, self.world_size = sampler_kwargs["rank"], sampler_kwargs["num_replicas"]
+        worker_options(self.num_workers)  # starts the workers' forkserver now: its imports overlap the model's setup
 
     def _split(self, split: str) -> list[Shard]:
         if not self.shards.get(split):
