@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, is_prepared, prepare, read_documents
 from .vocab import PAD, document_ids, encode, is_byte
-from .workers import worker_options
+from .workers import start_forkserver, worker_options
 
 ENTROPY_MEMBER = "entropies.f16"  # per document: float16 next-byte entropies of its ids, BOS to EOS
 
@@ -529,7 +529,8 @@ class ByteShardDataModule(L.LightningDataModule):
         sampler_kwargs = self.trainer.distributed_sampler_kwargs if self.trainer else None
         if sampler_kwargs:
             self.rank, self.world_size = sampler_kwargs["rank"], sampler_kwargs["num_replicas"]
-        worker_options(self.num_workers)  # starts the workers' forkserver now: its imports overlap the model's setup
+        if self.num_workers:
+            start_forkserver()  # now: its imports overlap the trainer's setup instead of delaying the first batch
 
     def _split(self, split: str) -> list[Shard]:
         if not self.shards.get(split):

@@ -25,8 +25,19 @@ def worker_options(num_workers: int) -> dict:
     """
     if num_workers == 0:
         return {}
-    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: spawned, the trainer's children
+    context = start_forkserver()
+    if context is None:  # Windows: spawned, the trainer's children
         return {"num_workers": num_workers}
+    return {"num_workers": num_workers, "multiprocessing_context": context,
+            "worker_init_fn": functools.partial(start_worker, os.getpid())}
+
+
+def start_forkserver() -> multiprocessing.context.BaseContext | None:
+    """The forkserver context, its server started (once per process) importing the data pipeline; None where
+    there are no forkservers. Its imports take seconds: started before the loaders are made
+    (ByteShardDataModule.setup), they overlap the trainer's own setup."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["blt_lightning.data"])  # what workers run
     # Started with the stop signals blocked, the forkserver, its resource tracker and the workers it forks
@@ -38,8 +49,7 @@ def worker_options(num_workers: int) -> dict:
         multiprocessing.forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    return {"num_workers": num_workers, "multiprocessing_context": context,
-            "worker_init_fn": functools.partial(start_worker, os.getpid())}
+    return context
 
 
 def start_worker(trainer_pid: int, worker: int) -> None:
