@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +30,7 @@ class PredictionWriter(BasePredictionWriter):
         torch.save(prediction, out / f"rank{trainer.global_rank}-batch{batch_idx:06d}.pt")
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Keep last.ckpt at the newest step: write it after every validation while fitting and when training
     ends, beside the run's ModelCheckpoint (where `--ckpt_path last` looks), so a resumed run continues
     where this one stopped.
@@ -38,19 +38,49 @@ class LastCheckpoint(Callback):
     Lightning's ModelCheckpoint(save_last=True) writes last.ckpt only at steps where it also writes a top-k
     checkpoint (since Lightning 2.6): monitoring val/bpb, only when it improves. A run resumed from it would
     go back to its best step and train the rest again, and steps after the last validation were in no file.
+
+    A Checkpoint, so Lightning calls it after the ModelCheckpoint listed before it: last.ckpt holds that
+    callback's record of this validation's top-k file. A validation between the batches of an accumulated
+    step (val_check_interval not a multiple of accumulate_grad_batches) is saved when the step ends: a
+    checkpoint holds no gradients being accumulated, so only one saved after an optimizer step resumes exactly.
     """
 
     def __init__(self):
         self._saved_step = None
+        self._step_at_batch_start = 0
+        self._last_batch_stepped = True
+        self._pending = False  # a validation waits for the end of its step
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning takes the first Checkpoint for the run's (`ckpt_path="best"`): it must be a ModelCheckpoint.
+        if stage == "fit" and not isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            raise ValueError("LastCheckpoint writes last.ckpt in the folder of a ModelCheckpoint: list one before it "
+                             "in trainer.callbacks")
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._last_batch_stepped = trainer.global_step != self._step_at_batch_start
+        if self._pending and self._last_batch_stepped:
+            self._save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if self._last_batch_stepped:
             self._save(trainer)
+        elif not self._pending:
+            self._pending = True
+            rank_zero_warn(f"validation at step {trainer.global_step} came between the batches of an accumulated "
+                           "step (val_check_interval is not a multiple of accumulate_grad_batches): last.ckpt is "
+                           "saved when the step ends; a ModelCheckpoint file saved now would not resume exactly")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
 
     def _save(self, trainer) -> None:
+        self._pending = False
         if trainer.global_step != self._saved_step:
             save_last(trainer)
             self._saved_step = trainer.global_step
@@ -61,35 +91,51 @@ class JobRequeued(SystemExit):
 
 
 class CheckpointOnTerminate(Callback):
-    """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then let the run exit;
-    under SLURM, on its requeue signal (SIGUSR1 before the time limit: configs/launch/slurm.sbatch) save
-    last.ckpt, requeue the job and exit.
+    """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then end the run; under
+    SLURM, on its requeue signal (SIGUSR1 before the time limit: configs/launch/slurm.sbatch) save last.ckpt,
+    requeue the job and end the run.
 
-    Both are saved between batches, on every rank at once (all ranks take part, as sharded strategies
-    need), where the weights and the training data's position are exact. A checkpoint does not hold
-    gradients being accumulated, so only a save after an optimizer step resumes exactly.
-    - SIGTERM: Lightning raises at the next batch on every rank (this callback does so for a single
-      process), within gradient accumulation too.
-    - SLURM's signal: Lightning would save from inside the signal handler, wherever the step happens to
-      be: an optimizer step half applied, ranks in different collectives (Lightning issue #21406). This
-      callback installs a handler that only raises a flag, before Lightning's (which then leaves the
-      signal alone); the ranks agree on it after each optimizer step. (DataLoader workers and their
-      forkserver never see either signal: workers.py.)
+    Either signal only raises a flag: the run goes on to the end of the optimizer step under way, gradient
+    accumulation included, and after each optimizer step the ranks agree on the flags (a signal to any rank
+    stops all) and save together (sharded strategies need every rank), where the weights and the training
+    data's position are exact. A checkpoint holds no gradients being accumulated, so only a save after an
+    optimizer step resumes exactly. Lightning's own handlers, which this callback's replace while training
+    runs, would stop at the next batch, within an accumulation too (SIGTERM), or save from inside the
+    handler, wherever the step happens to be: an optimizer step half applied, ranks in different
+    collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
+    either signal: workers.py.)
     Other exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
     """
 
     def __init__(self):
         self.requeue_signal = None  # SLURM's, while this callback handles it
-        self.requeue_requested = False
-        self._previous_handler = None
+        self.requeue_requested = self.terminate_requested = False
+        self._previous_handlers = {}
         self._step_at_batch_start = 0
+        self._saved_step = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        # Before Lightning registers its handlers (it then leaves the requeue signal alone).
         environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
         if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \
-                and environment.requeue_signal is not None and threading.current_thread() is threading.main_thread():
+                and environment.requeue_signal is not None:
             self.requeue_signal = environment.requeue_signal
-            self._previous_handler = signal.signal(self.requeue_signal, self._request_requeue)
+            self._handle(self.requeue_signal, self._request_requeue)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning registered its SIGTERM handler (at the start of the run), which this one replaces.
+        launcher = trainer.strategy.launcher
+
+        def request_termination(signum, frame) -> None:
+            if not self.terminate_requested and launcher is not None:
+                launcher.kill(signum)  # the ranks Lightning started itself, as its own handler does
+            self.terminate_requested = True
+
+        self._handle(signal.SIGTERM, request_termination)
+
+    def _handle(self, signum: int, handler) -> None:
+        if threading.current_thread() is threading.main_thread():  # only there can Python set handlers
+            self._previous_handlers.setdefault(signum, signal.signal(signum, handler))
 
     def _request_requeue(self, signum, frame) -> None:
         self.requeue_requested = True
@@ -98,37 +144,39 @@ class CheckpointOnTerminate(Callback):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        # With several ranks Lightning stops at the next batch; a single process it would let run to the
-        # end of the epoch (which may be the end of the run).
-        if trainer.received_sigterm and trainer.world_size == 1:
-            raise SIGTERMException()
         stepped = trainer.global_step != self._step_at_batch_start  # the same on every rank
         unfinished = trainer.max_steps == -1 or trainer.global_step < trainer.max_steps
-        if self.requeue_signal is not None and stepped and unfinished \
-                and trainer.strategy.reduce_boolean_decision(self.requeue_requested, all=False):
-            path = save_last(trainer)
-            rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
-            if trainer.is_global_zero:
-                requeue_slurm_job()
-            raise JobRequeued()
+        if not (stepped and unfinished and self._previous_handlers):
+            return
+        flags = torch.tensor([self.requeue_requested, self.terminate_requested], device=trainer.strategy.root_device)
+        requeue, terminate = trainer.strategy.reduce(flags.int(), reduce_op="sum").bool().tolist()  # any rank's
+        if not (requeue or terminate):
+            return
+        path = save_last(trainer)
+        self._saved_step = trainer.global_step
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()
+        if terminate:
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+            raise SIGTERMException()
+        rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
+        raise JobRequeued()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # SIGTERM before the requeue was acted on (the signal came during validation, or the time left ran
-        # out): the job is still requeued, from the checkpoint saved here.
-        requeue = self.requeue_requested and trainer.is_global_zero
-        self._restore_signal()
-        if isinstance(exception, SIGTERMException) and (path := save_last(trainer)):
+        # Lightning's own SIGTERMException: the signal came before training began, to its handler.
+        self._restore_signals()
+        if isinstance(exception, SIGTERMException) and self._saved_step is None and (path := save_last(trainer)):
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
-            if requeue:
-                requeue_slurm_job()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._restore_signal()
+        self._restore_signals()
 
-    def _restore_signal(self) -> None:
-        if self.requeue_signal is not None:
-            signal.signal(self.requeue_signal, self._previous_handler)
-            self.requeue_signal, self.requeue_requested = None, False
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+        self.requeue_signal = None
+        self.requeue_requested = self.terminate_requested = False
 
 
 def slurm_job_id() -> str:
@@ -152,7 +200,7 @@ def requeue_slurm_job() -> None:
 
 def save_last(trainer) -> Path | None:
     """Save last.ckpt where the run's ModelCheckpoint keeps it (every rank takes part); None without one."""
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     if checkpoint is None or checkpoint.dirpath is None:
         return None
     path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"

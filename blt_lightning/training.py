@@ -1,5 +1,5 @@
 """What every byte LM's LightningModule shares: AdamW with warmup and cosine decay, the loss over
-predicted ids (a run stops at a non-finite loss), bits-per-byte for validation and test, throughput
+predicted ids (a run stops at a non-finite loss or gradient), bits-per-byte for validation and test, throughput
 (bytes and patches per second; FLOPs and MFU through Lightning's ThroughputMonitor), optional
 torch.compile of the transformer blocks, the TensorBoard HParams, and fine-tuning from a checkpoint's
 weights (init_from)."""
@@ -82,6 +82,7 @@ class ByteLMModule(L.LightningModule):
         # patches (None for models without patches).
         self.flops_per_batch, self.model_flops_per_batch, self.patches_in_batch = 0.0, 0.0, None
         self.trained_flops = 0.0  # all ranks together, since the run began (resumes with it)
+        self._losses_finite = torch.tensor(True)  # of the batches of the optimizer step under way
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for; sets
@@ -122,13 +123,8 @@ class ByteLMModule(L.LightningModule):
         # Predicting BOS after EOS is bookkeeping, not language; padding is nothing.
         trained = (targets != PAD) & (targets != BOS)
         loss = (ce * trained).sum() / trained.sum().clamp(min=1)
-        # Every rank decides together, so all stop at once; nothing of this step reaches the weights.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            raise FloatingPointError(
-                f"step {self.global_step}: the training loss is not finite ({loss.item()}); stopping before it "
-                "reaches the weights. Checkpoints written so far are kept: resume from one with --ckpt_path "
-                "(a lower learning rate or gradient clipping may help)."
-            )
+        # Checked with the gradients, before the optimizer step: no wait for the device here.
+        self._losses_finite = self._losses_finite & torch.isfinite(loss.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         self.trained_flops += self.model_flops_per_batch * self.trainer.world_size  # ranks' batches cost about the same
         self.log("train/flops", self.trained_flops, batch_size=1)
@@ -174,6 +170,26 @@ class ByteLMModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, int(total), cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop the run before a non-finite loss or gradient reaches the weights (gradient clipping would spread
+        an inf gradient over all of them as NaN), every rank at once. The checkpoints written so far are kept.
+        Under fp16's loss scaling the scaler skips such steps itself, so only the loss is checked there."""
+        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a shard's own (FSDP)
+                 for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        grads_finite = torch.stack([g.isfinite().all() for g in local]).all() if local and not scaled else True
+        finite = torch.stack([self._losses_finite.to(self.device), torch.as_tensor(grads_finite, device=self.device)])
+        loss_ok, grads_ok = finite.tolist()
+        self._losses_finite = torch.tensor(True, device=self.device)
+        if not self.trainer.strategy.reduce_boolean_decision(loss_ok and grads_ok, all=True):
+            what = ("the training loss is" if not loss_ok else "the gradients are" if not grads_ok
+                    else "another rank's training loss or gradients are")
+            raise FloatingPointError(
+                f"step {self.global_step}: {what} not finite; stopping before the optimizer step. Checkpoints "
+                "written so far are kept: resume from one with --ckpt_path (a lower learning rate or gradient "
+                "clipping may help)."
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trained_flops"] = self.trained_flops

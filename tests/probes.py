@@ -5,6 +5,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -29,8 +31,8 @@ class RecordBatches(Callback):
 
 class SendSignal(Callback):
     """Send this process `signal` when a training batch starts at global step `step` (on rank `rank` only, if
-    given); with `group`, send it to the process group (DataLoader workers and their forkserver too), as
-    schedulers do."""
+    given); with `group`, send it to the process group (DataLoader workers and their forkserver too) from
+    another process, as schedulers do (a worker takes the trainer's own SIGTERM for the DataLoader ending it)."""
 
     def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None, group: bool = False):
         self.step, self.signal, self.rank, self.group = step, signal, rank, group
@@ -39,7 +41,8 @@ class SendSignal(Callback):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             number = getattr(signal, self.signal)
             if self.group:
-                os.killpg(os.getpgrp(), number)
+                kill = f"import os; os.killpg({os.getpgrp()}, {int(number)})"
+                subprocess.run([sys.executable, "-c", kill], start_new_session=True, check=True)  # not in the group
             else:
                 os.kill(os.getpid(), number)
 

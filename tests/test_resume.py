@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 
+from blt_lightning import ByteShardDataModule, EntropyLM
+from blt_lightning.models import EntropyModelConfig
+from blt_lightning.prepare import MANIFEST
 from conftest import SLURM_ONE_TASK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +90,14 @@ def signal_at(step: int, name: str, rank: int | None = None, group: bool = False
             "init_args": {"step": step, "signal": name, "rank": rank, "group": group}}
 
 
+def trained(path: Path) -> list[tuple[int, str]]:
+    """(global step, digest) of each batch rank 0 drew, in order."""
+    return [(r["step"], r["ids"]) for r in map(json.loads, Path(f"{path}.rank0").read_text().splitlines())]
+
+
 def batches(path: Path) -> dict[int, str]:
-    """Global step -> digest of the batch trained at it."""
-    lines = Path(f"{path}.rank0").read_text().splitlines()
-    return {r["step"]: r["ids"] for r in map(json.loads, lines)}
+    """Global step -> digest of the (last) batch trained at it."""
+    return dict(trained(path))
 
 
 def last_checkpoint(root: Path) -> dict:
@@ -97,30 +106,36 @@ def last_checkpoint(root: Path) -> dict:
 
 
 def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_same_weights(corpus, tmp_path):
+    """Steps of 2 batches, epochs of 8 and a validation every 3 batches: validations and signals come between the
+    batches of a step, where no checkpoint resumes exactly; both wait for the step to end."""
+    steps = ("--trainer.accumulate_grad_batches", "2", "--data.batches_per_epoch", "8",
+             "--trainer.val_check_interval", "3")
+    last = {"class_path": "blt_lightning.callbacks.LastCheckpoint"}
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    uninterrupted = cli_start(whole, corpus, [record(whole / "batches")])
-    # SIGKILL when step 6 starts: nothing is saved then; the last checkpoint is step 3's, the end of epoch 0.
-    # Its DataLoader workers end with it (else they would hold its output open, and this call would hang).
+    uninterrupted = cli_start(whole, corpus, [record(whole / "batches")], *steps)
+    # SIGKILL as step 3 starts (batch 5): the validation after batch 3 was saved after step 2 (batch 4).
     # Started as a restarting launcher starts every attempt, with --ckpt_path last: there is none yet, so afresh.
-    killed = cli_run(cut, corpus, [record(cut / "a"), signal_at(5, "SIGKILL")], "--ckpt_path", "last")
+    killed = cli_run(cut, corpus, [record(cut / "a"), last, signal_at(2, "SIGKILL")], *steps, "--ckpt_path", "last")
     assert finish(uninterrupted).returncode == 0
-    expected = batches(whole / "batches")
-    assert sorted(expected) == list(range(10)) and len(set(expected.values())) == 10
+    expected = trained(whole / "batches")
+    assert len(expected) == 20 and len(set(expected)) == 20 and expected[-1][0] == 9
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert batches(cut / "a") == {s: expected[s] for s in range(6)}  # step 5's batch was drawn, not trained
-    assert last_checkpoint(cut)["global_step"] == 3
+    assert "validation at step 1 came between the batches of an accumulated step" in killed.stderr
+    assert trained(cut / "a") == expected[:5]  # batch 5 was drawn, not trained
+    assert last_checkpoint(cut)["global_step"] == 2
 
-    # Resumed, it is sent SIGTERM during step 7, with its DataLoader workers (as schedulers send it): it
-    # saves last.ckpt after that step (mid epoch 2, where the second of two workers is next) and exits.
-    terminated = cli_run(cut, corpus, [record(cut / "b"), signal_at(6, "SIGTERM", group=True)], "--ckpt_path", "last")
+    # Resumed, it is sent SIGTERM as step 7 starts (batch 13), with its DataLoader workers (as schedulers send it):
+    # it saves last.ckpt when that step ends (mid epoch 1, where the second of two workers is next) and exits.
+    terminated = cli_run(cut, corpus, [record(cut / "b"), last, signal_at(6, "SIGTERM", group=True)], *steps,
+                         "--ckpt_path", "last")
     assert terminated.returncode == 128 + signal.SIGTERM, terminated.stderr[-3000:]  # not finished: not status 0
     assert "SIGTERM: saved" in terminated.stderr + terminated.stdout
     assert last_checkpoint(cut)["global_step"] == 7
 
-    resumed = cli_run(cut, corpus, [record(cut / "c")], "--ckpt_path", "last")
+    resumed = cli_run(cut, corpus, [record(cut / "c"), last], *steps, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert batches(cut / "b") == {s: expected[s] for s in range(3, 7)}
-    assert batches(cut / "c") == {s: expected[s] for s in range(7, 10)}
+    assert trained(cut / "b") == expected[4:14]
+    assert trained(cut / "c") == expected[14:]
     assert len(list(cut.glob("entropy-tiny/version_*"))) == 1, "a resumed run continues in its own folder"
 
     final, reference = torch.load(f"{cut / 'c'}.rank0.weights"), torch.load(f"{whole / 'batches'}.rank0.weights")
@@ -234,3 +249,22 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
     checkpoint = last_checkpoint(tmp_path)
     assert checkpoint["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def test_an_infinite_gradient_stops_the_run_before_it_reaches_the_weights(shards):
+    """The loss is finite, a gradient is not: gradient clipping would turn every weight to NaN."""
+
+    class InfiniteGradientAt(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 2:
+                self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+                next(pl_module.parameters()).grad[0] = float("inf")
+
+    module = EntropyLM(EntropyModelConfig(dim=32, n_layers=1, n_heads=2), seq_len=16)
+    data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=16, batch_size=4)
+    probe = InfiniteGradientAt()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        gradient_clip_val=1.0, enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])
+    with pytest.raises(FloatingPointError, match="step 2: the gradients are not finite"):
+        trainer.fit(module, data)
+    assert all(torch.equal(probe.weights[k], v) for k, v in module.state_dict().items())
