@@ -89,7 +89,7 @@ class BLTLightningCLI(LightningCLI):
             sys.exit(f"{self.subcommand or 'blt-lightning'}: {error}")
 
     def instantiate_trainer(self, **kwargs):
-        self.slurm_run_dir = None
+        self.slurm_run_dir = self.last_checkpoint = None
         # Unless a logger is configured, log to TensorBoard under default_root_dir, so that every output of
         # a run (shards, checkpoints, config.yaml, events) lives under the one directory the user chose.
         if self._get(self.config_init, "trainer", default={}).get("logger") is None:
@@ -98,6 +98,8 @@ class BLTLightningCLI(LightningCLI):
             # `fit --ckpt_path last` continues the run it resumes: same folder, so its last.ckpt is found.
             resuming = self.subcommand == "fit" and self._get(self.config, "ckpt_path") == "last"
             version = latest_version_with_checkpoint(Path(root) / name) if resuming else None
+            if version is not None:
+                self.last_checkpoint = str(Path(root) / name / version / "checkpoints" / "last.ckpt")
             # A fit under SLURM is its job's run, named by the job id, which a requeued job keeps.
             slurm = self.subcommand == "fit" and SLURMEnvironment.detect()
             if slurm and version is None:
@@ -115,9 +117,17 @@ class BLTLightningCLI(LightningCLI):
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
         """trainer.fit; a requeued SLURM job resumes from the newest checkpoint in its run's folder: last.ckpt
         (which Lightning alone would not take: CheckpointOnTerminate saves it on SIGUSR1 and SIGTERM) or an
-        hpc_ckpt_N.ckpt (Lightning's SIGUSR1 handler, without that callback)."""
+        hpc_ckpt_N.ckpt (Lightning's SIGUSR1 handler, without that callback). The checkpoint that resumes a run
+        (`--ckpt_path last`, or a requeued job's) is checked as a named one is: one that does not load ends the
+        command with a message naming it."""
+        resumed = None
         if self.slurm_run_dir is not None and ckpt_path in (None, "last"):
-            ckpt_path = newest_checkpoint(Path(self.slurm_run_dir)) or ckpt_path
+            resumed = newest_checkpoint(Path(self.slurm_run_dir))
+        elif ckpt_path == "last":
+            resumed = self.last_checkpoint
+        if resumed is not None:
+            check_stage("fit", resumed, type(model).__name__)
+            ckpt_path = resumed
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
 

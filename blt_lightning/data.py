@@ -144,7 +144,8 @@ class BadShards:
             if not self.skip:
                 raise
             self.skipped += 1
-            warnings.warn(f"skipped the rest of a bad shard ({self.skipped} so far in this reader): {error}")
+            warnings.warn(f"skipped the rest of a bad shard ({self.skipped} so far this epoch in this reader): "
+                          f"{error}")
 
 
 def shard_documents(url: str, documents: int | None = None) -> Iterator[bytes]:
@@ -272,7 +273,7 @@ class TrainStream(IterableDataset):
         return self.batches_per_epoch
 
     def layout(self) -> dict:
-        """What the order of batches depends on besides the epoch: a resumed run must have the same."""
+        """What the order of batches depends on besides the epoch and the workers: a resumed run must have the same."""
         return {"shards": [s.url.rsplit("/", 1)[-1] for s in self.shards], "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "world_size": self.world_size, "seed": self.seed,
                 "shuffle_rows": self.shuffle_rows, "mix_shards": self.mix_shards,
@@ -414,12 +415,17 @@ class TrainLoader(DataLoader):
         self.dataset.epoch, self.dataset.skip = divmod(done, per_epoch) if per_epoch else (0, done)
         return super().__iter__()  # workers copy the stream now, with its epoch and skip
 
+    def layout(self) -> dict:
+        """The stream's layout and the readers per rank: each worker reads its own shards."""
+        return {**self.dataset.layout(), "workers": max(1, self.num_workers)}
+
     def state_dict(self) -> dict:
-        return {"batches": self.trained_batches(), "layout": self.dataset.layout()}
+        return {"batches": self.trained_batches(), "layout": self.layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["layout"] != self.dataset.layout():
-            changed = sorted(k for k, v in self.dataset.layout().items() if state["layout"].get(k) != v)
+        # Only what the checkpoint recorded: one of an earlier version may lack a key.
+        changed = sorted(k for k, v in self.layout().items() if k in state["layout"] and state["layout"][k] != v)
+        if changed:
             rank_zero_warn(f"resuming with different training data settings ({', '.join(changed)}): the stream "
                            "continues at the same batch count, but not with the batches the run would have seen")
         self.resume_from = state["batches"]

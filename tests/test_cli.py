@@ -90,7 +90,7 @@ def test_a_checkpoint_files_model_options_replace_the_given_ones_with_a_warning(
     assert not [w for w in caught if "restores the model options" in str(w.message)]
 
 
-def test_a_ckpt_path_of_the_other_stage_or_no_checkpoint_is_a_message(tmp_path, entropy_checkpoint, capsys):
+def test_a_ckpt_path_of_the_other_stage_or_no_checkpoint_or_a_cut_last_one_is_a_message(tmp_path, entropy_checkpoint, capsys):
     blt = ["--config", str(ROOT / "configs/blt/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit, match=rf"^validate: {entropy_checkpoint}: its model is EntropyLM and the "
                                          r"config's is BLTLM: give the config of the checkpoint's stage$"):
@@ -101,6 +101,13 @@ def test_a_ckpt_path_of_the_other_stage_or_no_checkpoint_is_a_message(tmp_path, 
                                          r"load \(not a zip archive"):
         main(["test", *blt, "--ckpt_path", str(garbage)])
     assert "Parsing of ckpt_path" not in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # The last.ckpt that `--ckpt_path last` resumes from is checked too (a disk that failed: saves are atomic).
+    last = tmp_path / "resumed" / "entropy-tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(entropy_checkpoint.read_bytes()[:5000])
+    with pytest.raises(SystemExit, match=rf"^fit: {last}: not a checkpoint of `blt-lightning fit`: it does not load"):
+        main(["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--ckpt_path", "last",
+              "--trainer.default_root_dir", str(tmp_path / "resumed")])
 
 def test_configs_compose_and_print(corpus, tmp_path, capsys):
     override = tmp_path / "override.yaml"

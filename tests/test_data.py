@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -93,6 +94,26 @@ def test_training_stream_is_seeded_reproducible_and_equal_across_ranks(shards):
     with_workers = batches(0, workers=2)
     assert len(with_workers) == 7
     assert all(b["ids"].shape == (4, 17) for b in with_workers)
+
+
+def test_resuming_with_other_workers_or_batch_size_warns_that_the_batches_change(shards):
+    """Each worker reads its own shards, so the worker count shapes the stream as the batch size does (0 and 1
+    workers are the same: one reader)."""
+
+    def loader(**options):
+        data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=16, **{"batch_size": 4, **options})
+        data.setup("fit")
+        return data.train_dataloader()
+
+    saved = loader(num_workers=0).state_dict()
+    for options, changed in [({"num_workers": 2}, "workers"), ({"batch_size": 8}, "batch_size")]:
+        with pytest.warns(UserWarning, match=rf"different training data settings \([^)]*\b{changed}\b"):
+            loader(**options).load_state_dict(saved)
+    earlier_version = {**saved, "layout": {k: v for k, v in saved["layout"].items() if k != "workers"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader(num_workers=1).load_state_dict(saved)
+        loader(num_workers=0).load_state_dict(earlier_version)
 
 
 def test_datamodule_from_urls_and_manifest(shards, tmp_path):

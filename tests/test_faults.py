@@ -29,7 +29,7 @@ def test_a_truncated_shard_is_named_or_skipped_and_counted(shards):
         list(EvalStream(split, 32, 4, 0, 1, 0))
 
     with pytest.warns(UserWarning,
-                      match=rf"skipped the rest of a bad shard \(1 so far in this reader\): {split[1].url}"):
+                      match=rf"skipped the rest of a bad shard \(1 so far this epoch in this reader\): {split[1].url}"):
         batches = list(EvalStream(split, 32, 4, 0, 1, 0, skip_bad_shards=True))
     # The shard's missing rows come as padding, so every rank still runs the batches it planned.
     assert len(batches) == len(EvalStream(split, 32, 4, 0, 1, 0))
