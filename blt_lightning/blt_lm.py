@@ -80,6 +80,9 @@ class BLTLM(ByteLMModule):
                                        if entropy_model else 0.0)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
+        if patch_budget is not None and patch_budget < seq_len:
+            # The example row Lightning's model summary runs is all BOS, each its own patch: past the budget.
+            self.example_input_array = None
         # of this test run: bytes patched, their patches, entropy-model runs
         self._tested = torch.zeros(3, dtype=torch.float64)
         # Bytes over patches of a whole validation or test run (per-batch sizes weighted by their patches),

@@ -66,6 +66,15 @@ def test_the_entropy_models_flops_are_those_of_its_runs_over_this_models_rows(en
     assert short.entropy_flops_per_byte < long.entropy_flops_per_byte
 
 
+def test_a_patch_budget_below_the_row_length_trains_with_lightnings_model_summary(shards):
+    module = BLTLM(TINY, PatchingConfig(mode="static", patch_size=4), seq_len=32, patch_budget=12)
+    data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=32, batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=True)
+    trainer.fit(module, data)
+    assert trainer.global_step == 1
+
+
 def test_the_entropy_model_stays_frozen_while_everything_else_learns(entropy_checkpoint, shards):
     module = BLTLM(TINY, ENTROPY, entropy_checkpoint=str(entropy_checkpoint), seq_len=32)
     frozen = {k: v.clone() for k, v in module.entropy_model.state_dict().items()}

@@ -33,6 +33,9 @@ def test_every_config_parses_and_builds(config, tmp_path, monkeypatch, entropy_c
     with torch.device("meta"):
         cli = BLTLightningCLI(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True)
     assert cli.model.seq_len == cli.datamodule.seq_len, "seq_len must be linked from the data"
+    kinds = [type(c).__name__ for c in cli.trainer.callbacks]
+    for kind in ("ModelCheckpoint", "LastCheckpoint", "CheckpointOnTerminate", "PredictionWriter"):
+        assert kind in kinds, f"{kind} is missing: every config resumes, saves on SIGTERM and writes predictions"
 
 
 def fit_args(root, corpus):
@@ -68,6 +71,11 @@ def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capf
 
     ckpt = torch.load(checkpoints[0], weights_only=False)
     assert ckpt["hyper_parameters"]["seq_len"] == 32
+    # last.ckpt records the best checkpoint the ModelCheckpoint kept at the same validation (a resumed run
+    # goes on tracking it), not the one it had before.
+    (best,) = [state["best_model_path"] for name, state in torch.load(checkpoints[-1], weights_only=False)
+               ["callbacks"].items() if name.startswith("ModelCheckpoint")]
+    assert best == str(checkpoints[0]) and len(checkpoints) == 2
 
     # The other subcommands run from the same config and checkpoint.
     for subcommand in ("validate", "test", "predict"):
