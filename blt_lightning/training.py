@@ -175,10 +175,13 @@ class ByteLMModule(L.LightningModule):
         """Stop the run before a non-finite loss or gradient reaches the weights (gradient clipping would spread
         an inf gradient over all of them as NaN), every rank at once. The checkpoints written so far are kept.
         Under fp16's loss scaling the scaler skips such steps itself, so only the loss is checked there."""
-        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a shard's own (FSDP)
-                 for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        grads_finite = torch.stack([g.isfinite().all() for g in local]).all() if local and not scaled else True
+        local = [] if scaled else [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a shard's (FSDP)
+                                   for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # A sum is not finite when a term is not: one read of each gradient, ~9x faster than isfinite().all()
+        # (7 against 63 ms for bench/training.py's 48M BLT on a 2-core CPU); in float32, where half-precision
+        # gradients' sums do not overflow.
+        grads_finite = torch.stack([g.sum(dtype=torch.float32) for g in local]).sum().isfinite() if local else True
         finite = torch.stack([self._losses_finite.to(self.device), torch.as_tensor(grads_finite, device=self.device)])
         loss_ok, grads_ok = finite.tolist()
         self._losses_finite = torch.tensor(True, device=self.device)
