@@ -55,7 +55,7 @@ class LastCheckpoint(Checkpoint):
         # Lightning takes the first Checkpoint for the run's (`ckpt_path="best"`): it must be a ModelCheckpoint.
         if stage == "fit" and not isinstance(trainer.checkpoint_callback, ModelCheckpoint):
             raise ValueError("LastCheckpoint writes last.ckpt in the folder of a ModelCheckpoint: list one before it "
-                             "in trainer.callbacks")
+                             "in trainer.callbacks (being a Checkpoint, it keeps Lightning from adding its own)")
 
     def on_train_batch_start(self, trainer, *args) -> None:
         self._step_at_batch_start = trainer.global_step
@@ -69,7 +69,7 @@ class LastCheckpoint(Checkpoint):
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         if self._last_batch_stepped:
-            self._save(trainer)
+            self._save(trainer, again=True)  # at a step already saved (deferred), with this validation's top-k
         elif not self._pending:
             self._pending = True
             rank_zero_warn(f"validation at step {trainer.global_step} came between the batches of an accumulated "
@@ -79,9 +79,9 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
 
-    def _save(self, trainer) -> None:
+    def _save(self, trainer, again: bool = False) -> None:
         self._pending = False
-        if trainer.global_step != self._saved_step:
+        if again or trainer.global_step != self._saved_step:
             save_last(trainer)
             self._saved_step = trainer.global_step
 
@@ -103,27 +103,26 @@ class CheckpointOnTerminate(Callback):
     runs, would stop at the next batch, within an accumulation too (SIGTERM), or save from inside the
     handler, wherever the step happens to be: an optimizer step half applied, ranks in different
     collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
-    either signal: workers.py.)
-    Other exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
+    either signal: workers.py.) A step that saves this way skips the validation due at it, in this run and
+    the resumed one (Lightning resumes a checkpoint of a validation step as validated).
+    Exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
     """
 
     def __init__(self):
-        self.requeue_signal = None  # SLURM's, while this callback handles it
         self.requeue_requested = self.terminate_requested = False
-        self._previous_handlers = {}
+        self._handlers = {}  # signal -> (this callback's handler, the one it replaced)
         self._step_at_batch_start = 0
-        self._saved_step = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # Before Lightning registers its handlers (it then leaves the requeue signal alone).
+        self.requeue_requested = self.terminate_requested = False
+        # SLURM's signal: before Lightning registers its handlers, which then leave that signal alone.
         environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
         if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \
                 and environment.requeue_signal is not None:
-            self.requeue_signal = environment.requeue_signal
-            self._handle(self.requeue_signal, self._request_requeue)
+            self._handle(environment.requeue_signal, self._request_requeue)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # After Lightning registered its SIGTERM handler (at the start of the run), which this one replaces.
+        # SIGTERM: after Lightning registered its handler (at the start of the run), which this one replaces.
         launcher = trainer.strategy.launcher
 
         def request_termination(signum, frame) -> None:
@@ -132,10 +131,13 @@ class CheckpointOnTerminate(Callback):
             self.terminate_requested = True
 
         self._handle(signal.SIGTERM, request_termination)
+        if trainer.received_sigterm:  # to Lightning's handler, before this one (setup, sanity check): taken over
+            self.terminate_requested = True
+            trainer._signal_connector.received_sigterm = False  # else Lightning stops after the first batch
 
     def _handle(self, signum: int, handler) -> None:
         if threading.current_thread() is threading.main_thread():  # only there can Python set handlers
-            self._previous_handlers.setdefault(signum, signal.signal(signum, handler))
+            self._handlers[signum] = (handler, signal.signal(signum, handler))
 
     def _request_requeue(self, signum, frame) -> None:
         self.requeue_requested = True
@@ -146,37 +148,39 @@ class CheckpointOnTerminate(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         stepped = trainer.global_step != self._step_at_batch_start  # the same on every rank
         unfinished = trainer.max_steps == -1 or trainer.global_step < trainer.max_steps
-        if not (stepped and unfinished and self._previous_handlers):
+        if not (stepped and unfinished and self._handlers):
             return
-        flags = torch.tensor([self.requeue_requested, self.terminate_requested], device=trainer.strategy.root_device)
-        requeue, terminate = trainer.strategy.reduce(flags.int(), reduce_op="sum").bool().tolist()  # any rank's
+        requeue, terminate = self.requeue_requested, self.terminate_requested
+        if trainer.world_size > 1:  # any rank's signal stops every rank
+            flags = torch.tensor([requeue, terminate], device=trainer.strategy.root_device).int()
+            requeue, terminate = trainer.strategy.reduce(flags, reduce_op="sum").bool().tolist()
         if not (requeue or terminate):
             return
         path = save_last(trainer)
-        self._saved_step = trainer.global_step
-        if requeue and trainer.is_global_zero:
-            requeue_slurm_job()
+        if requeue:
+            if trainer.is_global_zero:
+                requeue_slurm_job()
+            trainer.strategy.barrier("requeue")  # no rank leaves (srun --kill-on-bad-exit) before it is done
         if terminate:
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
             raise SIGTERMException()
         rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
         raise JobRequeued()
 
+    # When the run ends Lightning puts back the handlers it found (SIG_DFL, or this callback's requeue handler,
+    # set before it looked): each is restored where it is still this callback's. (After an exception Lightning
+    # calls no teardown hook, and leaves the requeue handler of this callback in place.)
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # Lightning's own SIGTERMException: the signal came before training began, to its handler.
         self._restore_signals()
-        if isinstance(exception, SIGTERMException) and self._saved_step is None and (path := save_last(trainer)):
-            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_signals()
+        self._handlers.clear()
 
     def _restore_signals(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-        self.requeue_signal = None
-        self.requeue_requested = self.terminate_requested = False
+        for signum, (ours, previous) in self._handlers.items():
+            if signal.getsignal(signum) is ours:
+                signal.signal(signum, previous)
 
 
 def slurm_job_id() -> str:

@@ -82,7 +82,7 @@ class ByteLMModule(L.LightningModule):
         # patches (None for models without patches).
         self.flops_per_batch, self.model_flops_per_batch, self.patches_in_batch = 0.0, 0.0, None
         self.trained_flops = 0.0  # all ranks together, since the run began (resumes with it)
-        self._losses_finite = torch.tensor(True)  # of the batches of the optimizer step under way
+        self._losses_finite = None  # of the batches of the optimizer step under way (a tensor on their device)
 
     def cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Unreduced cross entropy in nats, [B, L], and the target ids [B, L] it was computed for; sets
@@ -124,7 +124,8 @@ class ByteLMModule(L.LightningModule):
         trained = (targets != PAD) & (targets != BOS)
         loss = (ce * trained).sum() / trained.sum().clamp(min=1)
         # Checked with the gradients, before the optimizer step: no wait for the device here.
-        self._losses_finite = self._losses_finite & torch.isfinite(loss.detach())
+        finite = torch.isfinite(loss.detach())
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         self.trained_flops += self.model_flops_per_batch * self.trainer.world_size  # ranks' batches cost about the same
         self.log("train/flops", self.trained_flops, batch_size=1)
@@ -181,11 +182,15 @@ class ByteLMModule(L.LightningModule):
         # A sum is not finite when a term is not: one read of each gradient, ~9x faster than isfinite().all()
         # (7 against 63 ms for bench/training.py's 48M BLT on a 2-core CPU); in float32, where half-precision
         # gradients' sums do not overflow.
-        grads_finite = torch.stack([g.sum(dtype=torch.float32) for g in local]).sum().isfinite() if local else True
-        finite = torch.stack([self._losses_finite.to(self.device), torch.as_tensor(grads_finite, device=self.device)])
-        loss_ok, grads_ok = finite.tolist()
-        self._losses_finite = torch.tensor(True, device=self.device)
-        if not self.trainer.strategy.reduce_boolean_decision(loss_ok and grads_ok, all=True):
+        grads_finite = (torch.stack([g.sum(dtype=torch.float32) for g in local]).sum().isfinite() if local
+                        else torch.tensor(True))
+        losses_finite = self._losses_finite if self._losses_finite is not None else torch.tensor(True)
+        self._losses_finite = None
+        finite = torch.stack([losses_finite.to(self.device), grads_finite.to(self.device)]).int()
+        world = self.trainer.world_size
+        everyone = finite.sum() if world == 1 else self.trainer.strategy.reduce(finite.sum(), reduce_op="sum")
+        loss_ok, grads_ok, count = torch.cat([finite, everyone.view(1)]).tolist()  # one wait for the device a step
+        if count < 2 * world:  # every rank stops
             what = ("the training loss is" if not loss_ok else "the gradients are" if not grads_ok
                     else "another rank's training loss or gradients are")
             raise FloatingPointError(

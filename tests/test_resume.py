@@ -10,8 +10,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from blt_lightning import ByteShardDataModule, EntropyLM
+from blt_lightning.callbacks import CheckpointOnTerminate, LastCheckpoint
 from blt_lightning.models import EntropyModelConfig
 from blt_lightning.prepare import MANIFEST
 from conftest import SLURM_ONE_TASK, free_port
@@ -93,6 +96,12 @@ def signal_at(step: int, name: str, rank: int | None = None, group: bool = False
 def trained(path: Path) -> list[tuple[int, str]]:
     """(global step, digest) of each batch rank 0 drew, in order."""
     return [(r["step"], r["ids"]) for r in map(json.loads, Path(f"{path}.rank0").read_text().splitlines())]
+
+
+def trained_batches(checkpoint: dict) -> int:
+    """The training batches a checkpoint's data position says were trained on."""
+    (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    return loader["batches"]
 
 
 def batches(path: Path) -> dict[int, str]:
@@ -251,6 +260,15 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpu
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
+def tiny_fit(shards: Path, callbacks: list, **options) -> tuple[EntropyLM, ByteShardDataModule, L.Trainer]:
+    """A tiny entropy model, its data and a Trainer for a few steps in this process."""
+    module = EntropyLM(EntropyModelConfig(dim=32, n_layers=1, n_heads=2), seq_len=16)
+    data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=16, batch_size=4)
+    options = {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+               "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False, **options}
+    return module, data, L.Trainer(callbacks=callbacks, **options)
+
+
 def test_an_infinite_gradient_stops_the_run_before_it_reaches_the_weights(shards):
     """The loss is finite, a gradient is not: gradient clipping would turn every weight to NaN."""
 
@@ -260,11 +278,40 @@ def test_an_infinite_gradient_stops_the_run_before_it_reaches_the_weights(shards
                 self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
                 next(pl_module.parameters()).grad[0] = float("inf")
 
-    module = EntropyLM(EntropyModelConfig(dim=32, n_layers=1, n_heads=2), seq_len=16)
-    data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=16, batch_size=4)
     probe = InfiniteGradientAt()
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        gradient_clip_val=1.0, enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])
+    module, data, trainer = tiny_fit(shards, [probe], gradient_clip_val=1.0)
     with pytest.raises(FloatingPointError, match="step 2: the gradients are not finite"):
         trainer.fit(module, data)
     assert all(torch.equal(probe.weights[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_sigterm_before_training_starts_saves_after_the_first_optimizer_step(shards, tmp_path):
+    """It reaches Lightning's handler (in the sanity check), not yet CheckpointOnTerminate's."""
+
+    class SigtermInTheSanityCheck(L.Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    callbacks = [ModelCheckpoint(tmp_path), CheckpointOnTerminate(), SigtermInTheSanityCheck()]
+    module, data, trainer = tiny_fit(shards, callbacks, enable_checkpointing=True, accumulate_grad_batches=2,
+                                     limit_val_batches=1, num_sanity_val_steps=1)
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module, data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 1 and trained_batches(saved) == 2, "saved within the first step"
+    assert signal.getsignal(signal.SIGTERM) == before, "the handlers are put back"
+
+
+def test_last_checkpoint_records_the_best_file_of_a_validation_at_the_step_of_a_deferred_save(shards, tmp_path):
+    """Steps of 4 batches, a validation every 2: the one within step 1 is saved when it ends, where the next
+    validation falls too; last.ckpt is saved again after it, and names the best file there is."""
+    callbacks = [ModelCheckpoint(tmp_path, monitor="val/bpb"), LastCheckpoint(), CheckpointOnTerminate()]
+    module, data, trainer = tiny_fit(shards, callbacks, enable_checkpointing=True, accumulate_grad_batches=4,
+                                     val_check_interval=2, limit_val_batches=1, max_steps=3)
+    before = signal.getsignal(signal.SIGTERM)
+    trainer.fit(module, data)
+    assert signal.getsignal(signal.SIGTERM) == before, "a fit that ends puts the handlers back"
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    (best,) = [state["best_model_path"] for name, state in saved["callbacks"].items() if name.startswith("ModelCh")]
+    assert Path(best).is_file()
