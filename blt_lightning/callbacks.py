@@ -30,7 +30,21 @@ class PredictionWriter(BasePredictionWriter):
         torch.save(prediction, out / f"rank{trainer.global_rank}-batch{batch_idx:06d}.pt")
 
 
-class LastCheckpoint(Checkpoint):
+class OptimizerSteps:
+    """Whether the latest training batch ended with an optimizer step (within gradient accumulation, not every
+    batch does): what the checkpoint callbacks save after, the one point that resumes exactly."""
+
+    _step_at_batch_start = 0
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def stepped(self, trainer) -> bool:
+        """From the end of a batch until the next begins (validation included); the same on every rank."""
+        return trainer.global_step != self._step_at_batch_start
+
+
+class LastCheckpoint(OptimizerSteps, Checkpoint):
     """Keep last.ckpt at the newest step: write it after every validation while fitting and when training
     ends, beside the run's ModelCheckpoint (where `--ckpt_path last` looks), so a resumed run continues
     where this one stopped.
@@ -47,8 +61,6 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self):
         self._saved_step = None
-        self._step_at_batch_start = 0
-        self._last_batch_stepped = True
         self._pending = False  # a validation waits for the end of its step
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -57,18 +69,14 @@ class LastCheckpoint(Checkpoint):
             raise ValueError("LastCheckpoint writes last.ckpt in the folder of a ModelCheckpoint: list one before it "
                              "in trainer.callbacks (being a Checkpoint, it keeps Lightning from adding its own)")
 
-    def on_train_batch_start(self, trainer, *args) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer, *args) -> None:
-        self._last_batch_stepped = trainer.global_step != self._step_at_batch_start
-        if self._pending and self._last_batch_stepped:
+        if self._pending and self.stepped(trainer):
             self._save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
-        if self._last_batch_stepped:
+        if self.stepped(trainer):
             self._save(trainer, again=True)  # at a step already saved (deferred), with this validation's top-k
         elif not self._pending:
             self._pending = True
@@ -90,7 +98,7 @@ class JobRequeued(SystemExit):
     """Ends a run after its checkpoint is saved and its SLURM job requeued (exit status 0)."""
 
 
-class CheckpointOnTerminate(Callback):
+class CheckpointOnTerminate(OptimizerSteps, Callback):
     """On SIGTERM (what schedulers and `kill` send before SIGKILL) save last.ckpt, then end the run; under
     SLURM, on its requeue signal (SIGUSR1 before the time limit: configs/launch/slurm.sbatch) save last.ckpt,
     requeue the job and end the run.
@@ -111,7 +119,6 @@ class CheckpointOnTerminate(Callback):
     def __init__(self):
         self.requeue_requested = self.terminate_requested = False
         self._handlers = {}  # signal -> (this callback's handler, the one it replaced)
-        self._step_at_batch_start = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.requeue_requested = self.terminate_requested = False
@@ -142,13 +149,9 @@ class CheckpointOnTerminate(Callback):
     def _request_requeue(self, signum, frame) -> None:
         self.requeue_requested = True
 
-    def on_train_batch_start(self, trainer, *args) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer, *args) -> None:
-        stepped = trainer.global_step != self._step_at_batch_start  # the same on every rank
         unfinished = trainer.max_steps == -1 or trainer.global_step < trainer.max_steps
-        if not (stepped and unfinished and self._handlers):
+        if not (self.stepped(trainer) and unfinished and self._handlers):
             return
         requeue, terminate = self.requeue_requested, self.terminate_requested
         if trainer.world_size > 1:  # any rank's signal stops every rank
