@@ -70,8 +70,10 @@ class ByteLMModule(L.LightningModule):
         self.flops_budget = flops_budget
         self.init_from = init_from
         self._restored = False  # from a checkpoint of this module (loaded or resumed): init_from is not for it
-        # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row.
-        self.example_input_array = torch.full((1, seq_len), BOS, dtype=torch.long)
+        # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row. Not
+        # with compiled blocks: it runs them under a FLOP-counting dispatch mode, where Dynamo cannot trace, and
+        # Dynamo then gives up on the blocks' code for the rest of the process (they would all run eagerly).
+        self.example_input_array = None if compile else torch.full((1, seq_len), BOS, dtype=torch.long)
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
         self.test_groups = BitsPerByteByGroup()  # per source and language, when the batches say which
         self.test_report: dict = {}  # of the last test run: what `evaluate` writes

@@ -11,6 +11,7 @@ from blt_lightning import BLTLM, ByteShardDataModule
 from blt_lightning.calibrate import main as calibrate
 from blt_lightning.cli import main
 from blt_lightning.flops import entropy_model_flops_per_byte
+from blt_lightning.models.layers import TransformerBlock
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.vocab import OFFSET
@@ -73,6 +74,31 @@ def test_a_patch_budget_below_the_row_length_trains_with_lightnings_model_summar
                         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=True)
     trainer.fit(module, data)
     assert trainer.global_step == 1
+
+
+def test_compiled_blocks_compile_once_for_each_kind_of_block_and_mode(shards, monkeypatch):
+    """A fit with a patch_budget, validation and Lightning's model summary (the budget is the row's length, so
+    the summary's row fits it): Dynamo traces each kind of block (over bytes, over patches) once for training
+    and once for validation, each whole in one graph. (Dynamo gives up on code after 8 cases, and on code it
+    could not trace, which then runs eagerly.)"""
+    graphs = []
+
+    def recording(graph, example_inputs):  # a backend that keeps the graph and runs it as traced
+        graphs.append(graph.print_readable(print_output=False))
+        return graph.forward
+
+    monkeypatch.setattr(TransformerBlock, "compile", lambda block: torch.nn.Module.compile(block, backend=recording))
+    torch._dynamo.reset()  # other tests compile blocks too, and Dynamo keeps its cases per code object
+    module = BLTLM(TINY, PatchingConfig(mode="static", patch_size=4), seq_len=32, patch_budget=32, compile=True)
+    data = ByteShardDataModule(manifest=str(shards / MANIFEST), seq_len=32, batch_size=4)
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=True)
+    try:
+        trainer.fit(module, data)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 4
+    assert all("scaled_dot_product_attention" in graph and "silu" in graph for graph in graphs)
 
 
 def test_the_entropy_model_stays_frozen_while_everything_else_learns(entropy_checkpoint, shards):

@@ -17,7 +17,7 @@ function dense and flex evaluate cannot drift apart.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -94,15 +94,19 @@ class SelfAttentionBlocks:
     size: int
     windowed: bool
     back: int = 0
-    _additive: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # allowed as 0 / -inf in the dtype attention runs in (autocast's where it is on): SDPA would make this of
+        # a boolean mask on every call and keep each copy for backward; made once, all layers share it. Made
+        # here, not on first use: compiled blocks would see a cache empty for the first layer only, and compile
+        # that layer's case apart.
+        device = self.allowed.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.get_default_dtype()
+        zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+        self._additive = zeros.masked_fill_(~self.allowed, float("-inf"))
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        """allowed as 0 / -inf. SDPA would make this of a boolean mask on every call and keep each copy for
-        backward; made once, all layers share it."""
-        if dtype not in self._additive:
-            zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-            self._additive[dtype] = zeros.masked_fill_(~self.allowed, float("-inf"))
-        return self._additive[dtype]
+        return self._additive if self._additive.dtype == dtype else self._additive.to(dtype)
 
 
 def build_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device,
