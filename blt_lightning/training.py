@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
@@ -160,8 +162,9 @@ class ByteLMModule(L.LightningModule):
         matrices = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         others = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         # One fused kernel over all weights where torch has one: on a 2-core CPU it steps the 48M BLT of
-        # bench/training.py in 21 ms against 94 ms for the default loop (5% of a 4 x 1024-byte step).
-        fused = all(p.device.type in ("cpu", "cuda") for p in matrices + others)
+        # bench/training.py in 21 ms against 94 ms for the default loop (5% of a 4 x 1024-byte step). Not under
+        # fp16's gradient scaler: a fused step unscales the gradients itself, after clipping has seen them scaled.
+        fused = not self.gradients_scaled and all(p.device.type in ("cpu", "cuda") for p in matrices + others)
         optimizer = torch.optim.AdamW(
             [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None,
@@ -174,13 +177,31 @@ class ByteLMModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    @property
+    def gradients_scaled(self) -> bool:
+        """Whether fp16's loss scaling is on: the gradients stay scaled until its GradScaler steps."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, and clipping by norm where Lightning refuses it: under FSDP, whose gradients are
+        shards that only the sharded model's clip_grad_norm_ sees whole, and under bf16-mixed with the fused
+        AdamW, which Lightning's mixed precision refuses as it must under fp16's scaler (a fused step unscales
+        after clipping) though bf16 has no scaler."""
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        if by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        elif by_norm and isinstance(self.trainer.precision_plugin, MixedPrecision) and not self.gradients_scaled:
+            weights = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(weights, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop the run before a non-finite loss or gradient reaches the weights (gradient clipping would spread
         an inf gradient over all of them as NaN), every rank at once. The checkpoints written so far are kept.
         Under fp16's loss scaling the scaler skips such steps itself, so only the loss is checked there."""
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        local = [] if scaled else [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a shard's (FSDP)
-                                   for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local = [] if self.gradients_scaled else [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: its shard
         # A sum is not finite when a term is not: one read of each gradient, ~9x faster than isfinite().all()
         # (7 against 63 ms for bench/training.py's 48M BLT on a 2-core CPU); in float32, where half-precision
         # gradients' sums do not overflow.

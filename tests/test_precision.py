@@ -1,0 +1,70 @@
+"""Gradient clipping under the trainer configs' precisions and strategies. Lightning refuses two pairs that our
+configs make: bf16-mixed with the fused AdamW, and FSDP with clipping by norm."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
+from test_resume import tiny_fit
+
+from blt_lightning import EntropyLM
+from blt_lightning.cli import main
+from blt_lightning.models import EntropyModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = 1e-3  # far below the gradients' norm at the start
+
+
+class GradientNorms(L.Callback):
+    """The total norm of the gradients each optimizer step took (clipped, and unscaled). Lightning runs the
+    forward and backward inside optimizer.step: they are read after it."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_start(self, trainer, pl_module):
+        def record(optimizer, args, kwargs):
+            grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+        trainer.optimizers[0].register_step_post_hook(record)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["bf16-mixed", "fp16-scaled"])
+def test_mixed_precision_clips_the_gradients_the_optimizer_steps_with(shards, scaled):
+    """bf16 has no gradient scaler: the fused AdamW steps with the gradients as clipped. Under fp16's scaler a
+    fused step would unscale after clipping, so AdamW is not fused there and Lightning unscales first."""
+    norms = GradientNorms()
+    precision = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]} if scaled
+                 else {"precision": "bf16-mixed"})
+    module, data, trainer = tiny_fit(shards, [norms], gradient_clip_val=CLIP, **precision)
+    trainer.fit(module, data)
+    assert trainer.global_step == 4
+    assert all(group["fused"] is not scaled for group in trainer.optimizers[0].param_groups)
+    assert len(norms.norms) >= 3 and max(norms.norms) <= CLIP * 1.001  # the scaler may skip a first step
+
+
+def test_the_gpu_config_trains_on_a_cpu(corpus, tmp_path):
+    """configs/trainer/gpu.yaml (bf16-mixed) under a model config (gradient clipping, fused AdamW), run on a CPU."""
+    configs = ["--config", str(ROOT / "configs/entropy/tiny.yaml"), "--config", str(ROOT / "configs/trainer/gpu.yaml")]
+    main(["fit", *configs, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.enable_progress_bar", "false", "--data.sources", f"[{corpus}]", "--data.seq_len", "32",
+          "--data.batch_size", "4", "--data.num_workers", "0"])
+    last = torch.load(tmp_path / "entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
+
+
+def test_under_fsdp_clipping_by_norm_is_the_sharded_models():
+    """FSDP's gradients are shards: only the sharded root module's clip_grad_norm_ sees their norm whole
+    (Lightning's FSDP precision refuses clipping by norm). FSDP needs a GPU, so the trainer is a stand-in."""
+    module = EntropyLM(EntropyModelConfig(dim=32, n_layers=1, n_heads=2), seq_len=16)
+    clipped = []
+    sharded_root = SimpleNamespace(clip_grad_norm_=clipped.append)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), model=sharded_root, precision_plugin=Precision())
+    module.configure_gradient_clipping(torch.optim.AdamW(module.parameters()), 0.5, "norm")
+    assert clipped == [0.5]
