@@ -201,7 +201,8 @@ class ByteLMModule(L.LightningModule):
         an inf gradient over all of them as NaN), every rank at once. The checkpoints written so far are kept.
         Under fp16's loss scaling the scaler skips such steps itself, so only the loss is checked there."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        local = [] if self.gradients_scaled else [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: its shard
+        # FSDP2's gradients are DTensors: this rank's shard of each
+        local = [] if self.gradients_scaled else [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         # A sum is not finite when a term is not: one read of each gradient, ~9x faster than isfinite().all()
         # (7 against 63 ms for bench/training.py's 48M BLT on a 2-core CPU); in float32, where half-precision
         # gradients' sums do not overflow.
