@@ -160,6 +160,17 @@ def test_a_rows_patches_do_not_depend_on_other_rows(changed_row):
         assert torch.equal(patcher(rows).starts[row], patcher(other).starts[row])
 
 
+def test_patches_do_not_depend_on_the_trainers_autocast():
+    """Under bf16-mixed the trainer runs the patcher inside bf16 autocast; entropies, and so patches, are still
+    the float32 ones that calibrate and store-entropies compute."""
+    patcher = Patcher(PatchingConfig(threshold=1.43), sharp_model(), context=64)
+    rows = torch.stack([encode(b"autocast leaves the entropy model alone " * 3)[:100], torch.randint(4, 260, (100,))])
+    plain = patcher.entropies(rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(patcher.entropies(rows), plain)
+        assert torch.equal(patcher(rows).starts, patch(rows, patcher.config, plain).starts)
+
+
 def real_documents(n_bytes: int, source: str = "en_moby_dick") -> list[bytes]:
     """Documents of a shared corpus, in order, until n_bytes."""
     path = CORPORA / f"{source}.jsonl.gz"
