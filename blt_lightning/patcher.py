@@ -89,11 +89,8 @@ class Patcher:
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] next-byte entropies of rows of ids [B, L]; a row's never depend on another row. In the entropy
-        model's own precision whatever autocast the trainer runs (bf16-mixed), so that patches are those that
-        calibrate and store-entropies see, in any run."""
-        with torch.autocast(ids.device.type, enabled=False):
-            return self.model.entropies(ids, doc_ids, self.window)
+        """[B, L] next-byte entropies of rows of ids [B, L]; a row's never depend on another row."""
+        return self.model.entropies(ids, doc_ids, self.window)
 
     def __call__(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, entropies: torch.Tensor | None = None,
                  num_patches: int | None = None) -> Patches:

@@ -161,14 +161,15 @@ def test_a_rows_patches_do_not_depend_on_other_rows(changed_row):
 
 
 def test_patches_do_not_depend_on_the_trainers_autocast():
-    """Under bf16-mixed the trainer runs the patcher inside bf16 autocast; entropies, and so patches, are still
-    the float32 ones that calibrate and store-entropies compute."""
+    """Under bf16-mixed the trainer runs the patcher (and an entropy model's predict) inside bf16 autocast;
+    entropies, and so patches, are still the float32 ones that calibrate and the entropies command compute."""
     patcher = Patcher(PatchingConfig(threshold=1.43), sharp_model(), context=64)
     rows = torch.stack([encode(b"autocast leaves the entropy model alone " * 3)[:100], torch.randint(4, 260, (100,))])
-    plain = patcher.entropies(rows)
+    plain, streamed = patcher.entropies(rows), patcher.model.document_entropies(rows[0], window=64, chunk=40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(patcher.entropies(rows), plain)
         assert torch.equal(patcher(rows).starts, patch(rows, patcher.config, plain).starts)
+        assert torch.equal(patcher.model.document_entropies(rows[0], window=64, chunk=40), streamed)
 
 
 def real_documents(n_bytes: int, source: str = "en_moby_dick") -> list[bytes]:

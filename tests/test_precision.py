@@ -19,33 +19,39 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP = 1e-3  # far below the gradients' norm at the start
 
 
-class GradientNorms(L.Callback):
-    """The total norm of the gradients each optimizer step took (clipped, and unscaled). Lightning runs the
-    forward and backward inside optimizer.step: they are read after it."""
+class GradientSizes(L.Callback):
+    """The total norm and largest magnitude of the gradients each optimizer step took (clipped, and unscaled).
+    Lightning runs the forward and backward inside optimizer.step: they are read after it."""
 
     def __init__(self):
-        self.norms = []
+        self.norms, self.largest = [], []
 
     def on_train_start(self, trainer, pl_module):
         def record(optimizer, args, kwargs):
             grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            self.largest.append(max(float(g.abs().max()) for g in grads))
 
         trainer.optimizers[0].register_step_post_hook(record)
 
 
-@pytest.mark.parametrize("scaled", [False, True], ids=["bf16-mixed", "fp16-scaled"])
-def test_mixed_precision_clips_the_gradients_the_optimizer_steps_with(shards, scaled):
+@pytest.mark.parametrize("scaled, algorithm", [(False, "norm"), (False, "value"), (True, "norm")],
+                         ids=["bf16-mixed", "bf16-mixed-by-value", "fp16-scaled"])
+def test_mixed_precision_clips_the_gradients_the_optimizer_steps_with(shards, scaled, algorithm):
     """bf16 has no gradient scaler: the fused AdamW steps with the gradients as clipped. Under fp16's scaler a
     fused step would unscale after clipping, so AdamW is not fused there and Lightning unscales first."""
-    norms = GradientNorms()
+    sizes = GradientSizes()
     precision = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]} if scaled
                  else {"precision": "bf16-mixed"})
-    module, data, trainer = tiny_fit(shards, [norms], gradient_clip_val=CLIP, **precision)
+    module, data, trainer = tiny_fit(shards, [sizes], gradient_clip_val=CLIP, gradient_clip_algorithm=algorithm,
+                                     **precision)
     trainer.fit(module, data)
     assert trainer.global_step == 4
     assert all(group["fused"] is not scaled for group in trainer.optimizers[0].param_groups)
-    assert len(norms.norms) >= 3 and max(norms.norms) <= CLIP * 1.001  # the scaler may skip a first step
+    assert len(sizes.norms) >= 3  # the scaler may skip a first step
+    clipped = sizes.norms if algorithm == "norm" else sizes.largest
+    assert max(clipped) <= CLIP * 1.001
+    assert algorithm == "norm" or max(sizes.norms) > CLIP * 1.001, "by value, not by norm"
 
 
 def test_the_gpu_config_trains_on_a_cpu(corpus, tmp_path):

@@ -92,8 +92,10 @@ class EntropyModel(nn.Module):
     def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                   window: int | None = None) -> torch.Tensor:
         """H(t) = -sum_v p(v | ids[:t+1]) ln p(v | ids[:t+1]) in nats, [B, L], float32: the uncertainty
-        about the byte after position t. Between 0 and ln(VOCAB_SIZE)."""
-        return entropy_of(self(ids, doc_ids, window))
+        about the byte after position t. Between 0 and ln(VOCAB_SIZE). In the model's own precision under any
+        autocast (a bf16-mixed trainer's): patches then do not depend on the precision a run trains in."""
+        with torch.autocast(ids.device.type, enabled=False):
+            return entropy_of(self(ids, doc_ids, window))
 
     @torch.no_grad()
     def document_entropies(self, ids: torch.Tensor, window: int, chunk: int | None = None) -> torch.Tensor:
@@ -103,7 +105,9 @@ class EntropyModel(nn.Module):
         A chunk attends over itself and the window before it, so chunks of one window (the default)
         waste at most half the attention work."""
         cache = self.new_cache(window)
-        return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0] for part in ids.split(chunk or window)])
+        with torch.autocast(ids.device.type, enabled=False):  # as entropies()
+            return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0]
+                              for part in ids.split(chunk or window)])
 
     def byte_level_blocks(self) -> list[TransformerBlock]:
         """The blocks that run over bytes: all of them."""
