@@ -10,12 +10,14 @@ FlexAttention takes. build_mask turns one into what attention() runs:
   the keys of the few blocks it reaches (cost ~ L * (W + block), not L^2), without one against the keys
   up to its block's end; the patch cross-attentions gather the few keys each query may read. The same
   results as dense, any device.
-- flex: a FlexAttention block mask, whose empty blocks are skipped (GPU, or CPU through torch.compile).
+- flex: a FlexAttention block mask, whose empty blocks a compiled kernel skips (GPU; on a CPU it runs
+  eagerly, forward only, for tests and references).
 
 Each mask below is a small dataclass that is its own mask_mod, so the structure sdpa exploits and the
 function dense and flex evaluate cannot drift apart.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -175,7 +177,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
         return _read_group_slots(q, k, v, mask)
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, block_mask=mask)
+    if q.device.type == "cpu" or torch.compiler.is_compiling():
+        # Inside compiled blocks it is compiled with them; on a CPU (no backward there) it runs eagerly.
+        return flex_attention(q, k, v, block_mask=mask)
+    return _compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    """FlexAttention compiled, its kernel skipping the empty blocks of the mask. Run eagerly it makes the whole
+    [B, H, Lq, Lk] score matrix (in float32 16 GiB a layer for 8 rows of 8,192 bytes at 8 heads). Rows' patch counts
+    vary: after the second shape Dynamo compiles for any length."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:

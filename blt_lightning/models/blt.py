@@ -93,7 +93,7 @@ class BLTConfig:
     attention: Literal["sdpa", "dense", "flex"] = "sdpa"
     """sdpa: SDPA a block of queries at a time, cross-attention by per-patch gathers; cost linear in the row
     (with a window), any device. dense: SDPA over dense masks, quadratic in the row (the reference the others
-    match). flex: FlexAttention block masks (GPU, or CPU under torch.compile). See models/attention.py."""
+    match). flex: FlexAttention block masks, compiled (GPU; on a CPU forward only). See models/attention.py."""
     doubled_cross_attn_residual: bool = False
     """Add the cross-attention input twice (x + x + attn), as the released checkpoints were trained."""
 
