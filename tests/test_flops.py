@@ -1,5 +1,7 @@
 """The analytic FLOPs per byte agree with what PyTorch's FLOP counter sees the models run."""
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,3 +43,24 @@ def test_blt_flops_per_byte_match_the_counter_and_fall_with_longer_patches():
     per_patch = L / patches.lengths.shape[1]  # what the model runs: patches padded to the same count per row
     assert counted == round(2 * L * blt_flops_per_byte(config, L, per_patch, attention=False))
     assert blt_flops_per_byte(config, L, 8.0) < blt_flops_per_byte(config, L, 4.0)
+
+
+def test_the_models_count_the_same_flops_on_the_meta_device():
+    """As Lightning's measure_flops counts them: on the meta device (no memory, no arithmetic), the same products
+    as on the CPU, with sdpa's block masks."""
+    blt = BLTConfig(encoder_dim=32, encoder_layers=1, encoder_heads=2, global_dim=64, global_layers=2, global_heads=4,
+                    decoder_dim=32, decoder_layers=1, decoder_heads=2, local_window=16, ngram_sizes=(3,),
+                    ngram_table_size=31, ffn_multiple_of=16)
+    entropy = EntropyModelConfig(dim=32, n_layers=2, n_heads=2, sliding_window=16, ffn_multiple_of=16)
+    ids = torch.randint(4, 260, (2, 64))
+    patches = patch(ids, PatchingConfig(mode="static", patch_size=4))
+    on_meta = dataclasses.replace(patches, **{f.name: getattr(patches, f.name).to("meta")
+                                              for f in dataclasses.fields(patches)
+                                              if isinstance(getattr(patches, f.name), torch.Tensor)})
+    for build, args, meta_args in ((lambda: ByteLatentTransformer(blt), (ids, patches), (ids.to("meta"), on_meta)),
+                                   (lambda: EntropyModel(entropy), (ids,), (ids.to("meta"),))):
+        model = build()
+        with torch.device("meta"):
+            meta_model = build()
+        assert matmul_flops(lambda: meta_model(*meta_args)) == matmul_flops(lambda: model(*args)) > 0
+    assert meta_model.entropies(ids.to("meta")).shape == ids.shape  # the last model built: the entropy model

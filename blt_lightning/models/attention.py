@@ -103,7 +103,8 @@ class SelfAttentionBlocks:
         # here, not on first use: compiled blocks would see a cache empty for the first layer only, and compile
         # that layer's case apart.
         device = self.allowed.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.get_default_dtype()
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
+        dtype = torch.get_autocast_dtype(device) if autocast else torch.get_default_dtype()
         zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
         self._additive = zeros.masked_fill_(~self.allowed, float("-inf"))
 

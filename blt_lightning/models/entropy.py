@@ -1,6 +1,7 @@
 """The entropy model (BLT_SPEC section 2): a small causal byte LM whose next-byte entropies decide
 where BLT's patches begin. Trained first (stage one), then frozen."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class EntropyModel(nn.Module):
         """H(t) = -sum_v p(v | ids[:t+1]) ln p(v | ids[:t+1]) in nats, [B, L], float32: the uncertainty
         about the byte after position t. Between 0 and ln(VOCAB_SIZE). In the model's own precision under any
         autocast (a bf16-mixed trainer's): patches then do not depend on the precision a run trains in."""
-        with torch.autocast(ids.device.type, enabled=False):
+        with without_autocast(ids.device):
             return entropy_of(self(ids, doc_ids, window))
 
     @torch.no_grad()
@@ -105,7 +106,7 @@ class EntropyModel(nn.Module):
         A chunk attends over itself and the window before it, so chunks of one window (the default)
         waste at most half the attention work."""
         cache = self.new_cache(window)
-        with torch.autocast(ids.device.type, enabled=False):  # as entropies()
+        with without_autocast(ids.device):  # as entropies()
             return torch.cat([entropy_of(self.forward_cached(part[None], cache))[0]
                               for part in ids.split(chunk or window)])
 
@@ -116,6 +117,13 @@ class EntropyModel(nn.Module):
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.tok_embeddings.weight.numel()
+
+
+def without_autocast(device: torch.device):
+    """A context with autocast off on `device` (nothing to turn off where it has none, as on "meta")."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
