@@ -1,7 +1,6 @@
 """Gradient clipping under the trainer configs' precisions and strategies. Lightning refuses two pairs that our
 configs make: bf16-mixed with the fused AdamW, and FSDP with clipping by norm."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -9,13 +8,13 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
+from test_cli import ROOT, fit_args
 from test_resume import tiny_fit
 
 from blt_lightning import EntropyLM
 from blt_lightning.cli import main
 from blt_lightning.models import EntropyModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIP = 1e-3  # far below the gradients' norm at the start
 
 
@@ -56,11 +55,8 @@ def test_mixed_precision_clips_the_gradients_the_optimizer_steps_with(shards, sc
 
 def test_the_gpu_config_trains_on_a_cpu(corpus, tmp_path):
     """configs/trainer/gpu.yaml (bf16-mixed) under a model config (gradient clipping, fused AdamW), run on a CPU."""
-    configs = ["--config", str(ROOT / "configs/entropy/tiny.yaml"), "--config", str(ROOT / "configs/trainer/gpu.yaml")]
-    main(["fit", *configs, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
-          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-          "--trainer.enable_progress_bar", "false", "--data.sources", f"[{corpus}]", "--data.seq_len", "32",
-          "--data.batch_size", "4", "--data.num_workers", "0"])
+    main(["fit", *fit_args(tmp_path, corpus), "--config", str(ROOT / "configs/trainer/gpu.yaml"),
+          "--trainer.accelerator", "cpu", "--trainer.max_steps", "2"])
     last = torch.load(tmp_path / "entropy-tiny/version_0/checkpoints/last.ckpt", weights_only=False)
     assert last["global_step"] == 2
 
