@@ -14,7 +14,7 @@ from .patcher import CARRIED_ENTROPY_MODEL, Patcher, carried_entropy_model, load
 from .patching import Patches, PatchingConfig
 from .training import ByteLMModule, OptimizerConfig
 from .visualize import patch_figure
-from .vocab import encode
+from .vocab import PAD, encode
 
 FIGURE_TEXT = "The Byte Latent Transformer, by George R.R. Martin: 字节, байты, בייטים."
 
@@ -141,11 +141,15 @@ class BLTLM(ByteLMModule):
         self.flops_per_batch = self.model_flops_per_batch + positions * self.entropy_flops_per_byte * entropy_model_ran
 
     def training_flops_per_byte(self, batches) -> tuple[float, float]:
-        """Trained FLOPs per position (3x forward) at the mean patch size of `batches` (positions per patch)."""
+        """Trained FLOPs per position (3x forward) at the mean patch size of `batches` (positions per patch).
+        Padding (ending a split's last rows) and its patches are left out: training rows, packed, have none, and
+        counted, a run of padding as one long patch made their patches look longer, and a FlopBudget's steps
+        too many."""
         positions, patches = 0, 0
         for batch in batches:
             found = self.patch_batch(batch)
-            positions, patches = positions + found.patch_ids.numel(), patches + int(found.mask.sum())
+            positions += int((batch["ids"][:, :-1] != PAD).sum())
+            patches += int((found.mask & ~found.padding).sum())
         if not patches:
             raise ValueError("no batch to measure the mean patch size on")
         return 3 * blt_flops_per_byte(self.model.config, self.seq_len, positions / patches), positions / patches

@@ -10,11 +10,11 @@ from test_blt_model import TINY
 from blt_lightning import BLTLM, ByteShardDataModule
 from blt_lightning.calibrate import main as calibrate
 from blt_lightning.cli import main
-from blt_lightning.flops import entropy_model_flops_per_byte
+from blt_lightning.flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from blt_lightning.models.layers import TransformerBlock
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.prepare import MANIFEST
-from blt_lightning.vocab import OFFSET
+from blt_lightning.vocab import OFFSET, PAD
 
 ROOT = Path(__file__).resolve().parents[1]
 # Monotonic: the barely trained test entropy model gives every byte about the same entropy, so a global
@@ -165,3 +165,20 @@ def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, 
         patch_bytes += int(byte_positions.sum())
         patches += sum(len(row[held].unique()) for row, held in zip(patch_ids, byte_positions))
     assert events.Scalars("test/mean_patch_size")[-1].value == pytest.approx(patch_bytes / patches, rel=1e-5)
+
+
+def test_the_flops_of_a_training_step_are_measured_on_patches_of_bytes_not_of_padding():
+    """FlopBudget measures the mean patch size on validation batches, whose last rows end in padding; training rows,
+    packed, have none. A padded batch measures what its rows' bytes alone do."""
+    module = BLTLM(TINY, PatchingConfig(mode="static", patch_size=4), seq_len=32)
+
+    def measure(ids: torch.Tensor) -> tuple[float, float]:
+        return module.training_flops_per_byte([{"ids": ids, "doc_ids": torch.zeros_like(ids)}])
+
+    text = torch.randint(OFFSET, OFFSET + 256, (2, 33))
+    patches = 32 / measure(text[:1])[1] + 9 / measure(text[1:, :10])[1]  # rows of 32 and 9 positions
+    padded = text.clone()
+    padded[1, 9:] = PAD  # the row of 9, then a run of 23 padding positions (one patch, were it counted)
+    per_byte, patch_size = measure(padded)
+    assert patch_size == pytest.approx(41 / patches)
+    assert per_byte == pytest.approx(3 * blt_flops_per_byte(module.model.config, 32, 41 / patches))
