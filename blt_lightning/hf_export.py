@@ -21,7 +21,7 @@ from pathlib import Path
 from .blt_lm import BLTLM
 from .hf import PATCHER, blt_to_hf, entropy_names, hf_config_kwargs, to_hf, transformers_module
 from .loading import load_lm
-from .outputs import check_output_dir
+from .outputs import as_umask_allows, check_output_dir
 
 
 def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
@@ -42,6 +42,7 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(output)
     save_file(weights, output / "model.safetensors", metadata={"format": "pt"})  # the metadata transformers expects
+    as_umask_allows(output / "model.safetensors")
     return output
 
 

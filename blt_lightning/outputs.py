@@ -21,3 +21,11 @@ def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def as_umask_allows(path: Path) -> None:
+    """Open a file written through a private temporary (0600: safetensors' save_file) to whom a file written by
+    open() would be: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

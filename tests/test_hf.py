@@ -199,6 +199,8 @@ def test_export_and_import_write_over_nothing_unless_told(hf_blt, imported, tmp_
     assert [p.name for p in taken.iterdir()] == ["config.json"] and (taken / "config.json").read_text() == "{}"
     hf_export.main(["--checkpoint", str(imported["blt"]), "--output", str(taken), "--overwrite"])
     assert json.loads((taken / "config.json").read_text())["model_type"] == "blt"
+    # readable by whom config.json is (safetensors writes its file for its owner alone)
+    assert (taken / "model.safetensors").stat().st_mode & 0o777 == (taken / "config.json").stat().st_mode & 0o777
 
 
 def test_export_of_a_trained_checkpoint_gives_the_same_logits(small_corpus, ids, tmp_path):
