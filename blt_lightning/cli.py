@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
-from .data import ShardError
+from .errors import InputError
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -32,6 +32,7 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
+EVALUATIONS = ("validate", "test", "predict")
 TOOLS = {
     "prepare": prepare.main,
     "entropies": store_entropies.main,
@@ -70,12 +71,26 @@ class BLTLightningCLI(LightningCLI):
         drop it silently."""
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].get("model") if subcommand else None
+        if subcommand in EVALUATIONS and self.config[subcommand].get("ckpt_path") == "last":
+            self.config[subcommand].ckpt_path = self._runs_last_checkpoint(subcommand)
         if given is not None:
             check_stage(subcommand, self.config[subcommand].get("ckpt_path"), given.get("class_path"))
         super()._parse_ckpt_path()
         if given is not None and (changed := option_changes(given.as_dict(), self.config[subcommand].model.as_dict())):
             rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
                            "it was saved with, in place of the config's: " + "; ".join(changed))
+
+    def _runs_last_checkpoint(self, subcommand: str) -> str:
+        """What `--ckpt_path last` evaluates: the run's newest last.ckpt, as `fit --ckpt_path last` resumes it.
+        (Lightning would look in the folder of this command's new version, find none and evaluate the model
+        untrained, with a warning.)"""
+        config = self.config[subcommand]
+        run = Path(config.trainer.default_root_dir or ".") / config.run_name
+        version = latest_version_with_checkpoint(run)
+        if version is None:
+            sys.exit(f"{subcommand}: --ckpt_path last: no version of the run {run} holds checkpoints/last.ckpt "
+                     "(set --trainer.default_root_dir and --run_name as the fit did, or give a checkpoint's path)")
+        return str(run / version / "checkpoints" / "last.ckpt")
 
     def instantiate_classes(self) -> None:
         """A config the constructors refuse (an entropy mode without entropy_checkpoint, a checkpoint that is
@@ -133,9 +148,13 @@ class BLTLightningCLI(LightningCLI):
 
 def check_stage(subcommand: str, ckpt_path: str | None, model_class: str | None) -> None:
     """Exit with a message, not a traceback or a dump of the config, when a --ckpt_path file does not load or
-    holds the other stage's model (whose options would not parse as the config's model's)."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
+    holds the other stage's model (whose options would not parse as the config's model's). Names Lightning takes
+    (last, best, hpc, registry) and URLs are left to it."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
         return
+    if not Path(ckpt_path).is_file():
+        problem = "a folder; give the checkpoint file in it" if Path(ckpt_path).is_dir() else "no such file"
+        sys.exit(f"{subcommand}: --ckpt_path {ckpt_path}: {problem}")
     try:
         if not zipfile.is_zipfile(ckpt_path):
             raise ValueError("not a zip archive, as torch.save writes")
@@ -182,9 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
-    except ShardError as error:  # bad data, named: its message, not Lightning's frames above it
+    except InputError as error:  # bad input, named: its message, not Lightning's frames above it
         # (from a DataLoader worker the message holds the worker's traceback, and the error's own line last)
-        sys.exit(f"blt-lightning: {str(error).strip().splitlines()[-1].split('ShardError: ', 1)[-1]}")
+        sys.exit(f"blt-lightning: {str(error).strip().splitlines()[-1].split(f'{type(error).__name__}: ', 1)[-1]}")
 
 
 def run(argv: list[str] | None) -> None:

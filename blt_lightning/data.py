@@ -42,6 +42,7 @@ import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .errors import BadInput, MissingInput
 from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, is_prepared, prepare, read_documents
 from .vocab import PAD, document_ids, encode, is_byte
 from .workers import start_forkserver, worker_options
@@ -77,7 +78,7 @@ def current_reader(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-class ShardError(ValueError):
+class ShardError(BadInput):
     """A shard that cannot be read: missing, corrupt, truncated, or not what its manifest says."""
 
 
@@ -541,7 +542,7 @@ class ByteShardDataModule(L.LightningDataModule):
     def _split(self, split: str) -> list[Shard]:
         if not self.shards.get(split):
             where = f"{self._manifest_read} has none, so " if self._manifest_read else ""
-            raise ValueError(f"no {split} shards: {where}name them (sources with a {split} fraction, manifest, "
+            raise BadInput(f"no {split} shards: {where}name them (sources with a {split} fraction, manifest, "
                              f"or {split} shard URLs)")
         return self.shards[split]
 
@@ -549,7 +550,7 @@ class ByteShardDataModule(L.LightningDataModule):
         shards = self._split("train")
         readers = self.world_size * max(1, self.num_workers)
         if len(shards) < readers:
-            raise ValueError(
+            raise BadInput(
                 f"{len(shards)} training shards cannot feed {readers} readers ({self.world_size} ranks x "
                 f"{max(1, self.num_workers)} workers): prepare smaller shards or use fewer workers"
             )
@@ -631,8 +632,8 @@ def read_manifest(path: str) -> dict[str, list[Shard]]:
             for split, info in manifest["splits"].items()
         }
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
+        raise MissingInput(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: a directory; give the manifest.json in it") from None
+        raise BadInput(f"{path}: a directory; give the manifest.json in it") from None
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None
+        raise BadInput(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None

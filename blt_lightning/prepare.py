@@ -28,6 +28,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from .errors import BadInput
 from .outputs import check_output_dir, write_atomically
 
 MANIFEST = "manifest.json"
@@ -37,7 +38,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 SHARD_NAME = re.compile(r"(train|validation|test)-\d{6}\.tar")
 
 
-class PrepareError(ValueError):
+class PrepareError(BadInput):
     """Bad input: the message names the file (and line) and what is wrong with it."""
 
 

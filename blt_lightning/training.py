@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .callbacks import FlopBudget
+from .errors import BadInput, MissingInput
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import TransformerBlock, holds_parts, set_activation_checkpointing
 from .vocab import BOS, PAD
@@ -306,17 +307,17 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     them); not its optimizer state or step."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: init_from names no checkpoint "
+        raise MissingInput(f"{path}: init_from names no checkpoint "
                                 "(train one, or write one with `blt-lightning import-hf`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     except Exception as error:  # not a torch file, no state dict, or pickled from code that is gone
-        raise ValueError(f"{path}: init_from is not a checkpoint of this project ({error})") from None
+        raise BadInput(f"{path}: init_from is not a checkpoint of this project ({error})") from None
     try:
         model.load_state_dict({name.removeprefix("model."): w for name, w in state.items()
                                if name.startswith("model.")})
     except RuntimeError as error:
-        raise ValueError(f"{path}: its weights do not fit this model's config ({error})") from None
+        raise BadInput(f"{path}: its weights do not fit this model's config ({error})") from None
 
 
 def flatten_hparams(params: dict, prefix: str = "") -> dict:

@@ -85,6 +85,13 @@ def test_fit_writes_checkpoint_config_and_tensorboard_bpb(corpus, tmp_path, capf
     assert predictions, "predict wrote nothing"
     first = torch.load(predictions[0])
     assert first["entropies"].shape == first["ids"].shape and (first["entropies"] >= 0).all()
+    # `--ckpt_path last` evaluates the run's last.ckpt, as its path does (not the model untrained)
+    capfd.readouterr()
+    scores = []
+    for ckpt_path in (str(checkpoints[-1]), "last"):
+        main(["validate", *fit_args(tmp_path, corpus), "--ckpt_path", ckpt_path])
+        scores += re.findall(r"validation bpb (\d\.\d{4})", capfd.readouterr().out)
+    assert len(scores) == 2 and scores[0] == scores[1]
 
 
 def test_a_checkpoint_files_model_options_replace_the_given_ones_with_a_warning(corpus, tmp_path, entropy_checkpoint):
@@ -108,6 +115,15 @@ def test_a_ckpt_path_of_the_other_stage_or_no_checkpoint_or_a_cut_last_one_is_a_
     with pytest.raises(SystemExit, match=rf"^test: {garbage}: not a checkpoint of `blt-lightning fit`: it does not "
                                          r"load \(not a zip archive"):
         main(["test", *blt, "--ckpt_path", str(garbage)])
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(SystemExit, match=rf"^fit: --ckpt_path {re.escape(str(missing))}: no such file$"):
+        main(["fit", *blt, "--ckpt_path", str(missing)])
+    with pytest.raises(SystemExit, match=rf"^validate: --ckpt_path {re.escape(str(tmp_path))}: a folder; give the "
+                                         "checkpoint file in it$"):
+        main(["validate", *blt, "--ckpt_path", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^predict: --ckpt_path last: no version of the run .*blt-tiny holds "
+                                         r"checkpoints/last\.ckpt"):
+        main(["predict", *blt, "--ckpt_path", "last"])
     assert "Parsing of ckpt_path" not in capsys.readouterr().err and not (tmp_path / "run").exists()
     # The last.ckpt that `--ckpt_path last` resumes from is checked too (a disk that failed: saves are atomic).
     last = tmp_path / "resumed" / "entropy-tiny" / "version_0" / "checkpoints" / "last.ckpt"
@@ -230,6 +246,22 @@ def test_a_run_of_an_earlier_version_with_its_weights_unstacked_does_not_resume(
         main(["fit", *fit_args(tmp_path / "resumed", corpus), "--ckpt_path", str(earlier)])
     weights = load_lm(earlier).model.state_dict()  # its weights still load
     assert all(torch.equal(w, checkpoint["state_dict"][f"model.{n}"]) for n, w in stacked_as_parts(weights).items())
+
+
+def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp_path, capsys):
+    """Inputs read only when the trainer runs (sources, a manifest, init_from's weights) end the command with the
+    message that names them, not under Lightning's frames."""
+    fit = ["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "1"]
+    nothing = tmp_path / "nothing"
+    for extra, message in [
+        (["--data.sources", f"[{nothing}]"], f"{nothing}: no such file or directory"),
+        (["--data.sources", "null", "--data.manifest", str(nothing / "manifest.json")], "no manifest here"),
+        (["--model.init_args.init_from", str(nothing / "weights.ckpt")], "weights.ckpt: init_from names no checkpoint"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main([*fit, *extra])
+        assert str(exited.value.code).startswith("blt-lightning: ") and message in str(exited.value.code)
+        assert "Traceback" not in capsys.readouterr().err
 
 
 def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_path, entropy_checkpoint, capsys):

@@ -1,0 +1,15 @@
+"""Errors in what the user gave: a command ends with their message alone, where any other error shows its traceback
+(a bug to report)."""
+
+
+class InputError(Exception):
+    """Something the user named (a file, a folder, a shard, a checkpoint) is missing or not what it should be; the
+    message names it and says what is wrong."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """Nothing where the user said."""
+
+
+class BadInput(InputError, ValueError):
+    """Something there, but not what it should be."""
