@@ -264,7 +264,8 @@ class ByteLMModule(L.LightningModule):
             elapsed = time.perf_counter() - self._fit_start
             rates = ", ".join(f"{n / elapsed:,.0f} {key}/s" for key, n in self._fit_counts.items())
             # Lightning's logger, not self.print: the progress bar that self.print writes through is closed by now.
-            rank_zero_info(f"trained on {self._fit_counts['bytes']:,} bytes in {elapsed:.1f} s: {rates}")
+            rank_zero_info(f"trained at {rates} ({self._fit_counts['bytes']:,} bytes in {elapsed:.1f} s, timed "
+                           "from the end of the first batch)")
 
     def on_validation_epoch_end(self) -> None:
         self._report("validation", self.val_bpb)
