@@ -219,5 +219,7 @@ def run(argv: list[str] | None) -> None:
         save_config_callback=SaveConfigPerAttempt,
         args=argv,
         parser_kwargs={"prog": "blt-lightning",
-                       "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
+                       "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS),
+                       # a misspelled option is an error, not the option it begins (--trainer.max_step: max_steps)
+                       "allow_abbrev": False},
     )

@@ -141,6 +141,12 @@ def test_configs_compose_and_print(corpus, tmp_path, capsys):
         main(["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--config", str(override), "--print_config"])
     printed = capsys.readouterr().out
     assert "seq_len: 48" in printed and "n_layers: 1" in printed
+    # A misspelled option is refused, not taken for the one it begins
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(SystemExit):
+            main([subcommand, "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--trainer.max_step", "3",
+                  "--print_config"])
+        assert "unrecognized arguments: --trainer.max_step 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.stem)
