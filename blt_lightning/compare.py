@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, nargs="*", default=[],
                         help="more configs for every run (a trainer YAML)")
     args = parser.parse_args(argv)
+    experiments = [Path(e) if e.endswith(".yaml") else CONFIGS / "experiments" / f"{e}.yaml" for e in args.experiments]
+    if missing := [str(e) for e in experiments if not e.is_file()]:  # before any work
+        parser.error(f"no experiment config {missing}")
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +218,6 @@ def main(argv: list[str] | None = None) -> None:
                      f"now; see {manifest}): give another --output-dir")
     data = ["--data.init_args.sources", "null", "--data.init_args.manifest", str(manifest)]
 
-    experiments = [Path(e) if e.endswith(".yaml") else CONFIGS / "experiments" / f"{e}.yaml" for e in args.experiments]
-    if missing := [str(e) for e in experiments if not e.is_file()]:
-        parser.error(f"no experiment config {missing}")
     needs_entropy = [e for e in experiments if "mode: entropy" in e.read_text()]
     entropy_checkpoint, patching, entropy_model = (stage_one(args, manifest, data,
                                                              row_length([needs_entropy[0], *args.config]))

@@ -3,6 +3,7 @@
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,10 @@ def test_stage_one_is_reused_while_its_settings_hold_and_trained_again_when_they
     (tmp_path / "stage-one.json").unlink()  # as an earlier version left its folder
     compare_module.stage_one(args, manifest, data, 64)
     assert len(fits) == 4 and "entropy-model: it was trained by an earlier version" in capsys.readouterr().out
+
+
+def test_an_unknown_experiment_is_refused_before_any_work(tmp_path, corpus, capsys):
+    with pytest.raises(SystemExit):
+        compare(["--data", str(corpus), "--experiments", "bytes", "--output-dir", str(tmp_path / "out")])
+    assert re.search(r"no experiment config \[.*experiments/bytes\.yaml'\]", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
