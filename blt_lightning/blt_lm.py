@@ -1,6 +1,7 @@
 """BLTLM: stage two. Trains the Byte Latent Transformer, with the frozen stage-one entropy model patching."""
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -175,6 +176,14 @@ class BLTLM(ByteLMModule):
         super().on_save_checkpoint(checkpoint)
         if self.entropy_model is not None:
             checkpoint[CARRIED_ENTROPY_MODEL] = carried_entropy_model(self.entropy_model.config, self.entropy_context)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.entropy_model is not None:
+            # Lightning warns of the modules in eval mode as training starts: the frozen entropy model's are meant to
+            # be. Only their exact count is silenced; any other module in eval mode changes it.
+            frozen = sum(1 for _ in self.entropy_model.modules())
+            warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training")
 
     def train(self, mode: bool = True):
         super().train(mode)

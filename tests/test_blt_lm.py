@@ -125,7 +125,7 @@ def test_the_entropy_model_stays_frozen_while_everything_else_learns(entropy_che
     assert not module.entropy_model.training, "the entropy model must stay in inference mode"
 
 
-def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, shards, tmp_path, capsys):
+def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, shards, tmp_path, capsys, recwarn):
     snippet = tmp_path / "patching.yaml"
     calibrate(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / MANIFEST), "--target", "2.5",
                "--output", str(snippet)])
@@ -145,6 +145,8 @@ def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, 
     assert 1.5 < events.Scalars("val/mean_patch_size")[-1].value < 4
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert "validation bpb" in capsys.readouterr().out
+    # the frozen entropy model is in eval mode by design: Lightning's warning of that is not shown
+    assert not [w for w in recwarn if "in eval mode at the start of training" in str(w.message)]
 
     # test and predict over the same (test) split: the bits predict gives per byte add up to test's bpb, and
     # test's mean patch size is its bytes over its patches.
