@@ -183,7 +183,7 @@ class BLTLM(ByteLMModule):
             # Lightning warns of the modules in eval mode as training starts: the frozen entropy model's are meant to
             # be. Only their exact count is silenced; any other module in eval mode changes it.
             frozen = sum(1 for _ in self.entropy_model.modules())
-            warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training")
+            warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of train")
 
     def train(self, mode: bool = True):
         super().train(mode)
