@@ -211,7 +211,7 @@ def save_last(trainer) -> Path | None:
     if checkpoint is None or checkpoint.dirpath is None:
         return None
     path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # the whole state a run resumes from
     return path
 
 
