@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonargparse
 import torch
 from lightning import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -58,6 +58,14 @@ class SaveConfigPerAttempt(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class SpelledOutArgumentParser(LightningArgumentParser):
+    """A misspelled option is an error, not the option it begins (--trainer.max_step taken for max_steps). The
+    parsers jsonargparse makes for a model's nested options are of the root parser's class, so they refuse too."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+
 class BLTLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", default="run",
@@ -71,7 +79,8 @@ class BLTLightningCLI(LightningCLI):
         drop it silently."""
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].get("model") if subcommand else None
-        if subcommand in EVALUATIONS and self.config[subcommand].get("ckpt_path") == "last":
+        if subcommand in EVALUATIONS and self.config[subcommand].get("ckpt_path") == "last" \
+                and self._checkpoints_in_run_folders(subcommand):
             self.config[subcommand].ckpt_path = self._runs_last_checkpoint(subcommand)
         if given is not None:
             check_stage(subcommand, self.config[subcommand].get("ckpt_path"), given.get("class_path"))
@@ -79,6 +88,15 @@ class BLTLightningCLI(LightningCLI):
         if given is not None and (changed := option_changes(given.as_dict(), self.config[subcommand].model.as_dict())):
             rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
                            "it was saved with, in place of the config's: " + "; ".join(changed))
+
+    def _checkpoints_in_run_folders(self, subcommand: str) -> bool:
+        """Whether the run keeps its checkpoints where instantiate_trainer puts them: no logger of the config's own,
+        no checkpoint callback with a dirpath (where Lightning's `last` finds them itself)."""
+        trainer = self.config[subcommand].trainer
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        return trainer.get("logger") is None and not any(c.get("init_args", {}).get("dirpath")
+                                                         for c in callbacks if isinstance(c, jsonargparse.Namespace))
 
     def _runs_last_checkpoint(self, subcommand: str) -> str:
         """What `--ckpt_path last` evaluates: the run's newest last.ckpt, as `fit --ckpt_path last` resumes it.
@@ -150,7 +168,8 @@ def check_stage(subcommand: str, ckpt_path: str | None, model_class: str | None)
     """Exit with a message, not a traceback or a dump of the config, when a --ckpt_path file does not load or
     holds the other stage's model (whose options would not parse as the config's model's). Names Lightning takes
     (last, best, hpc, registry) and URLs are left to it."""
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc") or "://" in ckpt_path \
+            or ckpt_path.lower() == "registry" or ckpt_path.lower().startswith("registry:"):
         return
     if not Path(ckpt_path).is_file():
         problem = "a folder; give the checkpoint file in it" if Path(ckpt_path).is_dir() else "no such file"
@@ -202,8 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
     except InputError as error:  # bad input, named: its message, not Lightning's frames above it
-        # (from a DataLoader worker the message holds the worker's traceback, and the error's own line last)
-        sys.exit(f"blt-lightning: {str(error).strip().splitlines()[-1].split(f'{type(error).__name__}: ', 1)[-1]}")
+        message = str(error).strip()
+        if "Traceback (most recent call last)" in message:  # from a DataLoader worker: its error's line is the last
+            message = message.splitlines()[-1].split(f"{type(error).__name__}: ", 1)[-1]
+        sys.exit(f"blt-lightning: {message}")
 
 
 def run(argv: list[str] | None) -> None:
@@ -219,7 +240,6 @@ def run(argv: list[str] | None) -> None:
         save_config_callback=SaveConfigPerAttempt,
         args=argv,
         parser_kwargs={"prog": "blt-lightning",
-                       "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS),
-                       # a misspelled option is an error, not the option it begins (--trainer.max_step: max_steps)
-                       "allow_abbrev": False},
+                       "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
+        parser_class=SpelledOutArgumentParser,
     )

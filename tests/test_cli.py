@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import Strategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from blt_lightning.cli import BLTLightningCLI, main
+from blt_lightning.cli import BLTLightningCLI, check_stage, main
 from conftest import SLURM_ONE_TASK
 from blt_lightning.loading import load_lm
 from blt_lightning.models.layers import TransformerBlock, stacked_as_parts
@@ -143,11 +143,15 @@ def test_configs_compose_and_print(corpus, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "seq_len: 48" in printed and "n_layers: 1" in printed
     # A misspelled option is refused, not taken for the one it begins
-    for subcommand in ("fit", "validate"):
+    for subcommand, option, refused in [
+        ("fit", "--trainer.max_step", "--trainer.max_step 3"),
+        ("validate", "--trainer.max_step", "--trainer.max_step 3"),
+        ("fit", "--model.init_args.optimizer.warmup_step", "--optimizer.warmup_step=3"),  # the model's own parser's
+        ("fit", "--model.model.n_layer", "--model.n_layer=3"),
+    ]:
         with pytest.raises(SystemExit):
-            main([subcommand, "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--trainer.max_step", "3",
-                  "--print_config"])
-        assert "unrecognized arguments: --trainer.max_step 3" in capsys.readouterr().err
+            main([subcommand, "--config", str(ROOT / "configs/entropy/tiny.yaml"), option, "3", "--print_config"])
+        assert f"unrecognized arguments: {refused}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.stem)
@@ -256,15 +260,33 @@ def test_a_run_of_an_earlier_version_with_its_weights_unstacked_does_not_resume(
     assert all(torch.equal(w, checkpoint["state_dict"][f"model.{n}"]) for n, w in stacked_as_parts(weights).items())
 
 
+def test_ckpt_path_last_evaluates_a_checkpoint_callbacks_own_folder(corpus, tmp_path, capfd):
+    """Where a config puts checkpoints in a dirpath of its own, `last` is the last.ckpt there, as Lightning finds it."""
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "kept"), "save_last": True}}]}}))
+    main(["fit", *fit_args(tmp_path / "runs", corpus), "--config", str(callbacks), "--trainer.max_steps", "2"])
+    capfd.readouterr()
+    scores = []
+    for ckpt_path in (str(tmp_path / "kept" / "last.ckpt"), "last"):
+        main(["validate", *fit_args(tmp_path / "runs", corpus), "--config", str(callbacks), "--ckpt_path", ckpt_path])
+        scores += re.findall(r"validation bpb (\d\.\d{4})", capfd.readouterr().out)
+    assert len(scores) == 2 and scores[0] == scores[1]
+    check_stage("validate", "Registry:a-model", None)  # Lightning's model registry, any case: not a file to check
+
+
 def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp_path, capsys):
     """Inputs read only when the trainer runs (sources, a manifest, init_from's weights) end the command with the
     message that names them, not under Lightning's frames."""
     fit = ["fit", *fit_args(tmp_path, corpus), "--trainer.max_steps", "1"]
-    nothing = tmp_path / "nothing"
+    nothing, other = tmp_path / "nothing", tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.other": torch.zeros(1)}}, other)  # its error message runs over lines
     for extra, message in [
         (["--data.sources", f"[{nothing}]"], f"{nothing}: no such file or directory"),
         (["--data.sources", "null", "--data.manifest", str(nothing / "manifest.json")], "no manifest here"),
         (["--model.init_args.init_from", str(nothing / "weights.ckpt")], "weights.ckpt: init_from names no checkpoint"),
+        (["--model.init_args.init_from", str(other)], f"{other}: its weights do not fit this model's config"),
     ]:
         with pytest.raises(SystemExit) as exited:
             main([*fit, *extra])
