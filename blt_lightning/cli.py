@@ -104,11 +104,11 @@ class BLTLightningCLI(LightningCLI):
         untrained, with a warning.)"""
         config = self.config[subcommand]
         run = Path(config.trainer.default_root_dir or ".") / config.run_name
-        version = latest_version_with_checkpoint(run)
-        if version is None:
+        last = runs_last_checkpoint(run)
+        if last is None:
             sys.exit(f"{subcommand}: --ckpt_path last: no version of the run {run} holds checkpoints/last.ckpt "
                      "(set --trainer.default_root_dir and --run_name as the fit did, or give a checkpoint's path)")
-        return str(run / version / "checkpoints" / "last.ckpt")
+        return str(last)
 
     def instantiate_classes(self) -> None:
         """A config the constructors refuse (an entropy mode without entropy_checkpoint, a checkpoint that is
@@ -130,9 +130,9 @@ class BLTLightningCLI(LightningCLI):
             name = self._get(self.config, "run_name")
             # `fit --ckpt_path last` continues the run it resumes: same folder, so its last.ckpt is found.
             resuming = self.subcommand == "fit" and self._get(self.config, "ckpt_path") == "last"
-            version = latest_version_with_checkpoint(Path(root) / name) if resuming else None
-            if version is not None:
-                self.last_checkpoint = str(Path(root) / name / version / "checkpoints" / "last.ckpt")
+            resumed = runs_last_checkpoint(Path(root) / name) if resuming else None
+            version = resumed.parents[1].name if resumed is not None else None
+            self.last_checkpoint = str(resumed) if resumed is not None else None
             # A fit under SLURM is its job's run, named by the job id, which a requeued job keeps.
             slurm = self.subcommand == "fit" and SLURMEnvironment.detect()
             if slurm and version is None:
@@ -205,11 +205,10 @@ def newest_checkpoint(run_dir: Path) -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
-def latest_version_with_checkpoint(run: Path) -> str | None:
-    """The newest version folder of a run (version_N, or slurm-JOB) that holds checkpoints/last.ckpt (None: there
-    is none)."""
+def runs_last_checkpoint(run: Path) -> Path | None:
+    """The newest checkpoints/last.ckpt of a run's version folders (version_N, or slurm-JOB); None: there is none."""
     found = sorted(run.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parents[1].name if found else None
+    return found[-1] if found else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,15 +50,9 @@ def fit(configs: list[Path | str], overrides: list[str], root: Path, run_name: s
     start = time.perf_counter()
     if subprocess.run(command).returncode != 0:
         raise RuntimeError(f"the run {run_name} failed (its output is above; command: {' '.join(command)})")
-    return last_checkpoint(root / run_name), time.perf_counter() - start
+    from .cli import runs_last_checkpoint  # the CLI imports this module
 
-
-def last_checkpoint(run: Path) -> Path | None:
-    """The newest last.ckpt of a run (None: it has none)."""
-    from .cli import latest_version_with_checkpoint  # the CLI imports this module
-
-    version = latest_version_with_checkpoint(run)
-    return run / version / "checkpoints" / "last.ckpt" if version else None
+    return runs_last_checkpoint(root / run_name), time.perf_counter() - start
 
 
 def row_length(configs: list[Path]) -> int | None:

@@ -543,7 +543,7 @@ class ByteShardDataModule(L.LightningDataModule):
         if not self.shards.get(split):
             where = f"{self._manifest_read} has none, so " if self._manifest_read else ""
             raise BadInput(f"no {split} shards: {where}name them (sources with a {split} fraction, manifest, "
-                             f"or {split} shard URLs)")
+                           f"or {split} shard URLs)")
         return self.shards[split]
 
     def train_dataloader(self) -> DataLoader:

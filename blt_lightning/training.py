@@ -309,7 +309,7 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise MissingInput(f"{path}: init_from names no checkpoint "
-                                "(train one, or write one with `blt-lightning import-hf`)")
+                           "(train one, or write one with `blt-lightning import-hf`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     except Exception as error:  # not a torch file, no state dict, or pickled from code that is gone
