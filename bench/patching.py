@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from blt_lightning.data import pack_rows
+from blt_lightning.streams import pack_rows
 from blt_lightning.models import EntropyModel, EntropyModelConfig
 from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig

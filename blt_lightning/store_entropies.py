@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import ENTROPY_MEMBER, UNKNOWN, read_manifest, shard_samples
+from .data import read_manifest
 from .outputs import check_output_dir, write_atomically
 from .patcher import entropy_window, load_entropy_model
 from .prepare import MANIFEST, Document, ShardSlot
+from .streams import ENTROPY_MEMBER, UNKNOWN, shard_samples
 from .vocab import encode
 
 

@@ -7,8 +7,10 @@ import multiprocessing.resource_tracker
 import os
 import select
 import signal
+import sys
 import threading
 import time
+import types
 
 # What schedulers send every process of a job (SLURM: SIGTERM, or SIGUSR1 before the time limit). The
 # trainer acts on them after a batch and needs its workers, and their forkserver, until then.
@@ -39,7 +41,7 @@ def start_forkserver() -> multiprocessing.context.BaseContext | None:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["blt_lightning.data"])  # what workers run
+    context.set_forkserver_preload(["blt_lightning.streams", *script_imports()])  # what workers run: no Lightning
     # Started with the stop signals blocked, the forkserver, its resource tracker and the workers it forks
     # never see them. (Starting the tracker unblocks SIGTERM in this thread: blocked again after it.)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -50,6 +52,18 @@ def start_forkserver() -> multiprocessing.context.BaseContext | None:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return context
+
+
+def script_imports() -> list[str]:
+    """The modules whose names the main module holds, when it is a script (not `python -m`): every worker runs a
+    script's top level again before it starts, as spawned processes do, and would import these itself. (The
+    forkserver's own preload of "__main__" is never given the script's path, up to Python 3.13 at least.)"""
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
+        return []
+    names = {value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+             for value in vars(main).values()}
+    return sorted(name for name in names if isinstance(name, str) and name != "__main__" and name in sys.modules)
 
 
 def start_worker(trainer_pid: int, worker: int) -> None:

@@ -10,15 +10,18 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from blt_lightning.data import (ByteShardDataModule, EvalStream, Shard, TrainStream, expand_urls, pack_rows,
-                                read_manifest, shard_documents)
+from blt_lightning.data import ByteShardDataModule, expand_urls, read_manifest
 from blt_lightning.prepare import MANIFEST
+from blt_lightning.streams import EvalStream, Shard, TrainStream, pack_rows, shard_documents
 from blt_lightning.vocab import BOS, EOS, PAD, decode, encode
+from blt_lightning.workers import worker_options
+from worker_probe import LoadedModules
 
 
 def documents_of(shards: list[Shard]) -> list[bytes]:
@@ -183,6 +186,40 @@ def test_streams_run_in_spawned_workers(shards):
     for a, b in zip(spawned, forked):
         assert len(a) == len(b) > 0
         assert all(torch.equal(x["ids"], y["ids"]) for x, y in zip(a, b))
+
+
+needs_forkserver = pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
+                                      reason="workers fork from a forkserver")
+
+
+@needs_forkserver
+def test_workers_fork_from_a_server_without_lightning():
+    """The forkserver imports what workers run and no more: Lightning's imports would cost every run that
+    has workers seconds of CPU, and each worker its memory."""
+    loader = DataLoader(LoadedModules(["lightning", "pytorch_lightning", "blt_lightning.data"]), batch_size=None,
+                        **worker_options(1))
+    assert list(loader) == [[]]
+
+
+@needs_forkserver
+def test_a_scripts_workers_inherit_its_imports(tmp_path):
+    """Each worker runs a script's top level again (as spawned processes do); what it imports, the forkserver
+    imported once (`blt-lightning` is such a script: its workers would each import Lightning)."""
+    script = tmp_path / "train.py"
+    script.write_text("import os\n"
+                      "import worker_probe\n"
+                      "from torch.utils.data import DataLoader\n"
+                      "from blt_lightning.workers import worker_options\n"
+                      "if __name__ == '__main__':\n"
+                      "    loader = DataLoader(worker_probe.LoadedModules([]), batch_size=None, **worker_options(2))\n"
+                      "    assert [list(loader) for epoch in range(2)] == [[[], []]] * 2\n"
+                      "    print(os.getpid())\n")
+    imported_by = tmp_path / "imported_by"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "IMPORTED_BY": str(imported_by)}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    importers = imported_by.read_text().split()
+    assert len(importers) == 2 and run.stdout.strip() in importers, "imported by the script and its forkserver only"
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http URLs with curl, which is not installed")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blt_lightning.data import read_manifest, shard_documents
+from blt_lightning.data import read_manifest
 from blt_lightning.prepare import MANIFEST
+from blt_lightning.streams import shard_documents
 from blt_lightning.vocab import BOS, encode
 
 PROBE = Path(__file__).with_name("ddp_probe.py")

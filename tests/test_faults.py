@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from blt_lightning.data import EvalStream, ShardError, TrainStream, iter_documents, read_manifest
+from blt_lightning.data import iter_documents, read_manifest
+from blt_lightning.streams import EvalStream, ShardError, TrainStream
 from blt_lightning.prepare import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]

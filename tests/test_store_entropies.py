@@ -5,11 +5,12 @@ import pytest
 import torch
 from test_patching import sharp_model
 
-from blt_lightning.data import EvalStream, TrainStream, read_manifest, shard_documents
+from blt_lightning.data import read_manifest
 from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig, segment_starts
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.store_entropies import main, store_entropies
+from blt_lightning.streams import EvalStream, TrainStream, shard_documents
 from blt_lightning.vocab import BOS, PAD
 
 
