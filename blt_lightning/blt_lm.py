@@ -45,7 +45,8 @@ class BLTLM(ByteLMModule):
                 stage-two checkpoint (which carries its entropy model). Batches that carry stored entropies
                 (`blt-lightning entropies`) are patched from those.
             patch_budget: Pad every row to this many patches, so shapes stay fixed (torch.compile).
-            figure_text: Text whose entropies and patches are drawn to TensorBoard at each validation.
+            figure_text: Text whose entropies and patches are drawn to TensorBoard at the run's first validation
+                (the entropy model is frozen and the threshold fixed: they do not change while BLT trains).
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++
@@ -81,6 +82,7 @@ class BLTLM(ByteLMModule):
                                        if entropy_model else 0.0)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
+        self._figure_drawn = False
         if patch_budget is not None and patch_budget < seq_len:
             # The example row Lightning's model summary runs is all BOS, each its own patch: past the budget.
             self.example_input_array = None
@@ -193,8 +195,10 @@ class BLTLM(ByteLMModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.entropy_model is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if (self.entropy_model is None or self._figure_drawn or self.trainer.sanity_checking
+                or not self.trainer.is_global_zero):
             return
+        self._figure_drawn = True
         ids = encode(self.figure_text.encode()).to(self.device)
         entropies = self.entropy_model.document_entropies(ids, self.patcher.window)
         starts = self.patcher(ids[None], entropies=entropies[None]).starts[0]

@@ -201,7 +201,7 @@ def test_slurms_requeue_signal_saves_after_an_optimizer_step_requeues_and_the_jo
 
 def test_a_sigterm_before_the_requeue_is_acted_on_still_saves_and_requeues(corpus, tmp_path):
     job = {**SLURM_ONE_TASK, "SLURM_JOB_ID": "79", **fake_scontrol(tmp_path)}
-    run = cli_run(tmp_path, corpus, [signal_at(4, "SIGUSR1"), signal_at(4, "SIGTERM")], env=job)
+    run = cli_run(tmp_path, corpus, [signal_at(4, "SIGUSR1"), signal_at(4, "SIGTERM")], env=job, workers=0)
     assert run.returncode == 128 + signal.SIGTERM, run.stderr[-3000:]
     assert torch.load(tmp_path / "entropy-tiny/slurm-79/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "79"]
