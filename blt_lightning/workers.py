@@ -62,7 +62,7 @@ def script_imports() -> list[str]:
     if getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
         return []
     names = {value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
-             for value in vars(main).values()}
+             for name, value in vars(main).items() if not name.startswith("__")}  # not its loader, builtins...
     return sorted(name for name in names if isinstance(name, str) and name != "__main__" and name in sys.modules)
 
 
