@@ -45,8 +45,9 @@ class BLTLM(ByteLMModule):
                 stage-two checkpoint (which carries its entropy model). Batches that carry stored entropies
                 (`blt-lightning entropies`) are patched from those.
             patch_budget: Pad every row to this many patches, so shapes stay fixed (torch.compile).
-            figure_text: Text whose entropies and patches are drawn to TensorBoard at the run's first validation
-                (the entropy model is frozen and the threshold fixed: they do not change while BLT trains).
+            figure_text: Text whose entropies and patches are drawn to TensorBoard at the first validation of
+                each fit or validate (a resumed fit draws it again): the entropy model is frozen and the
+                threshold fixed, so they do not change while BLT trains.
             optimizer: Optimizer and learning-rate schedule.
             seq_len: Bytes per training row (linked from the data's seq_len).
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++

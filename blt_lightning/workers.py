@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import time
-import types
 
 # What schedulers send every process of a job (SLURM: SIGTERM, or SIGUSR1 before the time limit). The
 # trainer acts on them after a batch and needs its workers, and their forkserver, until then.
@@ -41,7 +40,13 @@ def start_forkserver() -> multiprocessing.context.BaseContext | None:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["blt_lightning.streams", *script_imports()])  # what workers run: no Lightning
+    # What workers run, without Lightning. But where each worker runs the main module again before it starts
+    # (as spawned processes do), that imports Lightning: through the CLI (`blt-lightning`), or the imports of a
+    # script that trains with this DataModule. The server imports the CLI once rather than every worker that.
+    # Only our modules: a user's module imported in the server would run with other arguments and another
+    # process name than in the workers.
+    # (The server's own preload of "__main__" is never given the script's path, up to Python 3.13 at least.)
+    context.set_forkserver_preload(["blt_lightning.streams"] + ["blt_lightning.cli"] * workers_rerun_main())
     # Started with the stop signals blocked, the forkserver, its resource tracker and the workers it forks
     # never see them. (Starting the tracker unblocks SIGTERM in this thread: blocked again after it.)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -54,16 +59,14 @@ def start_forkserver() -> multiprocessing.context.BaseContext | None:
     return context
 
 
-def script_imports() -> list[str]:
-    """The modules whose names the main module holds, when it is a script (not `python -m`): every worker runs a
-    script's top level again before it starts, as spawned processes do, and would import these itself. (The
-    forkserver's own preload of "__main__" is never given the script's path, up to Python 3.13 at least.)"""
+def workers_rerun_main() -> bool:
+    """Whether each worker runs the main module's top level again before it starts, as multiprocessing does for
+    a script or a `python -m` module, but not for a package's __main__ (`python -m blt_lightning`) or `-c`."""
     main = sys.modules["__main__"]
-    if getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
-        return []
-    names = {value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
-             for name, value in vars(main).items() if not name.startswith("__")}  # not its loader, builtins...
-    return sorted(name for name in names if isinstance(name, str) and name != "__main__" and name in sys.modules)
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return not (spec.name == "__main__" or spec.name.endswith(".__main__"))
+    return bool(getattr(main, "__file__", None))
 
 
 def start_worker(trainer_pid: int, worker: int) -> None:

@@ -20,8 +20,6 @@ from blt_lightning.data import ByteShardDataModule, expand_urls, read_manifest
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.streams import EvalStream, Shard, TrainStream, pack_rows, shard_documents
 from blt_lightning.vocab import BOS, EOS, PAD, decode, encode
-from blt_lightning.workers import worker_options
-from worker_probe import LoadedModules
 
 
 def documents_of(shards: list[Shard]) -> list[bytes]:
@@ -193,33 +191,35 @@ needs_forkserver = pytest.mark.skipif("forkserver" not in multiprocessing.get_al
 
 
 @needs_forkserver
-def test_workers_fork_from_a_server_without_lightning():
-    """The forkserver imports what workers run and no more: Lightning's imports would cost every run that
-    has workers seconds of CPU, and each worker its memory."""
-    loader = DataLoader(LoadedModules(["lightning", "pytorch_lightning", "blt_lightning.data"]), batch_size=None,
-                        **worker_options(1))
-    assert list(loader) == [[]]
-
-
-@needs_forkserver
-def test_a_scripts_workers_inherit_its_imports(tmp_path):
-    """Each worker runs a script's top level again (as spawned processes do); what it imports, the forkserver
-    imported once (`blt-lightning` is such a script: its workers would each import Lightning)."""
-    script = tmp_path / "train.py"
-    script.write_text("import os\n"
-                      "import worker_probe\n"
-                      "from torch.utils.data import DataLoader\n"
-                      "from blt_lightning.workers import worker_options\n"
-                      "if __name__ == '__main__':\n"
-                      "    loader = DataLoader(worker_probe.LoadedModules([]), batch_size=None, **worker_options(2))\n"
-                      "    assert [list(loader) for epoch in range(2)] == [[[], []]] * 2\n"
-                      "    print(os.getpid())\n")
-    imported_by = tmp_path / "imported_by"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "IMPORTED_BY": str(imported_by)}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("main, loaded", [(["-m", "trainer"], []), (["train.py"], ["blt_lightning.data", "lightning"])])
+def test_workers_fork_from_a_server_with_lightning_only_where_they_run_the_main_module_again(tmp_path, main, loaded):
+    """Workers read shards; Lightning's imports would cost every run seconds of CPU, and each worker memory.
+    But a worker runs the main module's top level again before it starts (as spawned processes do) when that
+    is a script or a `python -m` module, not a package's __main__ (`python -m blt_lightning`): there the
+    forkserver has imported it (with the CLI), rather than every worker."""
+    program = ("from torch.utils.data import DataLoader\n"
+               "from blt_lightning.workers import worker_options\n"
+               "from worker_probe import LoadedModules\n"
+               "if __name__ == '__main__':\n"
+               "    names = ['lightning', 'pytorch_lightning', 'blt_lightning.data']\n"
+               "    print(list(DataLoader(LoadedModules(names), batch_size=None, **worker_options(1))))\n")
+    (tmp_path / "train.py").write_text(program)
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer/__main__.py").write_text(program)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run([sys.executable, *main], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    importers = imported_by.read_text().split()
-    assert len(importers) == 2 and run.stdout.strip() in importers, "imported by the script and its forkserver only"
+    assert run.stdout.strip() == repr([loaded])
+
+
+def test_workers_run_the_main_module_again_for_a_script_or_module_not_a_packages_main(tmp_path):
+    (tmp_path / "trainer").mkdir()
+    ask = "from blt_lightning.workers import workers_rerun_main\nprint(workers_rerun_main())\n"
+    for path in ("train.py", "trainer/__main__.py"):
+        (tmp_path / path).write_text(ask)
+    answers = [subprocess.run([sys.executable, *main], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+               for main in (["train.py"], ["-m", "train"], ["-m", "trainer"], ["-c", ask])]
+    assert [a.strip() for a in answers] == ["True", "True", "False", "False"]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http URLs with curl, which is not installed")

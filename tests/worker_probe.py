@@ -1,15 +1,9 @@
 """A dataset for DataLoader workers to report on. Its module imports torch only, so that what a worker
-reports having loaded is the worker's own doing; and with IMPORTED_BY set, each process that imports the
-module itself (rather than inheriting it from the process it was forked from) appends its id to that file."""
+reports having loaded is not this module's doing."""
 
-import os
 import sys
 
 from torch.utils.data import IterableDataset
-
-if "IMPORTED_BY" in os.environ:
-    with open(os.environ["IMPORTED_BY"], "a") as log:
-        log.write(f"{os.getpid()}\n")
 
 
 class LoadedModules(IterableDataset):
