@@ -6,14 +6,17 @@ The model and the DataModule are chosen by class path in the YAML (subclass mode
 every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
+import re
 import signal
 import sys
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonargparse
 import torch
+import yaml
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -60,10 +63,51 @@ class SaveConfigPerAttempt(SaveConfigCallback):
 
 class SpelledOutArgumentParser(LightningArgumentParser):
     """A misspelled option is an error, not the option it begins (--trainer.max_step taken for max_steps). The
-    parsers jsonargparse makes for a model's nested options are of the root parser's class, so they refuse too."""
+    parsers jsonargparse makes for a model's nested options are of the root parser's class, so they refuse too.
+    An option it does not know is named with the --config file that sets it."""
 
     def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+        self._arguments: list[str] = []
+
+    def parse_args(self, args=None, *more, **kwargs):
+        self._arguments = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, *more, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        """jsonargparse names an option it does not know but not the --config file that sets it: add which does."""
+        for option in dict.fromkeys(re.findall(r"option '([^']+)'", message)):
+            files = [str(f) for f in config_files(getattr(self, "_arguments", []))
+                     if any(k == option or k.endswith("." + option) for k in yaml_keys(f))]
+            if files:
+                message += f"\n'{option}' is set in {' and '.join(files)}"
+        super().error(message, ex)
+
+
+def config_files(arguments: list[str]) -> list[Path]:
+    """The files --config (or -c) names among command-line arguments (it also takes YAML text)."""
+    named = [value for flag, value in zip(arguments, arguments[1:]) if flag in ("--config", "-c")]
+    named += [a.split("=", 1)[1] for a in arguments if a.startswith("--config=")]
+    return [Path(n) for n in named if Path(n).is_file()]
+
+
+def yaml_keys(path: Path) -> set[str]:
+    """Every key of a YAML file, dotted from the top (trainer.max_steps); none if it does not load."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return set()
+
+    def walk(node, prefix: str) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield f"{prefix}{key}"
+                yield from walk(value, f"{prefix}{key}.")
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item, prefix)
+
+    return set(walk(tree, ""))
 
 
 class BLTLightningCLI(LightningCLI):

@@ -154,6 +154,20 @@ def test_configs_compose_and_print(corpus, tmp_path, capsys):
         assert f"unrecognized arguments: {refused}" in capsys.readouterr().err
 
 
+def test_an_option_misspelled_in_a_config_file_names_the_file(tmp_path, capsys):
+    top, nested = tmp_path / "top.yaml", tmp_path / "nested.yaml"
+    top.write_text("trainer:\n  max_step: 3\n")
+    nested.write_text("model:\n  init_args:\n    optimizer:\n      learning_rate: 0.1\n")
+    tiny = str(ROOT / "configs/entropy/tiny.yaml")
+    for config, option in [(["-c", str(top)], r"(trainer\.)?max_step"), ([f"--config={nested}"], "learning_rate")]:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", tiny, *config, "--print_config"])
+        assert re.search(rf"^'{option}' is set in {config[-1].split('=')[-1]}$", capsys.readouterr().err, re.M)
+    with pytest.raises(SystemExit):  # on the command line, where the user sees it
+        main(["fit", "--config", tiny, "--trainer.max_step", "3", "--print_config"])
+    assert "is set in" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.stem)
 def test_every_trainer_config_composes_with_a_model_config(config, capsys):
     """A trainer config is a second --config on any model config; its strategy builds (FSDP: each
