@@ -76,9 +76,9 @@ class SpelledOutArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         """jsonargparse names an option it does not know but not the --config file that sets it: add which does."""
+        keys = {str(f): yaml_keys(f) for f in config_files(self._arguments)}
         for option in dict.fromkeys(re.findall(r"option '([^']+)'", message)):
-            files = [str(f) for f in config_files(getattr(self, "_arguments", []))
-                     if any(k == option or k.endswith("." + option) for k in yaml_keys(f))]
+            files = [f for f, held in keys.items() if any(k == option or k.endswith("." + option) for k in held)]
             if files:
                 message += f"\n'{option}' is set in {' and '.join(files)}"
         super().error(message, ex)

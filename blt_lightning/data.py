@@ -61,10 +61,6 @@ class TrainLoader(DataLoader):
         self.resume_from = state["batches"]
 
 
-# ---------------------------------------------------------------------------------------------------
-# The DataModule
-
-
 class ByteShardDataModule(L.LightningDataModule):
     def __init__(
         self,
