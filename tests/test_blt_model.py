@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -139,6 +140,29 @@ def test_gradients_reach_every_parameter():
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing and patches.mask.any()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_residual_streams_keep_the_weights_dtype_under_autocast(train):
+    """bf16-mixed: every stream starts in float32 (embeddings) and stays so, though the projections between
+    the models compute in bf16; the norms that read them get their weights' dtype (no unfused-kernel
+    warning). A model cast to bf16 (bf16-true) runs in bf16 throughout. Every width differs here, so each
+    projection between streams is there."""
+    config = replace(TINY, encoder_dim=32, global_dim=48, global_heads=4, decoder_dim=24, decoder_heads=2)
+    model = blt(config).train(train)
+    ids = rows(0)
+    patches = patcher_for(PatchingConfig(mode="static", patch_size=3))(ids)
+    stream_dtypes = []
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            block.register_forward_pre_hook(lambda block, args: stream_dtypes.append(args[0].dtype))
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error")
+        logits = model(ids, patches)
+    assert stream_dtypes == [torch.float32] * 5 and torch.isfinite(logits).all()
+    stream_dtypes.clear()
+    assert model.bfloat16()(ids, patches).dtype == torch.bfloat16
+    assert stream_dtypes == [torch.bfloat16] * 5
 
 
 @pytest.mark.parametrize("ids", [

@@ -228,7 +228,7 @@ class LocalEncoder(nn.Module):
         B, _, d = pooling_states[0].shape
         pooled = _max_pool(pooling_states[0], patch_ids, n_patches)  # [B, P, d]
         if self.patch_projection is not None:
-            pooled = self.patch_projection(pooled)  # [B, P, k * d]
+            pooled = in_stream_dtype(self.patch_projection(pooled), pooled)  # [B, P, k * d]
         slots = pooled.reshape(B, n_patches * self.config.cross_attn_k, d)
         for cross_attn, x in zip(self.cross_attn, pooling_states):
             slots = (2 * slots if self.config.doubled_cross_attn_residual else slots) + cross_attn(slots, x, cross_mask)
@@ -247,12 +247,18 @@ class GlobalTransformer(nn.Module):
     def forward(self, patch_vectors: torch.Tensor, patch_doc_ids: torch.Tensor) -> torch.Tensor:
         """[B, P, d_glob]: patch p sees patches <= p of its own document."""
         B, P, _ = patch_vectors.shape
-        h = self.input_projection(patch_vectors) if self.input_projection is not None else patch_vectors
+        h = self.project_in(patch_vectors)
         mask = build_mask(causal_documents(patch_doc_ids), B, P, P, h.device, self.config.attention)
         rope = self.rope(torch.arange(P, device=h.device))
         for layer in self.layers:
             h = layer(h, mask, rope)
         return h
+
+    def project_in(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+        """The residual stream [B, P, d_glob] that the patch vectors [B, P, k * d_enc] start."""
+        if self.input_projection is None:
+            return patch_vectors
+        return in_stream_dtype(self.input_projection(patch_vectors), patch_vectors)
 
     def rope(self, positions: torch.Tensor) -> Rope:
         return Rope.at(positions, self.config.global_dim // self.config.global_heads, self.config.rope_theta)
@@ -276,17 +282,27 @@ class LocalDecoder(nn.Module):
                 self_mask) -> torch.Tensor:
         """Next-byte logits [B, L, VOCAB_SIZE]; byte i reads the k slots of global output decoder_patch_ids[i]."""
         B, L, _ = byte_states.shape
-        P, k, d = global_out.shape[1], self.config.cross_attn_k, self.config.decoder_dim
-        h = self.input_projection(byte_states) if self.input_projection is not None else byte_states
-        slots = self.patch_projection(global_out).reshape(B, P * k, d)
+        P, k = global_out.shape[1], self.config.cross_attn_k
+        h = self.project_in(byte_states)
         cross_mask = build_mask(ReadGroupSlots(decoder_patch_ids, k), B, L, P * k, h.device, self.config.attention)
-        return self.decode(h, self.slot_keys(slots), cross_mask, self_mask, self.rope(torch.arange(L, device=h.device)))
+        return self.decode(h, self.slot_keys(global_out), cross_mask, self_mask,
+                           self.rope(torch.arange(L, device=h.device)))
+
+    def project_in(self, byte_states: torch.Tensor) -> torch.Tensor:
+        """The residual stream [B, L, d_dec] that the encoder's byte states [B, L, d_enc] start."""
+        if self.input_projection is None:
+            return byte_states
+        return in_stream_dtype(self.input_projection(byte_states), byte_states)
 
     def rope(self, positions: torch.Tensor) -> Rope:
         return Rope.at(positions, self.config.decoder_dim // self.config.decoder_heads, self.config.rope_theta)
 
-    def slot_keys(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """What each cross-attention reads of slots [B, S, d_dec]: its keys and values."""
+    def slot_keys(self, global_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What each cross-attention reads of global outputs [B, P, d_glob]: the keys and values of their
+        slots, k a patch ([B, H, P * k, head_dim] each)."""
+        B, P, _ = global_out.shape
+        slots = in_stream_dtype(self.patch_projection(global_out), global_out)
+        slots = slots.reshape(B, P * self.config.cross_attn_k, self.config.decoder_dim)
         return [cross_attn.keys(slots) for cross_attn in self.cross_attn]
 
     def decode(self, h: torch.Tensor, slot_keys: list[tuple[torch.Tensor, torch.Tensor]], cross_mask, self_mask,
@@ -355,3 +371,11 @@ def _max_pool(x: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch
     pooled = pooled.scatter_reduce(1, patch_ids[..., None].expand(B, L, d), x, "amax", include_self=True)
     return pooled.masked_fill(pooled == float("-inf"), 0.0)
 
+
+def in_stream_dtype(projected: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+    """A projection of one stream that starts another (or that another reads), in the first stream's dtype:
+    that of the embeddings the streams start from. Under autocast (bf16-mixed) a projection computes in
+    bf16; a residual stream started there would stay bf16 through every addition after it, rounding each
+    layer's update to bf16 where the byte streams add in float32, and a norm of bf16 under float32 weights
+    misses its fused kernel."""
+    return projected.to(stream.dtype)

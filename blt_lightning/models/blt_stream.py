@@ -64,10 +64,10 @@ class BLTStream:
         rope = self.model.encoder.rope(positions)
         byte_states, pooling_states = self._encode(torch.tensor(ids, device=self.device), local_mask, rope)
         patch_vectors = self._complete_patches(pooling_states, starts, ends)  # [1, C, k * d_enc]
-        slots = self._global(patch_vectors) if patch_vectors is not None else None  # [1, C * k, d_dec]
+        global_out = self._global(patch_vectors) if patch_vectors is not None else None  # [1, C, d_glob]
         if rope.cos.shape[-1] != self.config.decoder_dim // self.config.decoder_heads:  # else the same tables
             rope = self.model.decoder.rope(positions)
-        logits = self._decode(byte_states, slots, ends, local_mask, rope)
+        logits = self._decode(byte_states, global_out, ends, local_mask, rope)
         for cache in (self.encoder_cache, self.decoder_cache):
             cache.advance(len(ids))
         return logits
@@ -114,28 +114,28 @@ class BLTStream:
         return slots.reshape(1, n_patches, k * c.encoder_dim)
 
     def _global(self, patch_vectors: torch.Tensor) -> torch.Tensor:
-        """The global model advanced by C new patches; the decoder's keys of their outputs, [1, C * k, d_dec]."""
-        transformer, c = self.model.global_transformer, self.config
-        h = transformer.input_projection(patch_vectors) if transformer.input_projection is not None else patch_vectors
+        """The global model advanced by C new patches: their outputs [1, C, d_glob]."""
+        transformer = self.model.global_transformer
+        h = transformer.project_in(patch_vectors)
         done = self.global_cache.length  # complete patches run through the global model so far
         positions = torch.arange(done, done + h.shape[1], device=self.device)
         mask, rope = self.global_cache.mask(positions), transformer.rope(positions)
         for i, layer in enumerate(transformer.layers):
             h = layer(h, mask, rope, self.global_cache, i)
         self.global_cache.advance(h.shape[1])
-        return self.model.decoder.patch_projection(h).reshape(1, -1, c.decoder_dim)
+        return h
 
-    def _decode(self, byte_states: torch.Tensor, slots: torch.Tensor | None, ends: list[bool],
+    def _decode(self, byte_states: torch.Tensor, global_out: torch.Tensor | None, ends: list[bool],
                 mask: torch.Tensor | None, rope: Rope) -> torch.Tensor:
         """Logits [L, VOCAB_SIZE]: each byte reads the last patch complete at it (one of the new ones or,
         before the first of them, the latest of an earlier chunk)."""
         decoder, k = self.model.decoder, self.config.cross_attn_k
         held = self.latest_slot_keys
-        h = decoder.input_projection(byte_states) if decoder.input_projection is not None else byte_states
-        if slots is None:  # every byte reads the latest patch (always so for most bytes generated)
+        h = decoder.project_in(byte_states)
+        if global_out is None:  # every byte reads the latest patch (always so for most bytes generated)
             return decoder.decode(h, held, None, mask, rope, self.decoder_cache)[0]
         # Per cross-attention, keys and values [1, H, T * k, head_dim] of the T patches the bytes may read.
-        new = decoder.slot_keys(slots)
+        new = decoder.slot_keys(global_out)
         keys = new if held is None else [(torch.cat([hk, nk], dim=2), torch.cat([hv, nv], dim=2))
                                          for (hk, hv), (nk, nv) in zip(held, new)]
         self.latest_slot_keys = [(keys_[:, :, -k:], values[:, :, -k:]) for keys_, values in keys]
