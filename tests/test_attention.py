@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from blt_lightning.models.attention import (ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents,
-                                           windows_save_work)
+from blt_lightning.models import lean_backward
+from blt_lightning.models.attention import (ReadGroupSlots, SlotsReadGroup, attention, attention_rows, build_mask,
+                                           causal_documents, windows_save_work)
 
 
 def qkv(B: int, Lq: int, Lk: int, seed: int, H: int = 2, D: int = 8) -> list[torch.Tensor]:
@@ -35,6 +37,43 @@ def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, m
     sdpa, dense = run_both(mask_mod, *qkv(2, length, length, seed=length * 100 + (window or 0)))
     for a, b in zip(sdpa, dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_only(window, monkeypatch):
+    """Under keeping_recipes (the models' forward), self-attention in blocks whose rows a projection reads keeps
+    for backward q, k and v (padded to whole blocks where windowed), SDPA's outputs and log-sum-exps, and the
+    boolean mask. The float masks SDPA adds, the copies of the keys each window meets and the heads laid side
+    by side for the projection are recipes over those."""
+    monkeypatch.setattr("blt_lightning.models.attention.BLOCK", 8)
+    B, H, L, D = 2, 2, 37, 8
+    q, k, v = qkv(B, L, L, seed=0, H=H, D=D)
+    blocks = build_mask(causal_documents(torch.zeros(B, L, dtype=torch.long), window), B, L, L,
+                        torch.device("cpu"), "sdpa")
+    kept, pack = {}, lean_backward._pack
+
+    def counting_pack(t):  # the storages kept: the tensor's, or those its recipe holds
+        packed = pack(t)
+        held = packed.mark.recipe.args if isinstance(packed, lean_backward._Remade) else (packed.tensor,)
+        kept.update((x.untyped_storage().data_ptr(), (x.dtype, x.untyped_storage().nbytes()))
+                    for x in held if isinstance(x, torch.Tensor))
+        return packed
+
+    monkeypatch.setattr(lean_backward, "_pack", counting_pack)
+    projection = torch.randn(H * D, H * D, requires_grad=True)
+    with lean_backward.keeping_recipes():
+        y = F.linear(attention_rows(q, k, v, blocks), projection)
+    kept.pop(projection.untyped_storage().data_ptr())
+    floats = sum(n for dtype, n in kept.values() if dtype == torch.float32) // 4
+    mask = sum(n for dtype, n in kept.values() if dtype == torch.bool)
+    if window is None:  # causal blocks: q, k and v as they are
+        assert not blocks.windowed and mask == B * L * L
+        assert floats == 3 * B * H * L * D + B * H * L * D + B * H * L
+    else:  # 5 blocks of 8, each against its own and 1 block before (a block of zeros before the first)
+        assert blocks.windowed and mask == B * 5 * 8 * 16
+        assert floats == B * H * 40 * D + 2 * B * H * 48 * D + B * H * 40 * D + B * H * 40
+    torch.testing.assert_close(y, F.linear(attention(q, k, v, blocks).transpose(1, 2).reshape(B, L, H * D),
+                                           projection))
 
 
 def test_slots_read_only_their_group_and_keyless_groups_get_nothing():

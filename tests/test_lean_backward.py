@@ -140,6 +140,40 @@ def test_a_recomputed_hidden_keeps_the_input_only_and_gives_the_same_results():
     assert kept == kept_recomputed + 4 * 16 * 2 * 48 * 4  # and [gate, up]
 
 
+def test_a_recomputed_hidden_is_remade_a_chunk_of_rows_at_a_time_with_the_same_gradients(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from blt_lightning.models import lean_backward
+
+    torch.manual_seed(0)
+    x, w13, w2 = torch.randn(2, 13, 8, requires_grad=True), torch.randn(24, 8), torch.randn(8, 12)
+    w13.requires_grad_(), w2.requires_grad_()
+
+    class LargestResult(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args, kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.numel = max([self.numel] + [t.numel() for t in torch.utils._pytree.tree_leaves(out)
+                                            if isinstance(t, torch.Tensor)])
+            return out
+
+    def gradients(chunk_elements: int):
+        monkeypatch.setattr(lean_backward, "RECOMPUTE_CHUNK_ELEMENTS", chunk_elements)
+        y = swiglu_recomputed(x, w13, w2)
+        with LargestResult() as largest:
+            grads = torch.autograd.grad(y.square().sum(), (x, w13, w2))
+        return grads, largest.numel
+
+    whole, whole_largest = gradients(1 << 22)
+    chunked, chunked_largest = gradients(10 * 24)  # 26 rows in chunks of 9, 9 and 8
+    assert whole_largest == 26 * 24 and chunked_largest == 9 * 24  # the hidden of all rows, then of 9
+    for a, b in zip(chunked, whole):  # the weights' gradients summed in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    float64 = [t.detach().double().requires_grad_() for t in (x, w13, w2)]
+    assert torch.autograd.gradcheck(swiglu_recomputed, float64)
+
+
 @pytest.mark.parametrize("recompute_hidden", [False, True])
 def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch, recompute_hidden):
     """Under the models' keeping_recipes(), the norms' outputs, the window blocks' copies of keys and the

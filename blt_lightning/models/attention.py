@@ -87,8 +87,8 @@ class SelfAttentionBlocks:
     """CausalDocuments as sdpa runs it: queries in blocks of `size`, so that blocks of keys no query of a
     block can see are never computed.
     - windowed (where windows_save_work): block i's queries can only see keys of blocks i - back ..
-      i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: one SDPA
-      call over all blocks, each against its own copy of those keys (made again in backward, not kept).
+      i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: SDPA calls
+      over several blocks, each against its own copy of those keys (made again in backward, not kept).
     - causal: block i's queries see keys of blocks 0 .. i. allowed [B, 1, L, L]: one SDPA call a block,
       over the keys up to its end (about half the work of the whole square on a long row)."""
 
@@ -97,19 +97,11 @@ class SelfAttentionBlocks:
     windowed: bool
     back: int = 0
 
-    def __post_init__(self):
-        # allowed as 0 / -inf in the dtype attention runs in (autocast's where it is on): SDPA would make this of
-        # a boolean mask on every call and keep each copy for backward; made once, all layers share it. Made
-        # here, not on first use: compiled blocks would see a cache empty for the first layer only, and compile
-        # that layer's case apart.
-        device = self.allowed.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
-        dtype = torch.get_autocast_dtype(device) if autocast else torch.get_default_dtype()
-        zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-        self._additive = zeros.masked_fill_(~self.allowed, float("-inf"))
 
-    def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._additive if self._additive.dtype == dtype else self._additive.to(dtype)
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A part of SelfAttentionBlocks.allowed, for one SDPA call, as 0 / -inf in dtype. SDPA would make this of
+    a boolean mask itself and keep it for backward; made by remade(), it is kept as its recipe instead."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def build_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device,
@@ -171,7 +163,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
     if isinstance(mask, torch.Tensor) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if isinstance(mask, SelfAttentionBlocks):
-        return (_window_attention if mask.windowed else _causal_attention)(q, k, v, mask)
+        B, H, L, D = q.shape
+        parts, rows = _attention_in_blocks(q, k, v, mask)
+        return rows(*parts).view(B, L, H, D).transpose(1, 2)
     if isinstance(mask, SlotsReadGroup):
         return _slots_read_group(q, k, v, mask)
     if isinstance(mask, ReadGroupSlots):
@@ -184,6 +178,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
     return _compiled_flex_attention()(q, k, v, block_mask=mask)
 
 
+def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """attention() with each query's heads side by side, [B, Lq, H * D]: what an output projection reads.
+    That product keeps its input for backward; here it keeps a recipe instead, over the results that the
+    attention keeps for itself (SDPA's outputs), so that they are not kept twice."""
+    B, H, Lq, D = q.shape
+    if isinstance(mask, SelfAttentionBlocks):
+        parts, rows = _attention_in_blocks(q, k, v, mask)
+    else:
+        parts = (attention(q, k, v, mask),)
+
+        def rows(y: torch.Tensor) -> torch.Tensor:
+            return y.transpose(1, 2).reshape(B, Lq, H * D)
+    return remade(rows, *parts)
+
+
 @functools.cache
 def _compiled_flex_attention() -> Callable:
     """FlexAttention compiled, its kernel skipping the empty blocks of the mask. Run eagerly it makes the whole
@@ -194,33 +203,75 @@ def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention)
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
-    """[B, H, L, D] in and out: each block of queries against the keys up to its own end."""
-    additive, S = blocks.additive(q.dtype), blocks.size
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + S], k[:, :, : i + S], v[:, :, : i + S],
-                                                     attn_mask=additive[:, :, i : i + S, : i + S])
-                      for i in range(0, q.shape[2], S)], dim=2)
+RowsOfParts = Callable[..., torch.Tensor]
 
 
-def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
-    """[B, H, L, D] in and out: SDPA over [B * n, H, S, D] queries against [B * n, H, (back + 1) * S, D]
+def _attention_in_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         blocks: SelfAttentionBlocks) -> tuple[list[torch.Tensor], RowsOfParts]:
+    """Self-attention in blocks of queries as SDPA calls: their outputs, and the function that lays them out as
+    attention_rows' [B, L, H * D]."""
+    return (_window_attention if blocks.windowed else _causal_attention)(q, k, v, blocks)
+
+
+def _heads_side_by_side(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """SDPA outputs [b, H, l, D] as one [.., l, H, D], joined along `dim` of that: on the CPU their memory is
+    already laid out so, and one part is a view."""
+    heads = [y.transpose(1, 2) for y in parts]
+    return heads[0] if len(heads) == 1 else torch.cat(heads, dim=dim)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      blocks: SelfAttentionBlocks) -> tuple[list[torch.Tensor], RowsOfParts]:
+    """Each block of queries [B, H, S, D] against the keys up to its own end."""
+    B, H, L, D = q.shape
+    S = blocks.size
+    parts = [F.scaled_dot_product_attention(
+        q[:, :, i : i + S], k[:, :, : i + S], v[:, :, : i + S],
+        attn_mask=remade(_additive, blocks.allowed[:, :, i : i + S, : i + S], q.dtype)) for i in range(0, L, S)]
+
+    def rows(*parts: torch.Tensor) -> torch.Tensor:
+        return _heads_side_by_side(parts).reshape(B, L, H * D)
+
+    return parts, rows
+
+
+# Query blocks a windowed SDPA call takes (whole rows when theirs are fewer): backward makes the copies of keys
+# and values that one call meets again, and their gradients, all at once. At 1 x 8,192 bytes, blocks of 256 and
+# a window of 512, a single call for all 32 blocks holds 96 MB at a time in each layer's backward; 8 a call, 24.
+WINDOW_CALL_BLOCKS = 8
+
+
+def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      blocks: SelfAttentionBlocks) -> tuple[list[torch.Tensor], RowsOfParts]:
+    """SDPA calls over [R * m, H, S, D] queries (m blocks of R rows) against [R * m, H, (back + 1) * S, D]
     keys (those of the `back` blocks before, then the block's own)."""
     B, H, L, D = q.shape
     S, n, back = blocks.size, blocks.allowed.shape[0] // B, blocks.back
-    pad = n * S - L
 
     def cut(x, front):  # [B, H, L, D] -> [B, blocks, H, S, D], with `front` blocks of zeros first
-        return F.pad(x, (0, 0, front * S, pad)).view(B, H, front + n, S, D).transpose(1, 2)
+        return F.pad(x, (0, 0, front * S, n * S - L)).view(B, H, front + n, S, D).transpose(1, 2)
 
-    q = cut(q, 0).reshape(B * n, H, S, D)
+    q, k, v = cut(q, 0), cut(k, back), cut(v, back)
+    allowed = blocks.allowed.view(B, n, 1, S, (back + 1) * S)
+    rows_a_call, blocks_a_call = max(1, WINDOW_CALL_BLOCKS // n), min(n, WINDOW_CALL_BLOCKS)
+    parts = []  # in the order of the blocks: row by row
+    for first_row in range(0, B, rows_a_call):
+        for start in range(0, n, blocks_a_call):
+            call = (slice(first_row, first_row + rows_a_call), slice(start, start + blocks_a_call))
 
-    def windows(x: torch.Tensor) -> torch.Tensor:  # [B * n, H, (back + 1) * S, D]: the keys each block meets
-        return torch.cat([x[:, j : j + n] for j in range(back + 1)], dim=3).reshape(B * n, H, (back + 1) * S, D)
+            def windows(x: torch.Tensor, call=call) -> torch.Tensor:  # the keys each block meets
+                start, stop, _ = call[1].indices(n)
+                return torch.cat([x[call[0], start + j : stop + j] for j in range(back + 1)], dim=3).flatten(0, 1)
 
-    # SDPA keeps k and v for backward: recipes instead of back + 1 copies of them
-    k, v = (remade(windows, x) for x in (cut(k, back), cut(v, back)))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=blocks.additive(q.dtype))  # [B * n, H, S, D]
-    return y.view(B, n, H, S, D).transpose(1, 2).reshape(B, H, n * S, D)[:, :, :L]
+            # SDPA keeps its keys and values for backward: recipes instead of back + 1 copies of them
+            keys, values = (remade(windows, x) for x in (k, v))
+            additive = remade(_additive, allowed[call].flatten(0, 1), q.dtype)
+            parts.append(F.scaled_dot_product_attention(q[call].flatten(0, 1), keys, values, attn_mask=additive))
+
+    def rows(*parts: torch.Tensor) -> torch.Tensor:  # a copy only where the row was padded
+        return _heads_side_by_side(parts, dim=0).reshape(B, n * S, H * D).narrow(1, 0, L).contiguous()
+
+    return parts, rows
 
 
 def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SlotsReadGroup) -> torch.Tensor:

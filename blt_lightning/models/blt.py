@@ -35,7 +35,7 @@ from torch import nn
 
 from ..patching import Patches
 from ..vocab import VOCAB_SIZE, document_ids
-from .attention import ReadGroupSlots, SlotsReadGroup, attention, build_mask, causal_documents
+from .attention import ReadGroupSlots, SlotsReadGroup, attention_rows, build_mask, causal_documents
 from .layers import KVCache, Linear, Rope, TransformerBlock, init_weights, swiglu_hidden
 from .lean_backward import RMSNorm, keeping_recipes
 
@@ -170,7 +170,7 @@ class CrossAttention(nn.Module):
         """The update of queries x [B, Lq, dim] reading `keys` (keys and values) under mask."""
         B, Lq, D = x.shape
         q = self.wq(self.query_norm(x)).view(B, Lq, self.n_heads, self.head_dim).transpose(1, 2)
-        return self.wo(attention(q, *keys, mask).transpose(1, 2).reshape(B, Lq, D))
+        return self.wo(attention_rows(q, *keys, mask))
 
 
 def _blocks(dim: int, n_layers: int, n_heads: int, hidden: int | None, config: BLTConfig) -> nn.ModuleList:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
-from .lean_backward import RMSNorm, remade, swiglu_down, swiglu_recomputed
+from .attention import attention, attention_rows
+from .lean_backward import RMSNorm, swiglu_down, swiglu_recomputed
 
 
 def window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -213,13 +213,7 @@ class Attention(nn.Module):
             v = v.contiguous()  # a storage of its own: a view would keep all of qkv for backward
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-        y = attention(q, k, v, mask)  # under any mask from build_mask, or a dense bool mask
-
-        def heads_in_a_row(y: torch.Tensor) -> torch.Tensor:  # [B, L, H * head_dim]
-            return y.transpose(1, 2).reshape(B, L, D)
-
-        # SDPA keeps y: wo keeps its recipe, not a copy
-        return self.wo(remade(heads_in_a_row, y))
+        return self.wo(attention_rows(q, k, v, mask))  # under any mask from build_mask, or a dense bool mask
 
 
 class FeedForward(nn.Module):

@@ -256,6 +256,12 @@ def swiglu_recomputed(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> t
     return _SwiGLURecomputed.apply(x, w13, w2)
 
 
+# Elements of [gate, up] _SwiGLURecomputed's backward makes at a time (16 MB in float32): it takes the rows in
+# chunks, as with the hidden of a 1 x 8192-byte row and 768 wide it would otherwise hold that hidden, its
+# gradient and silu(gate) * up at once (96 MB), the peak of a training step.
+RECOMPUTE_CHUNK_ELEMENTS = 1 << 22
+
+
 class _SwiGLURecomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -269,15 +275,31 @@ class _SwiGLURecomputed(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w13, w2 = ctx.saved_tensors
-        x_, w13_, w2_, grad = (t.to(ctx.dtype) for t in (x, w13, w2, grad))
-        gate_up = F.linear(x_, w13_)
-        grad_gate_up, grad_w2 = _swiglu_gradients(gate_up, w2_, grad, ctx.needs_input_grad[2], gate_up)  # in place
-        grad_w2 = grad_w2.to(w2.dtype) if grad_w2 is not None else None
-        grad_w13 = (_rows(grad_gate_up).t() @ _rows(x_)).to(w13.dtype) if ctx.needs_input_grad[1] else None
-        grad_x = (grad_gate_up @ w13_).to(x.dtype) if ctx.needs_input_grad[0] else None
+        needs_x, needs_w13, needs_w2 = ctx.needs_input_grad
+        x_, w13_, w2_, grad = (_rows(t.to(ctx.dtype)) for t in (x, w13, w2, grad))
+        grad_x = torch.empty_like(x_) if needs_x else None
+        grad_w13 = grad_w2 = None  # the sums over chunks, in the weights' dtypes
+        n = x_.shape[0]
+        chunks = max(1, -(-n * w13_.shape[0] // RECOMPUTE_CHUNK_ELEMENTS))
+        size = max(1, -(-n // chunks))  # equal chunks, the last maybe shorter
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
+            gate_up = F.linear(x_[rows], w13_)
+            grad_gate_up, part_w2 = _swiglu_gradients(gate_up, w2_, grad[rows], needs_w2, gate_up)  # in place
+            if needs_w2:
+                grad_w2 = _sum(grad_w2, part_w2.to(w2.dtype))
+            if needs_w13:
+                grad_w13 = _sum(grad_w13, (grad_gate_up.t() @ x_[rows]).to(w13.dtype))
+            if needs_x:
+                torch.mm(grad_gate_up, w13_, out=grad_x[rows])
+        grad_x = grad_x.to(x.dtype).view(x.shape) if needs_x else None
         return grad_x, grad_w13, grad_w2
 
 
+def _sum(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total.add_(part)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., n] as [rows, n]: a weight's gradient is one product over all of them."""
+    """[..., n] as [rows, n]: a weight's gradient is a product over them."""
     return t.reshape(-1, t.shape[-1])
