@@ -39,6 +39,24 @@ def kept_for_backward(fn, excluding: set[int] = frozenset()):
     return result, sum(n for address, n in storages.items() if address not in excluding)
 
 
+def kept_under_recipes(monkeypatch) -> dict[int, tuple[torch.dtype, int]]:
+    """A dict that fills, inside lean_backward.keeping_recipes(), with the storages kept for backward (the
+    saved tensor's own, or those its recipe holds): their dtype and bytes by address."""
+    from blt_lightning.models import lean_backward
+
+    kept, pack = {}, lean_backward._pack
+
+    def counting_pack(t):
+        packed = pack(t)
+        held = packed.mark.recipe.args if isinstance(packed, lean_backward._Remade) else (packed.tensor,)
+        kept.update((x.untyped_storage().data_ptr(), (x.dtype, x.untyped_storage().nbytes()))
+                    for x in held if isinstance(x, torch.Tensor))
+        return packed
+
+    monkeypatch.setattr(lean_backward, "_pack", counting_pack)
+    return kept
+
+
 # What SLURM sets for a job of one task, bar SLURM_JOB_ID: enough for Lightning to run under its SLURM environment.
 SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "blt", "SLURM_PROCID": "0",
                   "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}

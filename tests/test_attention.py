@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kept_under_recipes
 
 from blt_lightning.models import lean_backward
 from blt_lightning.models.attention import (ReadGroupSlots, SlotsReadGroup, attention, attention_rows, build_mask,
@@ -50,16 +51,7 @@ def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_
     q, k, v = qkv(B, L, L, seed=0, H=H, D=D)
     blocks = build_mask(causal_documents(torch.zeros(B, L, dtype=torch.long), window), B, L, L,
                         torch.device("cpu"), "sdpa")
-    kept, pack = {}, lean_backward._pack
-
-    def counting_pack(t):  # the storages kept: the tensor's, or those its recipe holds
-        packed = pack(t)
-        held = packed.mark.recipe.args if isinstance(packed, lean_backward._Remade) else (packed.tensor,)
-        kept.update((x.untyped_storage().data_ptr(), (x.dtype, x.untyped_storage().nbytes()))
-                    for x in held if isinstance(x, torch.Tensor))
-        return packed
-
-    monkeypatch.setattr(lean_backward, "_pack", counting_pack)
+    kept = kept_under_recipes(monkeypatch)
     projection = torch.randn(H * D, H * D, requires_grad=True)
     with lean_backward.keeping_recipes():
         y = F.linear(attention_rows(q, k, v, blocks), projection)

@@ -3,7 +3,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kept_for_backward
+from conftest import kept_for_backward, kept_under_recipes
 
 from blt_lightning.models.layers import FeedForward, set_activation_checkpointing
 from blt_lightning.models.lean_backward import RMSNorm, swiglu_down, swiglu_recomputed
@@ -180,7 +180,6 @@ def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch
     cross-attentions' gathered keys are kept as recipes: backward makes them again."""
     from test_blt_model import TINY, patcher_for, rows
 
-    from blt_lightning.models import lean_backward
     from blt_lightning.models.blt import ByteLatentTransformer
     from blt_lightning.patching import PatchingConfig
 
@@ -196,21 +195,12 @@ def test_recipes_keep_less_and_leave_every_gradient_bitwise_the_same(monkeypatch
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
-    kept, pack = {}, lean_backward._pack
-
-    def counting_pack(t):  # the storages kept: the tensor's, or those its recipe holds
-        packed = pack(t)
-        held = packed.mark.recipe.args if isinstance(packed, lean_backward._Remade) else (packed.tensor,)
-        kept.update((x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
-                    for x in held if isinstance(x, torch.Tensor))
-        return packed
-
-    monkeypatch.setattr(lean_backward, "_pack", counting_pack)
+    kept = kept_under_recipes(monkeypatch)
     with_recipes = gradients()
     # An outer saved-tensor hook (here a count) turns recipes off: it sees all that is saved inside.
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     without_recipes, kept_without = kept_for_backward(gradients, excluding=weights)
-    kept_with = sum(n for address, n in kept.items() if address not in weights)
+    kept_with = sum(n for address, (_, n) in kept.items() if address not in weights)
     assert 0 < kept_with < 0.75 * kept_without  # 0.71 here (0.65 recomputing the hidden)
     for name, grad in without_recipes.items():
         assert torch.equal(with_recipes[name], grad), name
