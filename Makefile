@@ -47,8 +47,9 @@ BUDGET ?= 1e13
 compare: setup
 	$(PY) -m blt_lightning compare --data $(DATA) --eval $(EVAL) --budget $(BUDGET) --output-dir $(RUNS)/compare
 
+# One pytest process a core (tests/conftest.py gives each one torch thread).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) $(RUNS)

@@ -11,6 +11,14 @@ import torch
 from blt_lightning.prepare import PrepareOptions, prepare
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`) the suite's processes share the cores: each takes one torch thread, as do
+    the CLI processes it starts, since OpenMP threads that outnumber the cores spin and slow every test."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def outside_slurm(monkeypatch):
     """The suite may itself run in a SLURM job, whose variables change how fits name their folders and resume:
