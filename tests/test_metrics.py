@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from blt_lightning.metrics import BitsPerByte
 from blt_lightning.vocab import BOS, EOS, PAD
+from conftest import free_port
 
 
 def test_equals_a_hand_computation():
@@ -35,7 +36,7 @@ def _rank(rank: int, world_size: int, port: int, results) -> None:
 
 
 def test_sums_over_ranks_with_unequal_batches():
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(2, port, results), nprocs=2)
     exact = (30 * 1.0 + 2 * 4.0) / math.log(2) / 32  # not the mean of the ranks' values, (1 + 4) / ln 2 / 2
