@@ -186,10 +186,7 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> t
     if isinstance(mask, SelfAttentionBlocks):
         parts, rows = _attention_in_blocks(q, k, v, mask)
     else:
-        parts = (attention(q, k, v, mask),)
-
-        def rows(y: torch.Tensor) -> torch.Tensor:
-            return y.transpose(1, 2).reshape(B, Lq, H * D)
+        parts, rows = (attention(q, k, v, mask),), _rows_along_the_row(B, Lq, H * D)
     return remade(rows, *parts)
 
 
@@ -220,6 +217,11 @@ def _heads_side_by_side(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor
     return heads[0] if len(heads) == 1 else torch.cat(heads, dim=dim)
 
 
+def _rows_along_the_row(B: int, L: int, width: int) -> RowsOfParts:
+    """The rows [B, L, H * D] of SDPA outputs that follow one another along the row."""
+    return lambda *parts: _heads_side_by_side(parts).reshape(B, L, width)
+
+
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       blocks: SelfAttentionBlocks) -> tuple[list[torch.Tensor], RowsOfParts]:
     """Each block of queries [B, H, S, D] against the keys up to its own end."""
@@ -228,11 +230,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     parts = [F.scaled_dot_product_attention(
         q[:, :, i : i + S], k[:, :, : i + S], v[:, :, : i + S],
         attn_mask=remade(_additive, blocks.allowed[:, :, i : i + S, : i + S], q.dtype)) for i in range(0, L, S)]
-
-    def rows(*parts: torch.Tensor) -> torch.Tensor:
-        return _heads_side_by_side(parts).reshape(B, L, H * D)
-
-    return parts, rows
+    return parts, _rows_along_the_row(B, L, H * D)
 
 
 # Query blocks a windowed SDPA call takes (whole rows when theirs are fewer): backward makes the copies of keys
