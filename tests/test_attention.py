@@ -25,11 +25,16 @@ def run_both(mask_mod, q, k, v) -> tuple[list[torch.Tensor], list[torch.Tensor]]
     return results
 
 
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["cpu_kernel", "composed"])
 @pytest.mark.parametrize("block", [3, 256])
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 24, 37])
 @pytest.mark.parametrize("window", [1, 3, 8, 30, 64, None])
-def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, monkeypatch):
+def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, cpu_kernel, monkeypatch):
+    """Windowed blocks run on the CPU as one autograd function over torch's flash kernel, elsewhere (and compiled)
+    as SDPA calls composed through autograd: both, here on the CPU."""
     monkeypatch.setattr("blt_lightning.models.attention.BLOCK", block)
+    if not cpu_kernel:
+        monkeypatch.setattr("blt_lightning.models.attention._by_the_cpu_kernel", lambda q, mask: False)
     doc_ids = torch.stack([torch.zeros(length, dtype=torch.long), (torch.arange(length) >= length // 3).long()
                            + (torch.arange(length) >= length - 2).long()])  # one document; three, one of 2 ids
     mask_mod = causal_documents(doc_ids, window)
@@ -40,13 +45,16 @@ def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("window", [8, None])
-def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_only(window, monkeypatch):
+@pytest.mark.parametrize(("window", "cpu_kernel"), [(None, False), (8, False), (8, True)],
+                         ids=["causal", "windowed_composed", "windowed_cpu_kernel"])
+def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_only(window, cpu_kernel, monkeypatch):
     """Under keeping_recipes (the models' forward), self-attention in blocks whose rows a projection reads keeps
     for backward q, k and v (padded to whole blocks where windowed), SDPA's outputs and log-sum-exps, and the
     boolean mask. The float masks SDPA adds, the copies of the keys each window meets and the heads laid side
-    by side for the projection are recipes over those."""
+    by side for the projection are recipes over those, or (windowed, by the CPU kernel) are never made."""
     monkeypatch.setattr("blt_lightning.models.attention.BLOCK", 8)
+    if not cpu_kernel:
+        monkeypatch.setattr("blt_lightning.models.attention._by_the_cpu_kernel", lambda q, mask: False)
     B, H, L, D = 2, 2, 37, 8
     q, k, v = qkv(B, L, L, seed=0, H=H, D=D)
     blocks = build_mask(causal_documents(torch.zeros(B, L, dtype=torch.long), window), B, L, L,
@@ -54,16 +62,21 @@ def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_
     kept = kept_under_recipes(monkeypatch)
     projection = torch.randn(H * D, H * D, requires_grad=True)
     with lean_backward.keeping_recipes():
-        y = F.linear(attention_rows(q, k, v, blocks), projection)
+        rows = attention_rows(q, k, v, blocks)
+        y = F.linear(rows, projection)
     kept.pop(projection.untyped_storage().data_ptr())
     floats = sum(n for dtype, n in kept.values() if dtype == torch.float32) // 4
     mask = sum(n for dtype, n in kept.values() if dtype == torch.bool)
     if window is None:  # causal blocks: q, k and v as they are
         assert not blocks.windowed and mask == B * L * L
         assert floats == 3 * B * H * L * D + B * H * L * D + B * H * L
-    else:  # 5 blocks of 8, each against its own and 1 block before (a block of zeros before the first)
+    elif not cpu_kernel:  # 5 blocks of 8, each against its own and 1 block before (a block of zeros before the first)
         assert blocks.windowed and mask == B * 5 * 8 * 16
         assert floats == B * H * 40 * D + 2 * B * H * 48 * D + B * H * 40 * D + B * H * 40
+    else:  # the rows end to end: q 2 x 40, keys and values one block of zeros and 2 x 40; the output rows
+        assert rows.grad_fn.name() == "_CPUWindowAttentionBackward"
+        assert blocks.windowed and mask == 0  # the function holds the model's boolean mask, not through the hooks
+        assert floats == B * H * 40 * D + 2 * (8 + B * 40) * H * D + B * H * L * D + B * H * 40
     torch.testing.assert_close(y, F.linear(attention(q, k, v, blocks).transpose(1, 2).reshape(B, L, H * D),
                                            projection))
 

@@ -9,7 +9,8 @@ FlexAttention takes. build_mask turns one into what attention() runs:
   that are all False. Self-attention runs a block of queries at a time: with a sliding window W against
   the keys of the few blocks it reaches (cost ~ L * (W + block), not L^2), without one against the keys
   up to its block's end; the patch cross-attentions gather the few keys each query may read. The same
-  results as dense, any device.
+  results as dense, any device. (On the CPU windowed blocks run as one autograd function over torch's flash
+  kernel, _CPUWindowAttention; elsewhere, and compiled, as SDPA calls composed through autograd.)
 - flex: a FlexAttention block mask, whose empty blocks a compiled kernel skips (GPU; on a CPU it runs
   eagerly, forward only, for tests and references).
 
@@ -24,6 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .lean_backward import remade
 
@@ -88,7 +90,8 @@ class SelfAttentionBlocks:
     block can see are never computed.
     - windowed (where windows_save_work): block i's queries can only see keys of blocks i - back ..
       i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: SDPA calls
-      over several blocks, each against its own copy of those keys (made again in backward, not kept).
+      over several blocks, each against those keys: its own copy of them (made again in backward, not kept),
+      or on the CPU an overlapping view of one copy of all the keys.
     - causal: block i's queries see keys of blocks 0 .. i. allowed [B, 1, L, L]: one SDPA call a block,
       over the keys up to its end (about half the work of the whole square on a long row)."""
 
@@ -164,8 +167,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if isinstance(mask, SelfAttentionBlocks):
         B, H, L, D = q.shape
-        parts, rows = _attention_in_blocks(q, k, v, mask)
-        return rows(*parts).view(B, L, H, D).transpose(1, 2)
+        return attention_rows(q, k, v, mask).view(B, L, H, D).transpose(1, 2)
     if isinstance(mask, SlotsReadGroup):
         return _slots_read_group(q, k, v, mask)
     if isinstance(mask, ReadGroupSlots):
@@ -183,6 +185,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> t
     That product keeps its input for backward; here it keeps a recipe instead, over the results that the
     attention keeps for itself (SDPA's outputs), so that they are not kept twice."""
     B, H, Lq, D = q.shape
+    if _by_the_cpu_kernel(q, mask):
+        return _CPUWindowAttention.apply(q, k, v, mask)
     if isinstance(mask, SelfAttentionBlocks):
         parts, rows = _attention_in_blocks(q, k, v, mask)
     else:
@@ -233,9 +237,10 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return parts, _rows_along_the_row(B, L, H * D)
 
 
-# Query blocks a windowed SDPA call takes (whole rows when theirs are fewer): backward makes the copies of keys
-# and values that one call meets again, and their gradients, all at once. At 1 x 8,192 bytes, blocks of 256 and
-# a window of 512, a single call for all 32 blocks holds 96 MB at a time in each layer's backward; 8 a call, 24.
+# Query blocks a windowed SDPA call takes (whole rows when theirs are fewer): backward makes the gradients of the
+# keys and values that one call meets (and off the CPU the keys and values again) all at once. At 1 x 8,192 bytes,
+# blocks of 256 and a window of 512, a single call for all 32 blocks holds 96 MB at a time in each layer's
+# backward; 8 a call, 24 (on the CPU 12).
 WINDOW_CALL_BLOCKS = 8
 
 
@@ -312,3 +317,104 @@ def _read_group_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: R
     # update, as SDPA on the CPU gives a query that may see no key.
     weights = weights * (mask.query_group >= 0)[:, None, :, None]
     return torch.bmm(weights.view(B * H * Lq, 1, s), v).view(B, H, Lq, D)
+
+
+def _by_the_cpu_kernel(q: torch.Tensor, mask) -> bool:
+    """Whether attention_rows runs as _CPUWindowAttention: windowed blocks on the CPU, eagerly (compiled, Dynamo
+    traces the composition of SDPA calls instead)."""
+    return (isinstance(mask, SelfAttentionBlocks) and mask.windowed and q.device.type == "cpu"
+            and not torch.compiler.is_compiling())
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+class _CPUWindowAttention(torch.autograd.Function):
+    """Windowed blocks (SelfAttentionBlocks) as rows [B, L, H * D], run on the CPU by torch's flash-attention kernel,
+    which reads keys through any strides: each call reads its blocks' windows as an overlapping view of one
+    padded copy of the keys (no copies), and backward adds the windows' gradients straight into the keys'.
+    Through autograd each slice of the keys would fill and add a zero tensor of all of them: at 1 x 8,192 bytes
+    and a window of 512 that took a byte layer's attention ~15% longer, forward and backward. The same outputs
+    bitwise; key and value gradients summed in another order."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
+        calls = _WindowCalls(blocks, *q.shape)
+        q, k, v = calls.flat(q), calls.flat(k, calls.back), calls.flat(v, calls.back)
+        results = [_FLASH(*calls.operands(c, q, k, v), attn_mask=calls.mask(c, q.dtype)) for c in calls]
+        rows = calls.rows([out for out, _ in results])
+        ctx.calls = calls
+        ctx.save_for_backward(q, k, v, rows, *(lse for _, lse in results))
+        return rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        calls = ctx.calls
+        q, k, v, rows, *lses = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for c, grad_c, out_c, lse in zip(calls, calls.by_call(grad), calls.by_call(rows), lses):
+            q_c, k_c, v_c = calls.operands(c, q, k, v)
+            dq_c, dk_c, dv_c = _FLASH_BACKWARD(grad_c, q_c, k_c, v_c, out_c, lse, 0.0, False,
+                                               attn_mask=calls.mask(c, q.dtype))
+            calls.blocks_of(dq, c).copy_(dq_c)
+            for j in range(calls.back + 1):  # the j-th block of each window: keys `j` blocks on from its first
+                for d, d_c in ((dk, dk_c), (dv, dv_c)):
+                    calls.blocks_of(d, c, shift=j).add_(d_c[:, :, j * calls.S : (j + 1) * calls.S])
+        return calls.unflat(dq), calls.unflat(dk, calls.back), calls.unflat(dv, calls.back), None
+
+
+class _WindowCalls:
+    """How _CPUWindowAttention lays out [B, H, L, D]: each head's rows end to end, [H, B * n * S, D] (n blocks of S
+    a row, the last padded), keys and values behind `back` blocks of zeros. The keys block g (counted over all
+    rows) meets are then rows g * S to (g + back + 1) * S of each head's, a window that may reach into the row
+    before, where the mask rules them out as it does the zeros. Each call runs WINDOW_CALL_BLOCKS blocks, rows or
+    not. (Heads laid side by side instead, a key every H * D floats, the kernel ran ~4% slower.)"""
+
+    def __init__(self, blocks: SelfAttentionBlocks, B: int, H: int, L: int, D: int):
+        self.blocks, self.S, self.back = blocks, blocks.size, blocks.back
+        self.B, self.H, self.L, self.D, self.n = B, H, L, D, blocks.allowed.shape[0] // B
+        self.starts = [*range(0, B * self.n, WINDOW_CALL_BLOCKS), B * self.n]  # each call's first block
+
+    def __iter__(self):
+        return iter(range(len(self.starts) - 1))
+
+    def flat(self, x: torch.Tensor, front: int = 0) -> torch.Tensor:
+        """x [B, H, L, D] laid out, behind `front` blocks of zeros."""
+        flat = x.new_zeros(self.H, (front + self.B * self.n) * self.S, self.D)
+        self.unflat(flat, front).copy_(x)
+        return flat
+
+    def unflat(self, flat: torch.Tensor, front: int = 0) -> torch.Tensor:
+        """The [B, H, L, D] view of what flat(x, front) laid out."""
+        rows = flat[:, front * self.S :].view(self.H, self.B, self.n * self.S, self.D)
+        return rows[:, :, : self.L].transpose(0, 1)
+
+    def blocks_of(self, flat: torch.Tensor, c: int, shift: int = 0) -> torch.Tensor:
+        """[m, H, S, D]: the m blocks of call c in flat (of queries, outputs or their gradients), or of keys
+        `shift` blocks on."""
+        first, stop = self.starts[c] + shift, self.starts[c + 1] + shift
+        return flat[:, first * self.S : stop * self.S].view(self.H, stop - first, self.S, self.D).transpose(0, 1)
+
+    def operands(self, c: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Call c's queries [m, H, S, D] and the keys and values of its blocks' windows [m, H, (back + 1) * S, D]."""
+        S, D, m = self.S, self.D, self.starts[c + 1] - self.starts[c]
+        shape, strides = (m, self.H, (self.back + 1) * S, D), (S * D, k.shape[1] * D, D, 1)
+        windows = (x.as_strided(shape, strides, x.storage_offset() + self.starts[c] * S * D) for x in (k, v))
+        return self.blocks_of(q, c), *windows
+
+    def mask(self, c: int, dtype: torch.dtype) -> torch.Tensor:
+        return _additive(self.blocks.allowed[self.starts[c] : self.starts[c + 1]], dtype)
+
+    def rows(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """The calls' outputs [m, H, S, D] (in memory [m, S, H, D]) as rows [B, L, H * D]."""
+        rows = _heads_side_by_side(outs, dim=0).reshape(self.B, self.n * self.S, self.H * self.D)
+        return rows if self.n * self.S == self.L else rows[:, : self.L].contiguous()
+
+    def by_call(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Rows [B, L, H * D] (outputs or their gradients) as each call's [m, H, S, D], the layout of its output."""
+        if self.n * self.S != self.L:
+            rows = F.pad(rows, (0, 0, 0, self.n * self.S - self.L))
+        blocks = rows.reshape(-1, self.S, self.H, self.D)
+        return [blocks[self.starts[c] : self.starts[c + 1]].transpose(1, 2) for c in self]
