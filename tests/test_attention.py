@@ -40,7 +40,11 @@ def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, c
     mask_mod = causal_documents(doc_ids, window)
     blocks = build_mask(mask_mod, 2, length, length, torch.device("cpu"), "sdpa")
     assert blocks.windowed == (window is not None and windows_save_work(window, length))
-    sdpa, dense = run_both(mask_mod, *qkv(2, length, length, seed=length * 100 + (window or 0)))
+    q, k, v = qkv(2, length, length, seed=length * 100 + (window or 0))
+    if blocks.windowed:
+        kernel = attention_rows(q, k, v, blocks).grad_fn.name() == "_CPUWindowAttentionBackward"
+        assert kernel == cpu_kernel
+    sdpa, dense = run_both(mask_mod, q, k, v)
     for a, b in zip(sdpa, dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -79,6 +83,38 @@ def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_
         assert floats == B * H * 40 * D + 2 * (8 + B * 40) * H * D + B * H * L * D + B * H * 40
     torch.testing.assert_close(y, F.linear(attention(q, k, v, blocks).transpose(1, 2).reshape(B, L, H * D),
                                            projection))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windows_by_the_cpu_kernel_compute_what_the_composed_calls_do(dtype, monkeypatch):
+    """Rows with documents, calls of 3 blocks that span rows (the last padded), q, k and v strided views of one
+    projection: the same outputs, bitwise, with gradients or without, and gradients to rounding; under autocast
+    both compute in its dtype."""
+    from blt_lightning.models import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BLOCK", 4)
+    monkeypatch.setattr(attention_module, "WINDOW_CALL_BLOCKS", 3)
+    B, H, L, D = 3, 2, 30, 8
+    qkv_rows = torch.randn(B, L, 3, H, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    doc_ids = (torch.arange(L) >= 11).long() + (torch.arange(L) >= 23).long()
+    blocks = build_mask(causal_documents(doc_ids.expand(B, L), 9), B, L, L, torch.device("cpu"), "sdpa")
+    assert blocks.windowed and blocks.allowed.shape[0] == B * 8  # 8 blocks a row: calls of 3 span rows
+    weights = torch.randn(B, L, H * D, generator=torch.Generator().manual_seed(1))
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(attention_module, "_by_the_cpu_kernel", lambda q, mask: False)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            q, k, v = qkv_rows.unbind(2)
+            y = attention_rows(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), blocks)
+            with torch.no_grad():
+                y_without_grad = attention_rows(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), blocks)
+        assert y.dtype == dtype and torch.equal(y, y_without_grad)
+        results.append((y, *torch.autograd.grad((y.float() * weights).sum(), qkv_rows)))
+    (kernel_y, kernel_grad), (composed_y, composed_grad) = results
+    assert torch.equal(kernel_y, composed_y)
+    rounding = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}  # bf16's
+    torch.testing.assert_close(kernel_grad, composed_grad, **rounding)
 
 
 def test_slots_read_only_their_group_and_keyless_groups_get_nothing():

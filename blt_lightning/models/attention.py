@@ -91,7 +91,7 @@ class SelfAttentionBlocks:
     - windowed (where windows_save_work): block i's queries can only see keys of blocks i - back ..
       i, back = ceil((window - 1) / size). allowed [B * n_blocks, 1, size, (back + 1) * size]: SDPA calls
       over several blocks, each against those keys: its own copy of them (made again in backward, not kept),
-      or on the CPU an overlapping view of one copy of all the keys.
+      or on the CPU, eagerly, an overlapping view of one copy of all the keys.
     - causal: block i's queries see keys of blocks 0 .. i. allowed [B, 1, L, L]: one SDPA call a block,
       over the keys up to its end (about half the work of the whole square on a long row)."""
 
@@ -186,6 +186,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> t
     attention keeps for itself (SDPA's outputs), so that they are not kept twice."""
     B, H, Lq, D = q.shape
     if _by_the_cpu_kernel(q, mask):
+        if torch.is_autocast_enabled("cpu"):  # autocast casts SDPA's inputs, not those of the kernel's own op
+            q, k, v = (x.to(torch.get_autocast_dtype("cpu")) for x in (q, k, v))
         return _CPUWindowAttention.apply(q, k, v, mask)
     if isinstance(mask, SelfAttentionBlocks):
         parts, rows = _attention_in_blocks(q, k, v, mask)
@@ -237,10 +239,10 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return parts, _rows_along_the_row(B, L, H * D)
 
 
-# Query blocks a windowed SDPA call takes (whole rows when theirs are fewer): backward makes the gradients of the
-# keys and values that one call meets (and off the CPU the keys and values again) all at once. At 1 x 8,192 bytes,
-# blocks of 256 and a window of 512, a single call for all 32 blocks holds 96 MB at a time in each layer's
-# backward; 8 a call, 24 (on the CPU 12).
+# Query blocks a windowed SDPA call takes (composed: whole rows when theirs are fewer; on the CPU any consecutive
+# blocks, across rows too). Backward makes the gradients of the keys and values that one call meets (and, composed,
+# those keys and values again) all at once. At 1 x 8,192 bytes, blocks of 256 and a window of 512, a single call for
+# all 32 blocks holds 96 MB at a time in each layer's backward; 8 a call, 24 (on the CPU 12).
 WINDOW_CALL_BLOCKS = 8
 
 
@@ -333,7 +335,7 @@ _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 class _CPUWindowAttention(torch.autograd.Function):
     """Windowed blocks (SelfAttentionBlocks) as rows [B, L, H * D], run on the CPU by torch's flash-attention kernel,
     which reads keys through any strides: each call reads its blocks' windows as an overlapping view of one
-    padded copy of the keys (no copies), and backward adds the windows' gradients straight into the keys'.
+    padded copy of the keys (not a copy a window), and backward adds the windows' gradients straight into the keys'.
     Through autograd each slice of the keys would fill and add a zero tensor of all of them: at 1 x 8,192 bytes
     and a window of 512 that took a byte layer's attention ~15% longer, forward and backward. The same outputs
     bitwise; key and value gradients summed in another order."""
@@ -341,8 +343,8 @@ class _CPUWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
         calls = _WindowCalls(blocks, *q.shape)
-        q, k, v = calls.flat(q), calls.flat(k, calls.back), calls.flat(v, calls.back)
-        results = [_FLASH(*calls.operands(c, q, k, v), attn_mask=calls.mask(c, q.dtype)) for c in calls]
+        q, k, v = calls.flat(q), calls.flat(k, calls.back), calls.flat(v, calls.back)  # laid out: kept for backward
+        results = [_FLASH(*calls.operands(c, q, k, v), attn_mask=calls.mask(c, q.dtype)) for c in range(len(calls))]
         rows = calls.rows([out for out, _ in results])
         ctx.calls = calls
         ctx.save_for_backward(q, k, v, rows, *(lse for _, lse in results))
@@ -354,9 +356,9 @@ class _CPUWindowAttention(torch.autograd.Function):
         calls = ctx.calls
         q, k, v, rows, *lses = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for c, grad_c, out_c, lse in zip(calls, calls.by_call(grad), calls.by_call(rows), lses):
+        for c, grad_c, out_c, lse in zip(range(len(calls)), calls.by_call(grad), calls.by_call(rows), lses):
             q_c, k_c, v_c = calls.operands(c, q, k, v)
-            dq_c, dk_c, dv_c = _FLASH_BACKWARD(grad_c, q_c, k_c, v_c, out_c, lse, 0.0, False,
+            dq_c, dk_c, dv_c = _FLASH_BACKWARD(grad_c, q_c, k_c, v_c, out_c, lse, dropout_p=0.0, is_causal=False,
                                                attn_mask=calls.mask(c, q.dtype))
             calls.blocks_of(dq, c).copy_(dq_c)
             for j in range(calls.back + 1):  # the j-th block of each window: keys `j` blocks on from its first
@@ -366,19 +368,20 @@ class _CPUWindowAttention(torch.autograd.Function):
 
 
 class _WindowCalls:
-    """How _CPUWindowAttention lays out [B, H, L, D]: each head's rows end to end, [H, B * n * S, D] (n blocks of S
-    a row, the last padded), keys and values behind `back` blocks of zeros. The keys block g (counted over all
-    rows) meets are then rows g * S to (g + back + 1) * S of each head's, a window that may reach into the row
-    before, where the mask rules them out as it does the zeros. Each call runs WINDOW_CALL_BLOCKS blocks, rows or
-    not. (Heads laid side by side instead, a key every H * D floats, the kernel ran ~4% slower.)"""
+    """How _CPUWindowAttention lays out [B, H, L, D]: each head's positions of all rows end to end, [H, B * n * S, D]
+    (n blocks of S a row, the last padded), keys and values behind `back` blocks of zeros. The keys that block g
+    (counted over all rows) meets are then positions g * S to (g + back + 1) * S of the keys' layout: a window
+    that may reach into the row before, which the mask rules out as it does the zeros. Calls take
+    WINDOW_CALL_BLOCKS consecutive blocks (the last fewer), which may span two rows. (Heads laid side by side
+    instead, a key every H * D floats, the kernel ran ~4% slower.)"""
 
     def __init__(self, blocks: SelfAttentionBlocks, B: int, H: int, L: int, D: int):
         self.blocks, self.S, self.back = blocks, blocks.size, blocks.back
         self.B, self.H, self.L, self.D, self.n = B, H, L, D, blocks.allowed.shape[0] // B
         self.starts = [*range(0, B * self.n, WINDOW_CALL_BLOCKS), B * self.n]  # each call's first block
 
-    def __iter__(self):
-        return iter(range(len(self.starts) - 1))
+    def __len__(self) -> int:
+        return len(self.starts) - 1
 
     def flat(self, x: torch.Tensor, front: int = 0) -> torch.Tensor:
         """x [B, H, L, D] laid out, behind `front` blocks of zeros."""
@@ -392,16 +395,17 @@ class _WindowCalls:
         return rows[:, :, : self.L].transpose(0, 1)
 
     def blocks_of(self, flat: torch.Tensor, c: int, shift: int = 0) -> torch.Tensor:
-        """[m, H, S, D]: the m blocks of call c in flat (of queries, outputs or their gradients), or of keys
-        `shift` blocks on."""
+        """[m, H, S, D]: the m blocks of call c in flat (queries, or their gradients), or in the keys' layout
+        those `shift` blocks on: the shift-th block of each block's window (its own at shift = back)."""
         first, stop = self.starts[c] + shift, self.starts[c + 1] + shift
         return flat[:, first * self.S : stop * self.S].view(self.H, stop - first, self.S, self.D).transpose(0, 1)
 
     def operands(self, c: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Call c's queries [m, H, S, D] and the keys and values of its blocks' windows [m, H, (back + 1) * S, D]."""
-        S, D, m = self.S, self.D, self.starts[c + 1] - self.starts[c]
-        shape, strides = (m, self.H, (self.back + 1) * S, D), (S * D, k.shape[1] * D, D, 1)
-        windows = (x.as_strided(shape, strides, x.storage_offset() + self.starts[c] * S * D) for x in (k, v))
+        S, m = self.S, self.starts[c + 1] - self.starts[c]
+        # [H, (m + back) * S, D] -> windows of (back + 1) * S positions every S: [H, m, D, W] -> [m, H, W, D]
+        windows = (x.narrow(1, self.starts[c] * S, (m + self.back) * S).unfold(1, (self.back + 1) * S, S)
+                   .permute(1, 0, 3, 2) for x in (k, v))
         return self.blocks_of(q, c), *windows
 
     def mask(self, c: int, dtype: torch.dtype) -> torch.Tensor:
@@ -410,11 +414,11 @@ class _WindowCalls:
     def rows(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """The calls' outputs [m, H, S, D] (in memory [m, S, H, D]) as rows [B, L, H * D]."""
         rows = _heads_side_by_side(outs, dim=0).reshape(self.B, self.n * self.S, self.H * self.D)
-        return rows if self.n * self.S == self.L else rows[:, : self.L].contiguous()
+        return rows[:, : self.L].contiguous()
 
     def by_call(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Rows [B, L, H * D] (outputs or their gradients) as each call's [m, H, S, D], the layout of its output."""
         if self.n * self.S != self.L:
             rows = F.pad(rows, (0, 0, 0, self.n * self.S - self.L))
         blocks = rows.reshape(-1, self.S, self.H, self.D)
-        return [blocks[self.starts[c] : self.starts[c + 1]].transpose(1, 2) for c in self]
+        return [blocks[self.starts[c] : self.starts[c + 1]].transpose(1, 2) for c in range(len(self))]
