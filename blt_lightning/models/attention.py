@@ -228,6 +228,12 @@ def _rows_along_the_row(B: int, L: int, width: int) -> RowsOfParts:
     return lambda *parts: _heads_side_by_side(parts).reshape(B, L, width)
 
 
+def _rows_of_blocks(B: int, L: int, width: int) -> RowsOfParts:
+    """The rows [B, L, H * D] of SDPA outputs over blocks of queries, [blocks, H, S, D] each, whose rows are
+    whole blocks in order (the last of each padded): a copy only where the rows were padded."""
+    return lambda *parts: _heads_side_by_side(parts, dim=0).reshape(B, -1, width)[:, :L].contiguous()
+
+
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       blocks: SelfAttentionBlocks) -> tuple[list[torch.Tensor], RowsOfParts]:
     """Each block of queries [B, H, S, D] against the keys up to its own end."""
@@ -272,11 +278,7 @@ def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             keys, values = (remade(windows, x) for x in (k, v))
             additive = remade(_additive, allowed[call].flatten(0, 1), q.dtype)
             parts.append(F.scaled_dot_product_attention(q[call].flatten(0, 1), keys, values, attn_mask=additive))
-
-    def rows(*parts: torch.Tensor) -> torch.Tensor:  # a copy only where the row was padded
-        return _heads_side_by_side(parts, dim=0).reshape(B, n * S, H * D).narrow(1, 0, L).contiguous()
-
-    return parts, rows
+    return parts, _rows_of_blocks(B, L, H * D)
 
 
 def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SlotsReadGroup) -> torch.Tensor:
@@ -413,8 +415,7 @@ class _WindowCalls:
 
     def rows(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """The calls' outputs [m, H, S, D] (in memory [m, S, H, D]) as rows [B, L, H * D]."""
-        rows = _heads_side_by_side(outs, dim=0).reshape(self.B, self.n * self.S, self.H * self.D)
-        return rows[:, : self.L].contiguous()
+        return _rows_of_blocks(self.B, self.L, self.H * self.D)(*outs)
 
     def by_call(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Rows [B, L, H * D] (outputs or their gradients) as each call's [m, H, S, D], the layout of its output."""
