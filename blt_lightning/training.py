@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .callbacks import FlopBudget
-from .errors import BadInput, MissingInput
+from .errors import BadInput, InputError, MissingInput
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import TransformerBlock, holds_parts, set_activation_checkpointing
 from .vocab import BOS, PAD
@@ -73,6 +73,7 @@ class ByteLMModule(L.LightningModule):
         self.flops_budget = flops_budget
         self.init_from = init_from
         self._restored = False  # from a checkpoint of this module (loaded or resumed): init_from is not for it
+        self._init_from_error = None  # why init_from did not load (setup), raised at on_train_start if not restored
         # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row. Not
         # with compiled blocks: it runs them under a FLOP-counting dispatch mode, where Dynamo cannot trace, and
         # Dynamo then gives up on the blocks' code for the rest of the process (they would all run eagerly).
@@ -103,11 +104,17 @@ class ByteLMModule(L.LightningModule):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def setup(self, stage: str) -> None:
-        """Fine-tuning starts from init_from's weights; not at construction, where the model may be built on the
-        meta device (config checks) or be about to take a checkpoint's weights."""
+        """Fine-tuning starts from init_from's weights: loaded here, not at construction, where the model may be
+        built on the meta device (config checks). A fit that resumes a checkpoint takes its weights instead, but
+        Lightning restores the checkpoint only after this hook: so a failure to load init_from waits for
+        on_train_start, which raises it unless a checkpoint was restored (a resumed fine-tuning run needs no
+        init_from file, which may have moved since)."""
+        self._init_from_error = None
         if stage == "fit" and self.init_from is not None and not self._restored:
-            load_weights(self.model, self.init_from)
-            rank_zero_info(f"model weights from {self.init_from}")
+            try:
+                load_weights(self.model, self.init_from)
+            except InputError as error:
+                self._init_from_error = error
 
     def configure_model(self) -> None:
         set_activation_checkpointing(self.model, self.activation_checkpointing)
@@ -282,6 +289,14 @@ class ByteLMModule(L.LightningModule):
             step = f"step {self.global_step}: " if self.trainer.state.fn == "fit" else ""  # test runs start at step 0
             self.print(f"{step}{split} bpb {bpb:.4f} over {n_bytes:,} bytes")
         return bpb, n_bytes
+
+    def on_train_start(self) -> None:
+        """After any checkpoint is restored (under FSDP, after on_fit_start): only now is it known whether the run
+        starts from init_from's weights."""
+        if self.init_from is not None and not self._restored:
+            if self._init_from_error is not None:
+                raise self._init_from_error
+            rank_zero_info(f"model weights from {self.init_from}")
 
     def on_fit_start(self) -> None:
         """The global batch, stated once; hyperparameters with val/bpb as their metric, for TensorBoard."""

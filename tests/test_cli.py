@@ -308,6 +308,19 @@ def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp
         assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_fine_tuning_run_resumes_without_its_init_from_file(corpus, tmp_path):
+    """Resuming takes the checkpoint's weights: the init_from file the run started from may be gone by then."""
+    main(["fit", *fit_args(tmp_path / "base", corpus), "--trainer.max_steps", "2"])
+    base = tmp_path / "base.ckpt"
+    next((tmp_path / "base").rglob("last.ckpt")).rename(base)
+    fine_tune = ["fit", *fit_args(tmp_path / "tuned", corpus), "--model.init_args.init_from", str(base)]
+    main([*fine_tune, "--trainer.max_steps", "2"])
+    base.unlink()
+    main([*fine_tune, "--ckpt_path", "last"])
+    last = torch.load(next((tmp_path / "tuned").rglob("last.ckpt")), weights_only=False)
+    assert last["global_step"] == 4
+
+
 def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_path, entropy_checkpoint, capsys):
     fit = ["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--trainer.default_root_dir",
            str(tmp_path / "run")]

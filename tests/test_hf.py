@@ -250,10 +250,12 @@ def test_evaluate_and_generate_run_on_an_imported_checkpoint(imported, small_cor
 
 
 def test_fit_with_init_from_starts_from_the_imported_weights(imported, small_corpus, tmp_path):
+    module = BLTLM(BLTConfig(encoder_dim=32, global_dim=64, decoder_dim=32, encoder_heads=2, global_heads=2,
+                             decoder_heads=2, global_layers=1, decoder_layers=1, ngram_table_size=11), seq_len=16,
+                   init_from=str(tmp_path / "nope.ckpt"))
+    module.setup("fit")  # the error waits for training to start: a checkpoint restored in between needs no init_from
     with pytest.raises(FileNotFoundError, match="nope.ckpt: init_from names no checkpoint"):
-        BLTLM(BLTConfig(encoder_dim=32, global_dim=64, decoder_dim=32, encoder_heads=2, global_heads=2, decoder_heads=2,
-                        global_layers=1, decoder_layers=1, ngram_table_size=11), seq_len=16,
-              init_from=str(tmp_path / "nope.ckpt")).setup("fit")
+        module.on_train_start()
     # At learning rate 0, AdamW leaves the weights as they start: those of init_from, not a random init.
     trained = torch.load(fit_one_step(tmp_path, small_corpus, "--config", str(imported["finetune"]),
                                       "--model.init_args.optimizer.lr", "0"), weights_only=False)
