@@ -36,17 +36,14 @@ from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.vocab import PAD, VOCAB_SIZE, is_byte
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training import DEFAULT_CORPUS, log  # noqa: E402
+
 SHAPES = {
     "tiny": EntropyModelConfig(dim=128, n_layers=4, n_heads=4, sliding_window=256),
     "base": EntropyModelConfig(dim=768, n_layers=14, n_heads=12, sliding_window=512),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# The shared corpora sit beside the repository (../shared/corpora).
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "en_moby_dick.jsonl.gz"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def load_rows(corpus: Path, seq_len: int, needed: int) -> torch.Tensor:
@@ -208,7 +205,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 on CUDA only")
     parser.add_argument("--shapes", default="tiny,base", help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--corpus", type=Path, default=Path(DEFAULT_CORPUS),
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                         help="JSONL (.gz or plain), a 'text' field a line")
     parser.add_argument("--seq_len", type=int, default=1024, help="ids per row")
     parser.add_argument("--batch_size", type=int, default=8, help="rows per batch")
