@@ -75,8 +75,13 @@ class SpelledOutArgumentParser(LightningArgumentParser):
         return super().parse_args(args, *more, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
-        """jsonargparse names an option it does not know but not the --config file that sets it: add which does."""
-        keys = {str(f): yaml_keys(f) for f in config_files(self._arguments)}
+        """jsonargparse names neither a --config file that is not YAML nor the one that sets an option it does not
+        know: add which."""
+        trees = {str(f): load_yaml(f) for f in config_files(self._arguments)}
+        for path, (_, problem) in trees.items():
+            if problem is not None:
+                message += f"\n{path} is not valid YAML: {problem}"
+        keys = {path: yaml_keys(tree) for path, (tree, _) in trees.items()}
         for option in dict.fromkeys(re.findall(r"option '([^']+)'", message)):
             files = [f for f, held in keys.items() if any(k == option or k.endswith("." + option) for k in held)]
             if files:
@@ -91,12 +96,19 @@ def config_files(arguments: list[str]) -> list[Path]:
     return [Path(n) for n in named if Path(n).is_file()]
 
 
-def yaml_keys(path: Path) -> set[str]:
-    """Every key of a YAML file, dotted from the top (trainer.max_steps); none if it does not load."""
+def load_yaml(path: Path) -> tuple[object, str | None]:
+    """A YAML file's tree, and why it does not load (None: it loads)."""
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return set()
+        return yaml.safe_load(path.read_text()), None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        return None, f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}" if mark else str(error)
+    except (OSError, yaml.YAMLError) as error:
+        return None, str(error)
+
+
+def yaml_keys(tree: object) -> set[str]:
+    """Every key of a YAML tree, dotted from the top (trainer.max_steps)."""
 
     def walk(node, prefix: str) -> Iterator[str]:
         if isinstance(node, dict):

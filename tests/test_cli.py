@@ -168,6 +168,14 @@ def test_an_option_misspelled_in_a_config_file_names_the_file(tmp_path, capsys):
     assert "is set in" not in capsys.readouterr().err
 
 
+def test_a_config_file_that_is_not_yaml_is_named_with_where_it_breaks(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n\tmax_steps: 3\n")  # a tab indents
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"), "--config", str(broken), "--print_config"])
+    assert f"{broken} is not valid YAML: line 2, column 1: found character '\\t'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.stem)
 def test_every_trainer_config_composes_with_a_model_config(config, capsys):
     """A trainer config is a second --config on any model config; its strategy builds (FSDP: each
