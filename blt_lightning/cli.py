@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
@@ -217,6 +217,9 @@ class BLTLightningCLI(LightningCLI):
         if resumed is not None:
             check_stage("fit", resumed, type(model).__name__)
             ckpt_path = resumed
+        elif ckpt_path == "last" and self._checkpoints_in_run_folders("fit"):  # a run's first start (torchrun, SLURM)
+            rank_zero_info("--ckpt_path last: the run has no last.ckpt yet, so it starts afresh")
+            ckpt_path = None  # Lightning would say the same, advising the save_last that LastCheckpoint replaces
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
 

@@ -316,15 +316,21 @@ def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp
         assert "Traceback" not in capsys.readouterr().err
 
 
-def test_a_fine_tuning_run_resumes_without_its_init_from_file(corpus, tmp_path):
-    """Resuming takes the checkpoint's weights: the init_from file the run started from may be gone by then."""
+def test_ckpt_path_last_starts_a_fine_tuning_run_then_resumes_it_without_its_init_from_file(corpus, tmp_path, caplog,
+                                                                                           recwarn):
+    """The same command starts a run and resumes it (torchrun --max-restarts, SLURM); resuming takes the
+    checkpoint's weights, so the init_from file the run started from may be gone by then."""
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
     main(["fit", *fit_args(tmp_path / "base", corpus), "--trainer.max_steps", "2"])
     base = tmp_path / "base.ckpt"
     next((tmp_path / "base").rglob("last.ckpt")).rename(base)
-    fine_tune = ["fit", *fit_args(tmp_path / "tuned", corpus), "--model.init_args.init_from", str(base)]
+    fine_tune = ["fit", *fit_args(tmp_path / "tuned", corpus), "--model.init_args.init_from", str(base),
+                 "--ckpt_path", "last"]
     main([*fine_tune, "--trainer.max_steps", "2"])
+    assert "--ckpt_path last: the run has no last.ckpt yet, so it starts afresh" in caplog.text
+    assert not [w for w in recwarn if "save_last" in str(w.message)]  # Lightning's advice: LastCheckpoint replaces it
     base.unlink()
-    main([*fine_tune, "--ckpt_path", "last"])
+    main(fine_tune)
     last = torch.load(next((tmp_path / "tuned").rglob("last.ckpt")), weights_only=False)
     assert last["global_step"] == 4
 
