@@ -296,6 +296,7 @@ def run(argv: list[str] | None) -> None:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_callback=SaveConfigPerAttempt,
+        auto_configure_optimizers=False,  # the models' own optimizer options (AdamW, its schedule) are the only ones
         args=argv,
         parser_kwargs={"prog": "blt-lightning",
                        "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},

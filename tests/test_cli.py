@@ -148,6 +148,7 @@ def test_configs_compose_and_print(corpus, tmp_path, capsys):
         ("validate", "--trainer.max_step", "--trainer.max_step 3"),
         ("fit", "--model.init_args.optimizer.warmup_step", "--optimizer.warmup_step=3"),  # the model's own parser's
         ("fit", "--model.model.n_layer", "--model.n_layer=3"),
+        ("fit", "--optimizer", "--optimizer 3"),  # LightningCLI's, which would replace the model's optimizer and schedule
     ]:
         with pytest.raises(SystemExit):
             main([subcommand, "--config", str(ROOT / "configs/entropy/tiny.yaml"), option, "3", "--print_config"])
