@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
-from .errors import InputError
+from .errors import Diverged, InputError
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
-    except InputError as error:  # bad input, named: its message, not Lightning's frames above it
+    except (InputError, Diverged) as error:  # bad input, named, or a run gone non-finite: its message, not frames
         message = str(error).strip()
         if "Traceback (most recent call last)" in message:  # from a DataLoader worker: its error's line is the last
             message = message.splitlines()[-1].split(f"{type(error).__name__}: ", 1)[-1]

@@ -13,3 +13,8 @@ class MissingInput(InputError, FileNotFoundError):
 
 class BadInput(InputError, ValueError):
     """Something there, but not what it should be."""
+
+
+class Diverged(FloatingPointError):
+    """A run's training loss or gradients stopped being finite: a fact about the run, not a bug, so a command ends
+    with its message alone (which step, and that the checkpoints written so far are kept)."""

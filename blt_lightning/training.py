@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .callbacks import FlopBudget
-from .errors import BadInput, InputError, MissingInput
+from .errors import BadInput, Diverged, InputError, MissingInput
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import TransformerBlock, holds_parts, set_activation_checkpointing
 from .vocab import BOS, PAD
@@ -227,7 +227,7 @@ class ByteLMModule(L.LightningModule):
         if count < 2 * world:  # every rank stops
             what = ("the training loss is" if not loss_ok else "the gradients are" if not grads_ok
                     else "another rank's training loss or gradients are")
-            raise FloatingPointError(
+            raise Diverged(
                 f"step {self.global_step}: {what} not finite; stopping before the optimizer step. Checkpoints "
                 "written so far are kept: resume from one with --ckpt_path (a lower learning rate or gradient "
                 "clipping may help)."
