@@ -1,5 +1,5 @@
-"""Errors in what the user gave: a command ends with their message alone, where any other error shows its traceback
-(a bug to report)."""
+"""Errors a command ends with as their message alone: in what the user gave, or a run that diverged. Any other error
+shows its traceback (a bug to report)."""
 
 
 class InputError(Exception):
