@@ -17,8 +17,9 @@ read from environment variables.
   and the last batch of a reader are padded. With a manifest (which gives shard sizes), ranks that
   would run fewer batches get all-padding batches (which count zero bytes), so every rank runs the
   same number of forward passes: collective ops inside the model (FSDP) cannot hang.
-- Bad shards (unreadable, corrupt, shorter than their manifest says) stop the run with an error that
-  names the shard, or with `skip_bad_shards` are skipped with a warning that counts them.
+- Bad shards (unreadable, corrupt, shorter than their manifest says, a `pipe:` command or http transfer
+  that fails) stop the run with an error that names the shard, or with `skip_bad_shards` are skipped with
+  a warning that counts them.
 """
 
 import hashlib
@@ -80,7 +81,8 @@ class Sample(NamedTuple):
 
 def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
     """The documents of one shard, in order. With `documents` (from the manifest) a shard that ends early
-    is an error: a tar cut at a member boundary reads as a shorter valid tar."""
+    is an error: a tar cut at a member boundary reads as a shorter valid tar. A `pipe:` command that fails, or
+    an http transfer, shows only when its stream closes: that is then the error, naming the shard."""
     try:
         stream = wds.gopen(url)  # opened here, so that it is closed here even when a reader stops midway
     except Exception as error:
@@ -90,15 +92,30 @@ def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
         samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
         for count, sample in enumerate(_checked(url, samples), start=1):
             yield sample
-    except ShardError:
-        raise
     except Exception as error:  # tarfile, gzip, OS and webdataset errors alike: name the shard
+        if (failed := _close(stream)) is not None:  # the command or transfer failed: the cause
+            raise ShardError(f"{url}: its stream failed after {count} documents ({failed})") from error
+        if isinstance(error, ShardError):
+            raise
         raise ShardError(f"{url}: corrupt shard, unreadable after {count} documents "
                          f"({type(error).__name__}: {error})") from error
-    finally:
-        stream.close()
+    except BaseException:  # the reader stopped midway (an epoch ended): a pipe's command may then fail (SIGPIPE)
+        _close(stream)
+        raise
+    if (failed := _close(stream)) is not None:
+        raise ShardError(f"{url}: its stream failed after {count} documents ({failed})")
     if documents is not None and count != documents:
         raise ShardError(f"{url}: truncated shard, {count} documents where the manifest says {documents}")
+
+
+def _close(stream) -> str | None:
+    """Close a shard's stream; what went wrong, if anything (webdataset checks a `pipe:` command's exit status,
+    and so an http transfer's, when it closes)."""
+    try:
+        stream.close()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _checked(url: str, samples: Iterator[dict]) -> Iterator[Sample]:

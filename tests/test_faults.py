@@ -1,8 +1,10 @@
 """Bad shards are named or skipped, and no rank waits forever for another."""
 
+import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -59,6 +61,18 @@ def test_a_corrupt_training_shard_is_named_or_skipped(shards):
     with pytest.warns(UserWarning, match=split[0].url):
         batches = list(TrainStream(split, 16, 2, 0, 1, 0, 4, len(split), 50, skip_bad_shards=True))
     assert len(batches) == 50 and all(0 not in b["shard"].tolist() for b in batches)
+
+
+def test_a_pipe_shard_whose_command_fails_is_named_or_skipped(shards):
+    """webdataset reports a command's exit status (and so a failed http transfer) only as the stream closes."""
+    split = read_manifest(str(shards / MANIFEST))["validation"]
+    for shard, url in [(0, f"pipe:cat {shards}/no-such.tar"), (1, f"pipe:cat {split[1].url} && exit 3")]:
+        piped = [dataclasses.replace(s, url=url) if i == shard else s for i, s in enumerate(split)]
+        with pytest.raises(ShardError, match=rf"^{re.escape(url)}: its stream failed after \d+ documents .*exit"):
+            list(EvalStream(piped, 32, 4, 0, 1, 0))
+        with pytest.warns(UserWarning, match=rf"skipped the rest of a bad shard \(1 so far .*{re.escape(url)}"):
+            batches = list(EvalStream(piped, 32, 4, 0, 1, 0, skip_bad_shards=True))
+        assert len(batches) == len(EvalStream(split, 32, 4, 0, 1, 0))
 
 
 def test_a_reader_whose_every_shard_is_bad_stops_instead_of_spinning(shards):
