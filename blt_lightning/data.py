@@ -244,7 +244,7 @@ def read_manifest(path: str) -> dict[str, list[Shard]]:
     """The shards of each split named in a manifest, with their document and byte counts."""
     try:
         manifest = json.loads(Path(path).read_text())
-        base = Path(path).parent
+        base = Path(path).absolute().parent  # relative, a folder named `run:1` would read as a URL scheme
         stored = "entropies" in manifest
         return {
             split: [Shard(str(base / s["path"]), s["documents"], s["bytes"], stored) for s in info["shards"]]

@@ -36,6 +36,7 @@ MANIFEST_FORMAT = "blt_lightning.shards/1"
 SPLITS = ("train", "validation", "test")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 SHARD_NAME = re.compile(r"(train|validation|test)-\d{6}\.tar")
+UNFINISHED_SHARD = re.compile(r"\.(train|validation|test)-\d{6}\.tar\.partial")  # ShardSlot's, until it ends
 
 
 class PrepareError(BadInput):
@@ -266,6 +267,10 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
         if directory.resolve() in (out.resolve(), *out.resolve().parents):
             raise ValueError(f"{output}: inside the input directory {directory}, which would then hold shards "
                              "and a manifest that a later prepare of it reads as text")
+    for path, _ in files:
+        if out.resolve() in path.resolve().parents:
+            raise ValueError(f"{path}: an input inside the output directory {output}, whose shards and manifest "
+                             "this run replaces")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
 
@@ -324,16 +329,17 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
                 "shards": s.shards,
             }
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    _remove_stale_shards(out, manifest)
+    remove_stale_shards(out, manifest)
     return manifest
 
 
-def _remove_stale_shards(out: Path, manifest: dict) -> None:
-    """Shards an earlier run wrote here that this run did not: a pattern over the directory would find them."""
+def remove_stale_shards(out: Path, manifest: dict, command: str = "prepare") -> None:
+    """Shards an earlier run wrote here that this run did not (a pattern over the directory would find them),
+    and the unfinished ones of a run that was killed."""
     current = {shard["path"] for split in manifest["splits"].values() for shard in split["shards"]}
     for path in out.iterdir():
-        if SHARD_NAME.fullmatch(path.name) and path.name not in current:
-            print(f"prepare: removing {path}, left by an earlier run", file=sys.stderr)
+        if SHARD_NAME.fullmatch(path.name) and path.name not in current or UNFINISHED_SHARD.fullmatch(path.name):
+            print(f"{command}: removing {path}, left by an earlier run", file=sys.stderr)
             path.unlink()
 
 
@@ -347,7 +353,7 @@ def is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> 
 
 def input_list(files: list[tuple[Path, str]]) -> list[dict]:
     """The inputs as the manifest records them: enough to tell whether they changed since."""
-    return [{"path": str(f), "size": f.stat().st_size} for f, _ in files]
+    return [{"path": str(f), "size": (stat := f.stat()).st_size, "modified_ns": stat.st_mtime_ns} for f, _ in files]
 
 
 def summary(manifest: dict) -> str:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .data import read_manifest
 from .outputs import check_output_dir, write_atomically
 from .patcher import entropy_window, load_entropy_model
-from .prepare import MANIFEST, Document, ShardSlot
+from .prepare import MANIFEST, Document, ShardSlot, remove_stale_shards
 from .streams import ENTROPY_MEMBER, UNKNOWN, shard_samples
 from .vocab import encode
 
@@ -36,6 +36,7 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     model, context = load_entropy_model(checkpoint, device)
     window = entropy_window(model, context)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="entropies", disable=None) as bar:
         for split in manifest["splits"].values():
@@ -44,6 +45,7 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16",
                              "member": ENTROPY_MEMBER}
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    remove_stale_shards(out, manifest, "entropies")
     return manifest
 
 

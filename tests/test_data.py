@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from blt_lightning.data import ByteShardDataModule, expand_urls, read_manifest
-from blt_lightning.prepare import MANIFEST
+from blt_lightning.prepare import MANIFEST, PrepareOptions
 from blt_lightning.streams import EvalStream, Shard, TrainStream, pack_rows, shard_documents
 from blt_lightning.vocab import BOS, EOS, PAD, decode, encode
 
@@ -149,6 +149,27 @@ def test_datamodule_prepares_sources_once(corpus, tmp_path):
     assert manifest.stat().st_mtime_ns == first, "prepared again although nothing changed"
     dm.setup("fit")
     assert dm.shards["train"] and dm.shards["validation"]
+
+
+def test_a_source_edited_to_the_same_size_is_prepared_again(tmp_path):
+    source = tmp_path / "a.txt"
+    source.write_text("version A of a document\n" * 20)
+    dm = ByteShardDataModule(sources=[str(source)], shard_dir=str(tmp_path / "prepared"), seq_len=16, batch_size=2,
+                             prepare=PrepareOptions(val_fraction=0.0, test_fraction=0.0))
+    dm.prepare_data()
+    os.utime(source, ns=(1, 1))  # an mtime of its own, however coarse the filesystem's clock
+    source.write_text("version B of a document\n" * 20)
+    dm.prepare_data()
+    shards = read_manifest(str(tmp_path / "prepared" / MANIFEST))["train"]
+    assert b"version B" in b"".join(d for s in shards for d in shard_documents(s.url))
+
+
+def test_a_manifest_in_a_folder_named_like_a_url_scheme_reads(shards, tmp_path, monkeypatch):
+    """Its shards' paths are made absolute: relative, `run:1/train-000000.tar` reads as a URL of scheme run."""
+    shutil.copytree(shards, tmp_path / "run:1")
+    monkeypatch.chdir(tmp_path)
+    split = read_manifest("run:1/manifest.json")["validation"]
+    assert len(list(EvalStream(split, 32, 4, 0, 1, 0))) == len(EvalStream(split, 32, 4, 0, 1, 0))
 
 
 def test_too_few_shards_for_the_readers_is_a_clear_error(shards):

@@ -154,6 +154,11 @@ def test_the_command_line_writes_over_nothing_unless_told(corpus, tmp_path):
     with pytest.raises(SystemExit, match=r"texts/shards: inside the input directory .*texts, which would then hold"):
         main([str(texts), "--output", str(texts / "shards")])
     assert [p.name for p in texts.iterdir()] == ["a.txt"]
+    main([f"{texts}/**", "--output", str(texts / "shards")])  # a pattern: nothing of the output to match yet
+    manifest = (texts / "shards" / MANIFEST).read_bytes()
+    with pytest.raises(SystemExit, match=r"manifest.json: an input inside the output directory .*texts/shards"):
+        main([f"{texts}/**", "--output", str(texts / "shards"), "--overwrite"])
+    assert (texts / "shards" / MANIFEST).read_bytes() == manifest
 
 
 def test_unreadable_gzip_names_the_file(tmp_path):
@@ -184,7 +189,8 @@ def test_long_documents_are_cut_at_line_breaks(tmp_path):
 def test_a_rerun_removes_shards_it_no_longer_writes(corpus, tmp_path):
     out = tmp_path / "out"
     many = prepare([str(corpus)], out, OPTIONS, progress=False)
+    (out / ".train-000099.tar.partial").write_bytes(b"a shard a killed run began")
     few = prepare([str(corpus)], out, PrepareOptions(val_fraction=0.2, shard_bytes=10**6, interleave=1), progress=False)
     written = {s["path"] for split in few["splits"].values() for s in split["shards"]}
     assert len(written) < sum(len(s["shards"]) for s in many["splits"].values())
-    assert {p.name for p in out.glob("*.tar")} == written
+    assert {p.name for p in out.glob("*.tar")} == written and not list(out.glob(".*.partial"))
