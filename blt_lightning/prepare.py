@@ -76,6 +76,12 @@ class Document:
     source: str
     lang: str | None
 
+    def __post_init__(self):
+        # Names are labels (bpb by source and language, printed and logged): a file name's undecodable bytes
+        # and a record's lone surrogates (\u escapes) become '?', as UTF-8 cannot hold them.
+        self.source = self.source.encode("utf-8", "replace").decode()
+        self.lang = self.lang and self.lang.encode("utf-8", "replace").decode()
+
 
 @dataclass
 class Counts:

@@ -5,7 +5,9 @@ import tarfile
 import pytest
 from conftest import make_documents, write_jsonl
 
+from blt_lightning.data import read_manifest
 from blt_lightning.prepare import MANIFEST, PrepareError, PrepareOptions, main, prepare
+from blt_lightning.streams import EvalStream
 
 OPTIONS = PrepareOptions(val_fraction=0.2, test_fraction=0.1, shard_bytes=2000, interleave=4)
 
@@ -118,6 +120,19 @@ def test_text_files_directories_globs_and_text_field(tmp_path):
 
     globbed = prepare([str(tree / "**" / "*.txt")], tmp_path / "g", PrepareOptions(val_fraction=0.0), progress=False)
     assert globbed["splits"]["train"]["sources"] == {"tree": {"documents": 1, "bytes": len(a)}}
+
+
+def test_names_utf8_cannot_hold_become_question_marks_that_evaluation_can_group_by(tmp_path):
+    """A file name's undecodable bytes and a record's lone surrogate (a \\u escape) name sources and languages."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "f\udcff.txt").write_text("a file whose name is not UTF-8")  # the byte 0xff, as Python holds it
+    (tmp_path / "in" / "r.jsonl").write_text('{"text": "a record", "source": "\\ud800x", "lang": "\\udfffy"}\n')
+    files = sorted((tmp_path / "in").iterdir())
+    manifest = prepare([str(f) for f in files], tmp_path / "out", PrepareOptions(val_fraction=0.0), progress=False)
+    assert set(manifest["splits"]["train"]["sources"]) == {"f?", "?x"}
+    split = read_manifest(str(tmp_path / "out" / MANIFEST))["train"]
+    batch = next(iter(EvalStream(split, 64, 4, 0, 1, 0)))
+    assert set(batch["group_names"].values()) >= {"f?", "?x", "?y"}
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
