@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .data import iter_documents
+from .outputs import output_problem
 from .patcher import entropy_window, load_entropy_model
 from .patching import PatchingConfig, patch
 from .vocab import VOCAB_SIZE, encode
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.sample_bytes < 1 or (args.seq_len is not None and args.seq_len < 1):
         parser.error("--sample_bytes and --seq_len must be at least 1")
-    if args.output and Path(args.output).is_dir():
-        parser.error(f"--output {args.output} is a directory: name the YAML file to write")
+    if args.output and (problem := output_problem(args.output)):
+        parser.error(problem)
     try:
         model, context = load_entropy_model(args.checkpoint, args.device)
         window = entropy_window(model, context)

@@ -25,6 +25,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ import torch
 import yaml
 
 from .evaluate import evaluate
-from .outputs import write_atomically
+from .outputs import output_problem, write_atomically
 from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -200,8 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     experiments = [Path(e) if e.endswith(".yaml") else CONFIGS / "experiments" / f"{e}.yaml" for e in args.experiments]
     if missing := [str(e) for e in experiments if not e.is_file()]:  # before any work
         parser.error(f"no experiment config {missing}")
+    if missing := [f for f in args.eval if not Path(f).is_file()]:  # before training, which they would follow
+        parser.error(f"no --eval file {missing}")
+    if not all(0 < budget < math.inf for budget in args.budget):
+        parser.error("each --budget must be a positive number of FLOPs")
 
     out = args.output_dir
+    if problem := output_problem(out, folder=True):
+        parser.error(problem)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "shards" / MANIFEST
     if not manifest.is_file():

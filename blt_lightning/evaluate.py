@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .data import ByteShardDataModule, is_shard_url
 from .loading import load_lm
+from .outputs import output_problem
 from .prepare import PrepareOptions
 
 
@@ -100,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
         parser.error("--batch-size and --seq-len must be at least 1")
-    if args.json is not None and args.json.is_dir():
-        parser.error(f"--json {args.json} is a directory: name the file to write")
+    if problem := (args.json and output_problem(args.json)) or output_problem(args.output_dir, folder=True):
+        parser.error(problem)
+    if args.devices.isdigit() and int(args.devices) < 1:
+        parser.error("--devices must be at least 1 (or a list, or auto)")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     try:
         report = evaluate(args.checkpoint, args.data, args.output_dir, args.split, args.batch_size, args.seq_len,

@@ -14,6 +14,7 @@ BOS or the reserved id, so the document it writes is bytes to the end: EOS, or -
 """
 
 import argparse
+import os
 import codecs
 import math
 import sys
@@ -32,7 +33,7 @@ from .models.blt import ByteLatentTransformer
 from .models.blt_stream import BLTStream
 from .models.entropy import entropy_of
 from .patcher import IncrementalPatcher, Patcher, entropy_window
-from .vocab import BOS, EOS, OFFSET, PAD, RESERVED, encode
+from .vocab import BOS, EOS, OFFSET, PAD, RESERVED, VOCAB_SIZE, encode
 
 NEVER_SAMPLED = [PAD, BOS, RESERVED]
 
@@ -55,7 +56,7 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     logits[NEVER_SAMPLED] = float("-inf")
     if sampling.temperature == 0:
         return int(logits.argmax())
-    logits /= sampling.temperature
+    logits = (logits - logits.max()) / sampling.temperature  # the largest at 0: a tiny temperature makes no inf - inf
     if sampling.top_k is not None:
         logits[logits < logits.topk(sampling.top_k).values[-1]] = float("-inf")
     if sampling.top_p is not None:
@@ -157,9 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda if there is one")
     args = parser.parse_args(argv)
-    if not 0 <= args.temperature < math.inf or args.max_bytes < 0 or (args.top_k is not None and args.top_k < 1) \
+    if not 0 <= args.temperature < math.inf or args.max_bytes < 0 \
+            or (args.top_k is not None and not 1 <= args.top_k <= VOCAB_SIZE) \
             or (args.top_p is not None and not 0 < args.top_p <= 1):
-        parser.error("need a finite temperature >= 0, max-bytes >= 0, top-k >= 1 and 0 < top-p <= 1")
+        parser.error(f"need a finite temperature >= 0, max-bytes >= 0, 1 <= top-k <= {VOCAB_SIZE} and 0 < top-p <= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     try:
         new_stream = load(args.checkpoint, args.device)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"generate: {error}")
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     start, n = time.perf_counter(), 0
-    for n, byte in enumerate(generate(new_stream(), args.prompt.encode(), args.max_bytes, sampling, args.seed), 1):
+    for n, byte in enumerate(generate(new_stream(), os.fsencode(args.prompt), args.max_bytes, sampling, args.seed), 1):
         sys.stdout.write(text.decode(bytes([byte])))
         sys.stdout.flush()
     sys.stdout.write(text.decode(b"", final=True) + "\n")

@@ -55,6 +55,7 @@ def read_config(directory: Path, model_type: str):
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards its index names."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = directory / "model.safetensors.index.json"
@@ -66,7 +67,10 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{directory}: no model.safetensors (nor model.safetensors.index.json) here")
     weights = {}
     for name in files:
-        weights |= load_file(directory / name)
+        try:
+            weights |= load_file(directory / name)
+        except (OSError, SafetensorError) as error:  # missing, cut short, not safetensors
+            raise ValueError(f"{directory / name}: not a readable safetensors file ({error})") from None
     return weights
 
 
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bytes a row for evaluation and training (default: its max_position_embeddings)")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")
     args = parser.parse_args(argv)
+    if args.seq_len is not None and args.seq_len < 1:
+        parser.error("--seq-len must be at least 1")
     try:
         written = import_hf(args.model, check_output_dir(args.output, args.overwrite), args.entropy_model,
                             args.seq_len)

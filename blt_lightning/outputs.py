@@ -9,8 +9,8 @@ def check_output_dir(directory: str | os.PathLike, overwrite: bool) -> Path:
     """`directory`, if a command may write its output there: a new or empty directory, or (`overwrite`) one
     that holds files, which the new output may replace or lie mixed with."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory")
+    if problem := output_problem(directory, folder=True):
+        raise ValueError(problem)
     if not overwrite and directory.is_dir() and any(directory.iterdir()):
         raise ValueError(f"{directory}: not empty; give a new directory, or --overwrite to replace what is there")
     return directory
@@ -29,3 +29,14 @@ def as_umask_allows(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o666 & ~umask)
+
+
+def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why an output cannot go to `path` (a file, or with `folder` a folder), found before any work: a file where
+    one of its folders must be, or a folder where the file must be. None: it can."""
+    path = Path(path)
+    if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        return f"{path}: {blocking} is a file, not a folder"
+    if path.exists() and path.is_dir() != folder:
+        return f"{path}: not a directory" if folder else f"{path} is a directory: name the file to write"
+    return None

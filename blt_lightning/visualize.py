@@ -3,6 +3,8 @@
 `patch_figure` is also what stage two logs to TensorBoard."""
 
 import argparse
+import os
+from dataclasses import fields
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
+from .outputs import output_problem
 from .patcher import entropy_window, load_entropy_model
 from .patching import Patches, PatchingConfig, patch
 from .vocab import OFFSET, decode, encode
@@ -106,9 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot_bytes", type=int, default=160, help="bytes shown in the figure (default: 160)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.plot and (problem := output_problem(args.plot)):
+        parser.error(problem)
+    if args.plot_bytes < 1:
+        parser.error("--plot_bytes must be at least 1")
     try:
         config = patching_config(args)
-        data = args.text.encode() if args.text is not None else Path(args.file).read_bytes()
+        data = os.fsencode(args.text) if args.text is not None else Path(args.file).read_bytes()  # bytes as given
         if not data:
             raise ValueError(f"{args.file or 'the text'} is empty: no bytes to patch")
         if config.needs_entropies and not args.checkpoint:
@@ -147,9 +154,13 @@ def patching_config(args: argparse.Namespace) -> PatchingConfig:
             loaded = yaml.safe_load(Path(args.patching).read_text()) or {}
         except yaml.YAMLError as error:
             raise ValueError(f"{args.patching}: not YAML ({error})") from None
-        values = loaded.get("model", {}).get("init_args", {}).get("patching", {})
-        if not values:
-            raise ValueError(f"{args.patching}: no model.init_args.patching section")
+        values = loaded
+        for key in ("model", "init_args", "patching"):
+            values = values.get(key) if isinstance(values, dict) else None
+        if not isinstance(values, dict) or not values:
+            raise ValueError(f"{args.patching}: no model.init_args.patching section (a mapping of its options)")
+        if unknown := sorted(set(values) - {f.name for f in fields(PatchingConfig)}):
+            raise ValueError(f"{args.patching}: model.init_args.patching has no option {', '.join(unknown)}")
     for key in ("mode", "threshold", "relative_threshold", "patch_size", "max_patch_length"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

@@ -88,6 +88,8 @@ def test_patch_statistics_count_the_bytes_of_patches_as_their_mean_does(capsys):
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == "hell|o wo|rld"
     assert "3 patches over 11 bytes: mean 3.67, median 4, 90th percentile 4, longest 4" in printed
+    visualize.main(["--mode", "static", "--patch_size", "4", "--text", "caf\udce9!"])  # the byte 0xe9: not UTF-8
+    assert "2 patches over 5 bytes" in capsys.readouterr().out  # c, a, f, 0xe9, !: bytes, not an encoding error
 
 
 def test_figure_marks_patch_starts():

@@ -348,12 +348,15 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
     checkpoint, manifest = str(entropy_checkpoint), str(tmp_path / "unread.json")
     broken_yaml = tmp_path / "broken.yaml"
     broken_yaml.write_text("model: [unclosed")
+    listed_yaml, misspelled_yaml = tmp_path / "listed.yaml", tmp_path / "misspelled.yaml"
+    listed_yaml.write_text("- model\n")
+    misspelled_yaml.write_text("model:\n  init_args:\n    patching:\n      mode: entropy\n      thresh: 2\n")
     for tool, message in [
         (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "need a finite temperature >= 0"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--seq_len", "0"],
          "--sample_bytes and --seq_len must be at least 1"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--output", str(tmp_path)],
-         "is a directory: name the YAML file to write"),
+         "is a directory: name the file to write"),
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--batch-size", "0"],
          "--batch-size and --seq-len must be at least 1"),
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--json", str(tmp_path)],
@@ -361,7 +364,26 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
         (["patch", "--checkpoint", checkpoint, "--mode", "entropy", "--threshold", "1", "--text", ""],
          "the text is empty: no bytes to patch"),
         (["patch", "--patching", str(broken_yaml), "--text", "x"], "broken.yaml: not YAML"),
+        (["patch", "--patching", str(listed_yaml), "--text", "x"], "no model.init_args.patching section"),
+        (["patch", "--patching", str(misspelled_yaml), "--text", "x"], "model.init_args.patching has no option thresh"),
+        (["patch", "--checkpoint", checkpoint, "--text", "x", "--plot", str(tmp_path)], "is a directory: name the file"),
+        (["patch", "--checkpoint", checkpoint, "--text", "x", "--plot", "f.png", "--plot_bytes", "0"],
+         "--plot_bytes must be at least 1"),
+        (["generate", "--checkpoint", checkpoint, "--top-k", "300"], "1 <= top-k <= 260"),
+        (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--devices", "0"], "--devices must be at least 1"),
+        # Where a file stands in for a folder of the output's path: found now, not after the work.
+        (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--json", f"{checkpoint}/report.json"],
+         f"{checkpoint} is a file, not a folder"),
+        (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--output",
+          f"{checkpoint}/p.yaml"], f"{checkpoint} is a file, not a folder"),
+        (["export-hf", "--checkpoint", checkpoint, "--output", f"{checkpoint}/hf"], f"{checkpoint} is a file, not a"),
+        (["import-hf", "--model", str(tmp_path), "--output", str(tmp_path / "i"), "--seq-len", "-4"],
+         "--seq-len must be at least 1"),
+        (["compare", "--budget", "0", "--output-dir", str(tmp_path / "c")], "each --budget must be a positive number"),
+        (["compare", "--eval", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "c")], "no --eval file"),
+        (["compare", "--output-dir", f"{checkpoint}/c"], f"{checkpoint} is a file, not a folder"),
     ]:
         with pytest.raises(SystemExit) as exited:  # argparse prints its message; sys.exit carries it
             main(tool)
         assert message in f"{exited.value.code} {capsys.readouterr().err}", tool
+    assert not (tmp_path / "c").exists()

@@ -138,6 +138,7 @@ def test_sampling_options():
     assert run(Sampling(temperature=1.0), seed=7) == run(Sampling(temperature=1.0), seed=7)
     assert run(Sampling(temperature=1.0), seed=7) != run(Sampling(temperature=1.0), seed=8)
     assert run(Sampling(temperature=1.0, top_k=5, top_p=0.9), seed=1) != greedy
+    assert run(Sampling(temperature=1e-45), seed=2) == greedy  # the smallest float32: no inf - inf, no NaN
 
 
 def test_sampling_never_draws_padding_bos_or_the_reserved_id():
@@ -164,6 +165,10 @@ def test_cli_generates_from_either_stage(which, blt_checkpoint, entropy_checkpoi
     expected = bytes(generate(load(checkpoint)(), b"doc 3: the", 40, GREEDY))
     assert out == expected.decode("utf-8", errors="replace") + "\n"
     assert f"{len(expected)} bytes in " in err and "bytes/s" in err
+    # A prompt that is not UTF-8 (Python holds its bytes as surrogates) is continued as the bytes given.
+    invalid, _ = cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "caf\udce9", "--max-bytes", "8",
+                     "--temperature", "0")
+    assert invalid == bytes(generate(load(checkpoint)(), b"caf\xe9", 8, GREEDY)).decode("utf-8", "replace") + "\n"
     sampled, _ = cli(capsys, "--checkpoint", str(checkpoint), "--max-bytes", "40", "--top-k", "20", "--top-p", "0.9",
                      "--temperature", "0.8", "--seed", "5")
     assert sampled == cli(capsys, "--checkpoint", str(checkpoint), "--max-bytes", "40", "--top_k", "20", "--top_p",

@@ -234,6 +234,10 @@ def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
     with pytest.raises(ValueError, match=r"narrow/model.safetensors: tensors = \['global_transformer.layers.0.feed_"
                                          r"forward.w3.weight'\]: shapes \[\(96, 47\)\] where the config says"):
         import_hf(folder, tmp_path / "out")
+    cut = shutil.copytree(hf_blt[0], tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut/model.safetensors: not a readable safetensors file"):
+        import_hf(cut, tmp_path / "out")
     with pytest.raises(ValueError, match=r"x.ckpt: model.doubled_cross_attn_residual = False"):
         hf_config_kwargs(BLTConfig(), PatchingConfig("static"), None, 1024, "x.ckpt")
     with pytest.raises(ValueError, match=r"x.ckpt: patching.mode = 'monotonic': BltConfig has no such patching"):
