@@ -18,10 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .data import iter_documents
-from .outputs import output_problem
+from .outputs import byte_progress, output_problem
 from .patcher import entropy_window, load_entropy_model
 from .patching import PatchingConfig, patch
 from .vocab import VOCAB_SIZE, encode
@@ -36,7 +35,7 @@ def sample_entropies(model, window: int, data: list[str], split: str, sample_byt
     or with seq_len [R, seq_len] of them end to end in rows, each row's entropies computed alone."""
     ids, entropies, taken = [], [], 0
     device = model.output.weight.device
-    with tqdm(total=sample_bytes, unit="B", unit_scale=True, desc="entropies", disable=None) as bar:
+    with byte_progress(sample_bytes, "entropies") as bar:
         for doc in iter_documents(data, split):
             if not doc:
                 continue

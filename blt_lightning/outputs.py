@@ -1,8 +1,12 @@
 """How the tools write their outputs: never over what an earlier command wrote unless told to, and each
 file whole or not at all."""
 
+import io
 import os
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 def check_output_dir(directory: str | os.PathLike, overwrite: bool) -> Path:
@@ -40,3 +44,24 @@ def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
     if path.exists() and path.is_dir() != folder:
         return f"{path}: not a directory" if folder else f"{path} is a directory: name the file to write"
     return None
+
+
+class _LogLines(io.TextIOBase):
+    """Where tqdm draws in a log file: each redraw a line of its own, not a carriage return over the last."""
+
+    def write(self, text: str) -> int:
+        if line := text.replace("\r", "").strip():  # tqdm redraws with \r and clears with spaces
+            sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def byte_progress(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """A progress bar over `total` bytes on stderr: redrawn in place on a terminal; in a log file (a batch job's
+    stderr, where tqdm alone would draw nothing) a line at the start, every minute and at the end."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, file=_LogLines(),
+                mininterval=60, ncols=100)

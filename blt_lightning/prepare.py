@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from tqdm import tqdm
 
 from .errors import BadInput
-from .outputs import check_output_dir, write_atomically
+from .outputs import byte_progress, check_output_dir, write_atomically
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "blt_lightning.shards/1"
@@ -285,7 +284,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
     shards_started = {split: 0 for split in SPLITS}
     empty, malformed = Counts(), Counts()
     total = sum(f.stat().st_size for f, _ in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress or None)
+    bar = byte_progress(total, "prepare", enabled=progress)
     done_before = 0
     try:
         for path, source in files:

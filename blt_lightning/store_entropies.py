@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .data import read_manifest
-from .outputs import check_output_dir, write_atomically
+from .outputs import byte_progress, check_output_dir, write_atomically
 from .patcher import entropy_window, load_entropy_model
 from .prepare import MANIFEST, Document, ShardSlot, remove_stale_shards
 from .streams import ENTROPY_MEMBER, UNKNOWN, shard_samples
@@ -38,7 +38,7 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
     total = sum(split["bytes"] for split in manifest["splits"].values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="entropies", disable=None) as bar:
+    with byte_progress(total, "entropies") as bar:
         for split in manifest["splits"].values():
             split["shards"] = [_rewrite(source.parent / s["path"], s["documents"], out, model, window, bar)
                                for s in split["shards"]]

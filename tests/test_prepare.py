@@ -1,5 +1,7 @@
 import hashlib
+import io
 import json
+import sys
 import tarfile
 
 import pytest
@@ -133,6 +135,15 @@ def test_names_utf8_cannot_hold_become_question_marks_that_evaluation_can_group_
     split = read_manifest(str(tmp_path / "out" / MANIFEST))["train"]
     batch = next(iter(EvalStream(split, 64, 4, 0, 1, 0)))
     assert set(batch["group_names"].values()) >= {"f?", "?x", "?y"}
+
+
+def test_progress_in_a_log_file_is_lines(corpus, tmp_path, monkeypatch):
+    """A batch job's stderr is a file, not a terminal: progress still shows, a line at a time."""
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    prepare([str(corpus)], tmp_path / "out", OPTIONS)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and lines[0].startswith("prepare:   0%") and lines[-1].startswith("prepare: 100%")
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
