@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no experiment config {missing}")
     if missing := [f for f in args.eval if not Path(f).is_file()]:  # before training, which they would follow
         parser.error(f"no --eval file {missing}")
+    if len({label(f) for f in args.eval}) < len(args.eval):
+        parser.error(f"--eval files whose names share a column of the table (bpb:NAME, NAME before the first "
+                     f"dot): {[label(f) for f in args.eval]}; rename one")
     if not all(0 < budget < math.inf for budget in args.budget):
         parser.error("each --budget must be a positive number of FLOPs")
 

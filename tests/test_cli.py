@@ -350,6 +350,7 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
     broken_yaml.write_text("model: [unclosed")
     listed_yaml, misspelled_yaml = tmp_path / "listed.yaml", tmp_path / "misspelled.yaml"
     listed_yaml.write_text("- model\n")
+    (tmp_path / "listed.json").write_text("{}")
     misspelled_yaml.write_text("model:\n  init_args:\n    patching:\n      mode: entropy\n      thresh: 2\n")
     for tool, message in [
         (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "need a finite temperature >= 0"),
@@ -381,6 +382,8 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
          "--seq-len must be at least 1"),
         (["compare", "--budget", "0", "--output-dir", str(tmp_path / "c")], "each --budget must be a positive number"),
         (["compare", "--eval", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "c")], "no --eval file"),
+        (["compare", "--eval", str(listed_yaml), str(tmp_path / "listed.json"), "--output-dir", str(tmp_path / "c")],
+         "--eval files whose names share a column of the table"),
         (["compare", "--output-dir", f"{checkpoint}/c"], f"{checkpoint} is a file, not a folder"),
     ]:
         with pytest.raises(SystemExit) as exited:  # argparse prints its message; sys.exit carries it
