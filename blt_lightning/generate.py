@@ -14,9 +14,9 @@ BOS or the reserved id, so the document it writes is bytes to the end: EOS, or -
 """
 
 import argparse
-import os
 import codecs
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator

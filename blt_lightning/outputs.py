@@ -61,7 +61,5 @@ class _LogLines(io.TextIOBase):
 def byte_progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     """A progress bar over `total` bytes on stderr: redrawn in place on a terminal; in a log file (a batch job's
     stderr, where tqdm alone would draw nothing) a line at the start, every minute and at the end."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, file=_LogLines(),
-                mininterval=60, ncols=100)
+    in_a_log = {} if sys.stderr.isatty() else {"file": _LogLines(), "mininterval": 60, "ncols": 100}
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, **in_a_log)

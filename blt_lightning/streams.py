@@ -93,28 +93,28 @@ def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
         for count, sample in enumerate(_checked(url, samples), start=1):
             yield sample
     except Exception as error:  # tarfile, gzip, OS and webdataset errors alike: name the shard
-        if (failed := _close(stream)) is not None:  # the command or transfer failed: the cause
-            raise ShardError(f"{url}: its stream failed after {count} documents ({failed})") from error
+        if (failed := _close(stream, url, count)) is not None:  # the command or transfer failed: the cause
+            raise failed from error
         if isinstance(error, ShardError):
             raise
         raise ShardError(f"{url}: corrupt shard, unreadable after {count} documents "
                          f"({type(error).__name__}: {error})") from error
     except BaseException:  # the reader stopped midway (an epoch ended): a pipe's command may then fail (SIGPIPE)
-        _close(stream)
+        _close(stream, url, count)
         raise
-    if (failed := _close(stream)) is not None:
-        raise ShardError(f"{url}: its stream failed after {count} documents ({failed})")
+    if (failed := _close(stream, url, count)) is not None:
+        raise failed
     if documents is not None and count != documents:
         raise ShardError(f"{url}: truncated shard, {count} documents where the manifest says {documents}")
 
 
-def _close(stream) -> str | None:
-    """Close a shard's stream; what went wrong, if anything (webdataset checks a `pipe:` command's exit status,
-    and so an http transfer's, when it closes)."""
+def _close(stream, url: str, count: int) -> ShardError | None:
+    """Close the stream of shard `url`, read up to document `count`; the error to raise if it failed (webdataset
+    checks a `pipe:` command's exit status, and so an http transfer's, when it closes)."""
     try:
         stream.close()
     except Exception as error:
-        return f"{type(error).__name__}: {error}"
+        return ShardError(f"{url}: its stream failed after {count} documents ({type(error).__name__}: {error})")
     return None
 
 

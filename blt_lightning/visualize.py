@@ -4,9 +4,9 @@
 
 import argparse
 import os
-from dataclasses import fields
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
