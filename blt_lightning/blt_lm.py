@@ -20,6 +20,12 @@ from .vocab import PAD, encode
 FIGURE_TEXT = "The Byte Latent Transformer, by George R.R. Martin: 字节, байты, בייטים."
 
 
+def positions_and_patches(ids: torch.Tensor, patches: Patches) -> tuple[int, int]:
+    """Positions of a batch's rows the model reads, PAD left out, and their patches (a run of padding is none):
+    the patch size its FLOPs per byte are counted at."""
+    return int((ids != PAD).sum()), int((patches.mask & ~patches.padding).sum())
+
+
 class BLTLM(ByteLMModule):
     def __init__(
         self,
@@ -87,8 +93,8 @@ class BLTLM(ByteLMModule):
         if patch_budget is not None and patch_budget < seq_len:
             # The example row Lightning's model summary runs is all BOS, each its own patch: past the budget.
             self.example_input_array = None
-        # of this test run: bytes patched, their patches, entropy-model runs
-        self._tested = torch.zeros(3, dtype=torch.float64)
+        # of this test run: bytes, patches holding bytes, positions (not PAD), patches over them, entropy-model runs
+        self._tested = torch.zeros(5, dtype=torch.float64)
         # Bytes over patches of a whole validation or test run (per-batch sizes weighted by their patches),
         # not a mean of batches' sizes, which a batch of a few long patches would sway.
         self.val_patch_size, self.test_patch_size = MeanMetric(), MeanMetric()
@@ -123,7 +129,8 @@ class BLTLM(ByteLMModule):
         entropy_model_ran = self.entropy_model is not None and "entropies" not in batch
         self._count_cost(patches, int(patches_per_row.sum()), entropy_model_ran)
         if self._trainer is not None and self.trainer.testing:
-            self._tested += torch.tensor([patches.patched_bytes, patches.byte_patches, entropy_model_ran])
+            self._tested += torch.tensor([patches.patched_bytes, patches.byte_patches,
+                                          *positions_and_patches(ids, patches), entropy_model_ran])
         return self.next_byte_cross_entropy(logits, targets), targets
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -151,9 +158,8 @@ class BLTLM(ByteLMModule):
         too many."""
         positions, patches = 0, 0
         for batch in batches:
-            found = self.patch_batch(batch)
-            positions += int((batch["ids"][:, :-1] != PAD).sum())
-            patches += int((found.mask & ~found.padding).sum())
+            batch_positions, batch_patches = positions_and_patches(batch["ids"][:, :-1], self.patch_batch(batch))
+            positions, patches = positions + batch_positions, patches + batch_patches
         if not patches:
             raise ValueError("no batch to measure the mean patch size on")
         return 3 * blt_flops_per_byte(self.model.config, self.seq_len, positions / patches), positions / patches
@@ -163,12 +169,14 @@ class BLTLM(ByteLMModule):
         self._tested.zero_()
 
     def inference_cost(self) -> dict:
-        """Mean patch size over the test run's bytes, and forward FLOPs per byte at it (with the entropy
-        model's, when it patched on the fly)."""
+        """The test run's mean patch size (bytes per patch that holds bytes, as the paper counts) and its forward
+        FLOPs per byte (per position, as in training), with the entropy model's when it patched on the fly.
+        The FLOPs are counted at the positions per patch the model ran: BOS and EOS are positions, often patches
+        of their own, and the global transformer runs over those patches too."""
         tested = self.trainer.strategy.reduce(self._tested.to(self.device), reduce_op="sum")
-        n_bytes, n_patches, entropy_runs = tested.tolist()
+        n_bytes, n_patches, positions, position_patches, entropy_runs = tested.tolist()
         mean_patch_size = n_bytes / max(1.0, n_patches)
-        flops = blt_flops_per_byte(self.model.config, self.seq_len, mean_patch_size)
+        flops = blt_flops_per_byte(self.model.config, self.seq_len, positions / max(1.0, position_patches))
         entropy_flops = self.entropy_flops_per_byte if entropy_runs else 0.0
         return {"mean_patch_size": mean_patch_size, "patches": int(n_patches), "flops_per_byte": flops + entropy_flops,
                 "entropy_model_flops_per_byte": entropy_flops}

@@ -8,13 +8,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_blt_model import TINY
 
 from blt_lightning import BLTLM, ByteShardDataModule
+from blt_lightning.blt_lm import positions_and_patches
 from blt_lightning.calibrate import main as calibrate
 from blt_lightning.cli import main
 from blt_lightning.flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from blt_lightning.models.layers import TransformerBlock
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.prepare import MANIFEST
-from blt_lightning.vocab import OFFSET, PAD
+from blt_lightning.vocab import OFFSET, PAD, document_ids, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 # Monotonic: the barely trained test entropy model gives every byte about the same entropy, so a global
@@ -184,3 +185,20 @@ def test_the_flops_of_a_training_step_are_measured_on_patches_of_bytes_not_of_pa
     per_byte, patch_size = measure(padded)
     assert patch_size == pytest.approx(41 / patches)
     assert per_byte == pytest.approx(3 * blt_flops_per_byte(module.model.config, 32, 41 / patches))
+
+
+def test_inference_flops_are_counted_at_the_positions_per_patch_the_model_runs():
+    """BOS and EOS are positions, here patches of their own, which the global transformer runs over too: the test
+    run's FLOPs per byte count them, while its mean patch size is the paper's (bytes over patches holding bytes)."""
+    module = BLTLM(TINY, PatchingConfig(mode="space"), seq_len=32)
+    documents = [encode(text) for text in (b"a b c d", b"lorem ipsum dolor", b"x", b"sit amet")]
+    ids = torch.cat(documents + [torch.full((66,), PAD)])[:66].view(2, 33)
+    batch = {"ids": ids, "doc_ids": document_ids(ids)}
+    found = module.patch_batch(batch)
+    positions, patches = positions_and_patches(ids[:, :-1], found)
+    assert positions / patches != pytest.approx(found.mean_size), "the two counts must differ for this test to tell"
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    cost = module.inference_cost()
+    assert cost["mean_patch_size"] == pytest.approx(found.mean_size)
+    assert cost["flops_per_byte"] == pytest.approx(blt_flops_per_byte(module.model.config, 32, positions / patches))
