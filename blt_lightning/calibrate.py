@@ -1,7 +1,8 @@
 """`calibrate`: the entropy threshold that gives a target mean patch size on a sample of the data.
 
 The mean patch size never falls as the threshold rises, so a bisection over thresholds finds it; the
-answer is the threshold whose mean patch size on the sample is closest to the target. The sample's
+answer is the threshold whose mean patch size on the sample is closest to the target. The sample is
+whole documents drawn at random (seeded) from all of the data, which is read through once. Its
 entropies are computed once, then patched again for every threshold tried: by default each document
 streamed whole through the frozen model (as generation and stored entropies see it); with --seq_len, in
 rows of that many ids as stage two's DataModule packs documents and its patcher sees them (each row
@@ -12,7 +13,9 @@ compose with (`--config snippet.yaml`).
 """
 
 import argparse
+import heapq
 import math
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,27 +32,38 @@ SEARCH_STEPS = 60
 TOLERANCE = 0.02  # of the target mean patch size
 
 
-def sample_entropies(model, window: int, data: list[str], split: str, sample_bytes: int,
-                     seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and entropies of documents from `data`, until `sample_bytes` bytes: [1, N] of whole documents,
-    or with seq_len [R, seq_len] of them end to end in rows, each row's entropies computed alone."""
-    ids, entropies, taken = [], [], 0
-    device = model.output.weight.device
-    with byte_progress(sample_bytes, "entropies") as bar:
-        for doc in iter_documents(data, split):
+def sample_documents(data: list[str], split: str, sample_bytes: int, seed: int = 0) -> list[bytes]:
+    """A uniform random sample of the documents of `data` (of a manifest's `split`), in their order there: those
+    with the lowest random keys, until their bytes reach sample_bytes. Every document is read: shards keep their
+    inputs' order, so the first documents would be the first input file's, and a corpus of several sources would
+    be calibrated on one."""
+    rng, kept, kept_bytes = random.Random(seed), [], 0  # kept: a heap of (-key, position, document)
+    with byte_progress(None, "reading documents") as bar:
+        for position, doc in enumerate(iter_documents(data, split)):
+            bar.update(len(doc))
             if not doc:
                 continue
-            doc_ids = encode(doc).to(device)
-            ids.append(doc_ids)
-            if seq_len is None:
-                entropies.append(model.document_entropies(doc_ids, window))
-            taken += len(doc)
-            bar.update(len(doc))
-            if taken >= sample_bytes:
-                break
-    if not ids:
+            heapq.heappush(kept, (-rng.random(), position, doc))
+            kept_bytes += len(doc)
+            while kept_bytes - len(kept[0][2]) >= sample_bytes:  # the highest key is not needed to reach the size
+                kept_bytes -= len(heapq.heappop(kept)[2])
+    return [doc for _, _, doc in sorted(kept, key=lambda item: item[1])]
+
+
+def sample_entropies(model, window: int, data: list[str], split: str, sample_bytes: int,
+                     seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and entropies of a sample of documents from `data` (sample_documents): [1, N] of whole documents, or
+    with seq_len [R, seq_len] of them end to end in rows, each row's entropies computed alone."""
+    docs = sample_documents(data, split, sample_bytes)
+    if not docs:
         raise ValueError(f"no documents in {data} ({split} split for manifests)")
+    ids = [encode(doc).to(model.output.weight.device) for doc in docs]
     if seq_len is None:
+        with byte_progress(sum(map(len, docs)), "entropies") as bar:
+            entropies = []
+            for doc, doc_ids in zip(docs, ids):
+                entropies.append(model.document_entropies(doc_ids, window))
+                bar.update(len(doc))
         return torch.cat(ids)[None], torch.cat(entropies)[None]
     ids = torch.cat(ids)
     if len(ids) < seq_len:
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="kept fixed in combined mode (default: 0)")
     parser.add_argument("--max_patch_length", type=int, default=None, help="cut longer patches (default: no limit)")
     parser.add_argument("--sample_bytes", type=int, default=1_000_000,
-                        help="bytes of whole documents to sample (default: 1e6)")
+                        help="bytes of whole documents to sample, drawn at random from all of the data (default: 1e6)")
     parser.add_argument("--seq_len", type=int, default=None,
                         help="patch rows of this many ids, as stage two trains and evaluates with its model's "
                              "patcher (its data.seq_len); default: whole documents, as generation patches")

@@ -56,6 +56,23 @@ def test_calibrated_in_rows_it_reaches_its_target_in_stage_twos_rows(tmp_path):
         assert (in_stage_two(config) == pytest.approx(target, rel=0.02)) == close
 
 
+def test_the_sample_is_drawn_from_all_of_the_data_not_its_first_source(tmp_path):
+    """Shards keep their inputs' order: a sample of the first documents would hold only the first source."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, letter in ((first, "a"), (second, "b")):
+        path.write_text("".join(json.dumps({"text": letter * (50 + i)}) + "\n" for i in range(40)))
+    data = [str(first), str(second)]
+    sample = calibrate.sample_documents(data, "validation", 1_500)
+    sizes = [len(doc) for doc in sample]
+    assert sum(sizes) >= 1_500 and sum(sizes) - max(sizes) < 1_500, "just enough whole documents"
+    from_first = sum(doc.startswith(b"a") for doc in sample)
+    assert 5 <= from_first <= len(sample) - 5, f"{from_first} of {len(sample)} documents from the first file"
+    assert sample == sorted(sample, key=lambda doc: (doc[:1], len(doc))), "in the data's order"
+    assert sample == calibrate.sample_documents(data, "validation", 1_500), "seeded"
+    everything = calibrate.sample_documents(data, "validation", 10**6)
+    assert everything == [letter.encode() * (50 + i) for letter in "ab" for i in range(40)]
+
+
 def test_an_unreachable_target_is_a_clear_error():
     ids, h = entropies_of(sharp_model(), real_text(5_000))
     with pytest.raises(ValueError, match="out of reach"):
