@@ -65,7 +65,7 @@ class BLTLM(ByteLMModule):
                 decoder's), the largest thing they keep, for one more product each.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
-                of the first validation batches (FlopBudget).
+                of validation batches drawn from the whole split (FlopBudget).
             init_from: A stage-two checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts
                 `fit` from: fine-tuning; not its optimizer state or step, nor its entropy model (entropy_checkpoint's).
                 Resuming (--ckpt_path) takes precedence.

@@ -1,10 +1,11 @@
 """Callbacks the configs use."""
 
-import itertools
 import os
+import random
 import signal
 import subprocess
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -215,16 +216,29 @@ def save_last(trainer) -> Path | None:
     return path
 
 
+def drawn_from_all(items: Iterable, k: int, seed: int = 0) -> list:
+    """k of `items` drawn uniformly from all of them (reservoir sampling: each is read once), in their order."""
+    rng, kept = random.Random(seed), []
+    for seen, item in enumerate(items):
+        if seen < k:
+            kept.append((seen, item))
+        elif (slot := rng.randrange(seen + 1)) < k:
+            kept[slot] = (seen, item)
+    return [item for _, item in sorted(kept, key=lambda pair: pair[0])]
+
+
 class FlopBudget(Callback):
     def __init__(self, flops: float, sample_batches: int = 8):
         """Train for a budget of FLOPs instead of a number of steps: max_steps becomes the budget over
         the FLOPs of an optimizer step (the trained model's training FLOPs per byte, for BLT at the mean
-        patch size of the first validation batches, times the global batch in bytes). The frozen entropy
-        model's FLOPs are not counted, as in the BLT paper's FLOP-matched comparisons.
+        patch size of validation batches drawn from the whole split, times the global batch in bytes). The
+        frozen entropy model's FLOPs are not counted, as in the BLT paper's FLOP-matched comparisons.
 
         Args:
             flops: Training FLOPs to spend, all ranks together.
-            sample_batches: Validation batches the mean patch size is measured on.
+            sample_batches: Validation batches the mean patch size is measured on, drawn at random (seeded)
+                from all of this rank's: shards keep their inputs' order, so the first batches would
+                hold the first source's documents only.
         """
         self.flops, self.sample_batches = flops, sample_batches
 
@@ -232,8 +246,8 @@ class FlopBudget(Callback):
         if stage != "fit":
             return
         data = trainer.datamodule
-        batches = itertools.islice(iter(data.val_dataloader()), self.sample_batches)
-        per_byte, patch_size = pl_module.training_flops_per_byte(batches)
+        per_byte, patch_size = pl_module.training_flops_per_byte(drawn_from_all(data.val_dataloader(),
+                                                                                self.sample_batches))
         step_bytes = data.batch_size * pl_module.seq_len * trainer.world_size * trainer.accumulate_grad_batches
         # Ranks measure on different batches: rank 0's count stands for all, so every rank stops together.
         steps = trainer.strategy.broadcast(max(1, round(self.flops / (per_byte * step_bytes))), src=0)

@@ -59,7 +59,8 @@ class _LogLines(io.TextIOBase):
 
 
 def byte_progress(total: int | None, desc: str, enabled: bool = True) -> tqdm:
-    """A progress bar over `total` bytes (None: not known) on stderr: redrawn in place on a terminal; in a log file (a batch job's
-    stderr, where tqdm alone would draw nothing) a line at the start, every minute and at the end."""
+    """A progress bar over `total` bytes (None: not known) on stderr: redrawn in place on a terminal; in a log
+    file (a batch job's stderr, where tqdm alone would draw nothing) a line at the start, every minute and at the
+    end."""
     in_a_log = {} if sys.stderr.isatty() else {"file": _LogLines(), "mininterval": 60, "ncols": 100}
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, **in_a_log)

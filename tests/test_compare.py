@@ -5,19 +5,25 @@ import csv
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from blt_lightning import BLTLM
 from blt_lightning import calibrate as calibrate_module
+from blt_lightning.callbacks import FlopBudget, drawn_from_all
 from blt_lightning import compare as compare_module
 from blt_lightning.cli import main
 from blt_lightning.compare import main as compare
 from blt_lightning.compare import row_length
 from blt_lightning.flops import entropy_model_flops_per_byte
 from blt_lightning.models import EntropyModelConfig
+from blt_lightning.patching import PatchingConfig
+from blt_lightning.vocab import encode
 
+from test_blt_model import TINY
 from test_cli import ROOT, fit_args
 
 
@@ -30,6 +36,29 @@ def test_a_flop_budget_sets_the_steps_and_the_last_checkpoint_holds_them(corpus,
     # 5 steps, though validation (where ModelCheckpoint saves) ran at steps 2 and 4 only.
     assert last["global_step"] == 5
     assert last["trained_flops"] == pytest.approx(5 * per_step)
+
+
+def test_a_flop_budget_measures_patches_on_batches_from_the_whole_validation_split():
+    """Shards keep their inputs' order: the first validation batches may all be one source's. Here the first
+    half's rows patch in 2 bytes (space patching of "a a a ..."), the second half's in one patch a row."""
+    module = BLTLM(TINY, PatchingConfig(mode="space"), seq_len=32)
+
+    def batches(text: bytes, count: int) -> list[dict]:
+        ids = encode(text * 3)[:33].repeat(2, 1)
+        return [{"ids": ids, "doc_ids": torch.zeros_like(ids)}] * count
+
+    short, long = batches(b"a " * 20, 12), batches(b"a" * 40, 12)
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1,
+                              strategy=SimpleNamespace(broadcast=lambda x, src: x),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)),
+                              datamodule=SimpleNamespace(batch_size=2, val_dataloader=lambda: short + long))
+    budget = 1e12
+    FlopBudget(budget).setup(trainer, module, "fit")
+    steps = trainer.fit_loop.epoch_loop.max_steps
+    only_short, only_long = (budget / (module.training_flops_per_byte(kind[:8])[0] * 2 * 32) for kind in (short, long))
+    assert only_short < steps < only_long
+    assert drawn_from_all(range(1000), 8) == sorted(drawn_from_all(range(1000), 8)), "in their order, seeded"
+    assert len(set(drawn_from_all(range(1000), 8))) == 8 and drawn_from_all(range(5), 8) == [0, 1, 2, 3, 4]
 
 
 def test_the_entropy_threshold_is_calibrated_in_the_rows_the_experiments_train_on(tmp_path):
