@@ -37,6 +37,8 @@ def sample_documents(data: list[str], split: str, sample_bytes: int, seed: int =
     with the lowest random keys, until their bytes reach sample_bytes. Every document is read: shards keep their
     inputs' order, so the first documents would be the first input file's, and a corpus of several sources would
     be calibrated on one."""
+    if sample_bytes < 1:
+        raise ValueError(f"sample_bytes must be at least 1, not {sample_bytes}")
     rng, kept, kept_bytes = random.Random(seed), [], 0  # kept: a heap of (-key, position, document)
     with byte_progress(None, "reading documents") as bar:
         for position, doc in enumerate(iter_documents(data, split)):
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="kept fixed in combined mode (default: 0)")
     parser.add_argument("--max_patch_length", type=int, default=None, help="cut longer patches (default: no limit)")
     parser.add_argument("--sample_bytes", type=int, default=1_000_000,
-                        help="bytes of whole documents to sample, drawn at random from all of the data (default: 1e6)")
+                        help="bytes of whole documents to sample, drawn at random from all of the data, which is "
+                             "read through once (default: 1e6)")
     parser.add_argument("--seq_len", type=int, default=None,
                         help="patch rows of this many ids, as stage two trains and evaluates with its model's "
                              "patcher (its data.seq_len); default: whole documents, as generation patches")
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(problem)
     try:
         model, context = load_entropy_model(args.checkpoint, args.device)
-        window = entropy_window(model, context)
+        window = entropy_window(model.config, context)
         ids, entropies = sample_entropies(model, window, args.data, args.split, args.sample_bytes, args.seq_len)
         start = PatchingConfig(mode=args.mode, threshold=None if args.mode == "monotonic" else 0.0,
                                relative_threshold=args.relative_threshold, max_patch_length=args.max_patch_length)

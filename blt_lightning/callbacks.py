@@ -5,7 +5,7 @@ import random
 import signal
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -216,15 +216,16 @@ def save_last(trainer) -> Path | None:
     return path
 
 
-def drawn_from_all(items: Iterable, k: int, seed: int = 0) -> list:
-    """k of `items` drawn uniformly from all of them (reservoir sampling: each is read once), in their order."""
+def drawn_from_all(items: Iterable, k: int, seed: int = 0) -> Iterator:
+    """k of `items` drawn uniformly from all of them (reservoir sampling: each is read once), in their order.
+    Nothing is read until the first is asked for: a model whose FLOPs do not depend on its data reads none."""
     rng, kept = random.Random(seed), []
     for seen, item in enumerate(items):
         if seen < k:
             kept.append((seen, item))
         elif (slot := rng.randrange(seen + 1)) < k:
             kept[slot] = (seen, item)
-    return [item for _, item in sorted(kept, key=lambda pair: pair[0])]
+    yield from (item for _, item in sorted(kept, key=lambda pair: pair[0]))
 
 
 class FlopBudget(Callback):
@@ -236,9 +237,9 @@ class FlopBudget(Callback):
 
         Args:
             flops: Training FLOPs to spend, all ranks together.
-            sample_batches: Validation batches the mean patch size is measured on, drawn at random (seeded)
-                from all of this rank's: shards keep their inputs' order, so the first batches would
-                hold the first source's documents only.
+            sample_batches: Validation batches the mean patch size is measured on (by rank 0, for all ranks),
+                drawn at random (seeded) from all of its share of the split: shards keep their inputs' order,
+                so the first batches would hold the first source's documents only.
         """
         self.flops, self.sample_batches = flops, sample_batches
 
@@ -246,11 +247,20 @@ class FlopBudget(Callback):
         if stage != "fit":
             return
         data = trainer.datamodule
-        per_byte, patch_size = pl_module.training_flops_per_byte(drawn_from_all(data.val_dataloader(),
-                                                                                self.sample_batches))
+        measured = None
+        if trainer.is_global_zero:  # on its share of the split, for all ranks, so that every rank stops together
+            # Batches of padding alone (a rank's share topped up to the longest's) have no patches to measure.
+            batches = drawn_from_all((batch for batch in data.val_dataloader() if batch["bytes"]), self.sample_batches)
+            try:
+                measured = pl_module.training_flops_per_byte(batches)
+            except ValueError as error:  # every rank stops with it, none waits for the broadcast
+                measured = str(error)
+        measured = trainer.strategy.broadcast(measured, src=0)
+        if isinstance(measured, str):
+            raise ValueError(f"flops_budget: {measured}")
+        per_byte, patch_size = measured
         step_bytes = data.batch_size * pl_module.seq_len * trainer.world_size * trainer.accumulate_grad_batches
-        # Ranks measure on different batches: rank 0's count stands for all, so every rank stops together.
-        steps = trainer.strategy.broadcast(max(1, round(self.flops / (per_byte * step_bytes))), src=0)
+        steps = max(1, round(self.flops / (per_byte * step_bytes)))
         trainer.fit_loop.epoch_loop.max_steps = steps  # before configure_optimizers, which sizes the schedule by it
         rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte "
                        f"at a mean patch size of {patch_size:.2f} x {step_bytes:,} bytes per step = {steps:,} steps")

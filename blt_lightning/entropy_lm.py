@@ -62,5 +62,5 @@ class EntropyLM(ByteLMModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-position next-byte entropies (nats) of each row's ids."""
-        window = entropy_window(self.model, self.seq_len)  # what the patcher sees, also without a sliding window
+        window = entropy_window(self.model.config, self.seq_len)  # what the patcher sees, also without a sliding window
         return {"ids": batch["ids"], "entropies": self.model.entropies(batch["ids"], batch["doc_ids"], window)}

@@ -139,7 +139,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Callable
     lm = load_lm(checkpoint, device)
     if isinstance(lm, BLTLM):
         return lambda: BLTByteStream(lm.model, lm.patcher)
-    return lambda: EntropyModelByteStream(lm.model, entropy_window(lm.model, lm.seq_len))
+    return lambda: EntropyModelByteStream(lm.model, entropy_window(lm.model.config, lm.seq_len))
 
 
 def main(argv: list[str] | None = None) -> None:

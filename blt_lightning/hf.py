@@ -28,7 +28,8 @@ Where the two compute differently, and what is done about it:
   the row's patch lengths with zeros: it depends on the batch. Given patch lengths with one empty patch
   appended, it reads its own. Only that position of a row can differ.
 - Windows (transformers >= 5.23): local_attention_window_len is our local_window, the patcher's
-  sliding_window the entropy model's; a window is the keys a query sees, itself included, in both.
+  sliding_window what our patcher sees (entropy_window: the entropy model's window or the row length it
+  was trained on, whichever is shorter); a window is the keys a query sees, itself included, in both.
 - Vocabulary: 260 ids, bytes shifted by 4, BOS 1, EOS 2, in both (checked where the config names them).
 - Dropout (training only) has no counterpart here and is ignored.
 """
@@ -38,6 +39,7 @@ import torch
 from .models import EntropyModelConfig
 from .models.blt import HASH_PRIMES, BLTConfig
 from .models.layers import stacked_as_parts, swiglu_hidden
+from .patcher import entropy_window
 from .patching import PatchingConfig
 from .vocab import BOS, EOS, PAD, VOCAB_SIZE
 
@@ -318,6 +320,6 @@ def hf_config_kwargs(c: BLTConfig, patching: PatchingConfig, entropy: tuple[Entr
         kwargs["patcher_config"] = {
             "vocab_size": VOCAB_SIZE, "hidden_size": e.dim, "num_hidden_layers": e.n_layers,
             "num_attention_heads": e.n_heads, "intermediate_size": e.ffn_hidden, "rms_norm_eps": e.norm_eps,
-            "sliding_window": e.sliding_window, "max_position_embeddings": context,
+            "sliding_window": entropy_window(e, context), "max_position_embeddings": context,
             "rope_parameters": {"rope_type": "default", "rope_theta": e.rope_theta}}
     return kwargs

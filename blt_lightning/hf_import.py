@@ -60,7 +60,11 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or no {tensor: file} weight_map
+            raise ValueError(f"{index}: not a safetensors index (a JSON object whose weight_map maps tensor names "
+                             "to files)") from None
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

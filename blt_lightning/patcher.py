@@ -65,10 +65,10 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
     return model.eval(), context
 
 
-def entropy_window(model: EntropyModel, context: int | None) -> int:
-    """Earlier ids a position sees when entropies are computed: the model's sliding window, or the row
-    length it was trained on, whichever is shorter."""
-    windows = [w for w in (model.config.sliding_window, context) if w]
+def entropy_window(config: EntropyModelConfig, context: int | None) -> int:
+    """Ids a position sees, itself included, when an entropy model of `config` computes entropies: its sliding
+    window, or the row length it was trained on, whichever is shorter."""
+    windows = [w for w in (config.sliding_window, context) if w]
     if not windows:
         raise ValueError("the entropy model has no sliding window: give the context it was trained with")
     return min(windows)
@@ -81,7 +81,7 @@ class Patcher:
         if config.needs_entropies and model is None:
             raise ValueError(f"{config.mode} patching needs an entropy model")
         self.config, self.model = config, model
-        self.window = entropy_window(model, context) if model is not None else None
+        self.window = entropy_window(model.config, context) if model is not None else None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: PatchingConfig, map_location="cpu") -> "Patcher":

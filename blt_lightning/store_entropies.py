@@ -34,7 +34,7 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     read_manifest(manifest_path)  # a clear error now, for a manifest that is not one
     manifest = json.loads(source.read_text())
     model, context = load_entropy_model(checkpoint, device)
-    window = entropy_window(model, context)
+    window = entropy_window(model.config, context)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
     total = sum(split["bytes"] for split in manifest["splits"].values())

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         entropies = None
         if args.checkpoint:
             model, context = load_entropy_model(args.checkpoint, args.device)
-            entropies = model.document_entropies(ids.to(args.device), entropy_window(model, context)).cpu()
+            entropies = model.document_entropies(ids.to(args.device), entropy_window(model.config, context)).cpu()
         patches = patch(ids[None], config, entropies[None] if entropies is not None else None)
     except (ValueError, OSError) as error:
         sys.exit(f"patch: {error}")

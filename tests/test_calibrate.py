@@ -71,6 +71,8 @@ def test_the_sample_is_drawn_from_all_of_the_data_not_its_first_source(tmp_path)
     assert sample == calibrate.sample_documents(data, "validation", 1_500), "seeded"
     everything = calibrate.sample_documents(data, "validation", 10**6)
     assert everything == [letter.encode() * (50 + i) for letter in "ab" for i in range(40)]
+    with pytest.raises(ValueError, match="sample_bytes must be at least 1, not 0"):
+        calibrate.sample_documents(data, "validation", 0)
 
 
 def test_an_unreachable_target_is_a_clear_error():

@@ -21,7 +21,7 @@ from blt_lightning.compare import row_length
 from blt_lightning.flops import entropy_model_flops_per_byte
 from blt_lightning.models import EntropyModelConfig
 from blt_lightning.patching import PatchingConfig
-from blt_lightning.vocab import encode
+from blt_lightning.vocab import OFFSET, PAD, encode
 
 from test_blt_model import TINY
 from test_cli import ROOT, fit_args
@@ -45,20 +45,24 @@ def test_a_flop_budget_measures_patches_on_batches_from_the_whole_validation_spl
 
     def batches(text: bytes, count: int) -> list[dict]:
         ids = encode(text * 3)[:33].repeat(2, 1)
-        return [{"ids": ids, "doc_ids": torch.zeros_like(ids)}] * count
+        return [{"ids": ids, "doc_ids": torch.zeros_like(ids), "bytes": int((ids[:, 1:] >= OFFSET).sum())}] * count
+
+    def steps_for(val_batches: list[dict]) -> int:
+        trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, is_global_zero=True,
+                                  strategy=SimpleNamespace(broadcast=lambda x, src: x),
+                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)),
+                                  datamodule=SimpleNamespace(batch_size=2, val_dataloader=lambda: val_batches))
+        FlopBudget(1e12).setup(trainer, module, "fit")
+        return trainer.fit_loop.epoch_loop.max_steps
 
     short, long = batches(b"a " * 20, 12), batches(b"a" * 40, 12)
-    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1,
-                              strategy=SimpleNamespace(broadcast=lambda x, src: x),
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)),
-                              datamodule=SimpleNamespace(batch_size=2, val_dataloader=lambda: short + long))
-    budget = 1e12
-    FlopBudget(budget).setup(trainer, module, "fit")
-    steps = trainer.fit_loop.epoch_loop.max_steps
-    only_short, only_long = (budget / (module.training_flops_per_byte(kind[:8])[0] * 2 * 32) for kind in (short, long))
-    assert only_short < steps < only_long
-    assert drawn_from_all(range(1000), 8) == sorted(drawn_from_all(range(1000), 8)), "in their order, seeded"
-    assert len(set(drawn_from_all(range(1000), 8))) == 8 and drawn_from_all(range(5), 8) == [0, 1, 2, 3, 4]
+    only_short, only_long = steps_for(short), steps_for(long)
+    assert 1.1 * only_short < steps_for(short + long) < only_long / 1.1
+    # A rank's share topped up with batches of padding alone: they are not drawn.
+    padding = {"ids": torch.full((2, 33), PAD), "doc_ids": torch.zeros(2, 33, dtype=torch.long), "bytes": 0}
+    assert steps_for(short[:1] + [padding] * 100) == only_short
+    assert list(drawn_from_all(range(1000), 8)) == sorted(drawn_from_all(range(1000), 8)), "in their order"
+    assert len(set(drawn_from_all(range(1000), 8))) == 8 and list(drawn_from_all(range(5), 8)) == [0, 1, 2, 3, 4]
 
 
 def test_the_entropy_threshold_is_calibrated_in_the_rows_the_experiments_train_on(tmp_path):

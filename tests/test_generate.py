@@ -119,7 +119,7 @@ def test_a_stream_holds_one_document():
 
 def test_the_entropy_model_generates_through_its_cache():
     model = entropy_model(window=None)
-    window = entropy_window(model, 12)  # shorter than prompt and generation: the cache drops keys
+    window = entropy_window(model.config, 12)  # shorter than prompt and generation: the cache drops keys
     generated = list(generate(EntropyModelByteStream(model, window), PROMPT, 30, GREEDY))
     ids = encode(PROMPT)[:-1].tolist() + [b + OFFSET for b in generated]
     with torch.no_grad():

@@ -23,6 +23,7 @@ from blt_lightning.hf_export import export_hf  # noqa: E402
 from blt_lightning.hf_import import import_hf  # noqa: E402
 from blt_lightning.loading import load_lm  # noqa: E402
 from blt_lightning.models.blt import BLTConfig  # noqa: E402
+from blt_lightning.patcher import CARRIED_ENTROPY_MODEL  # noqa: E402
 from blt_lightning.patching import PatchingConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +216,22 @@ def test_export_of_a_trained_checkpoint_gives_the_same_logits(small_corpus, ids,
             torch.testing.assert_close(lm(row[None]), theirs, **TOLERANCE)
 
 
+@pytest.mark.parametrize("window", [None, 64])
+def test_an_exported_patcher_sees_what_ours_does_when_the_context_is_shorter_than_the_window(imported, ids, window,
+                                                                                           tmp_path):
+    """Our patcher sees min(sliding window, stage-one row length) ids (entropy_window): so must the exported one,
+    on rows longer than that."""
+    checkpoint = torch.load(imported["blt"], weights_only=False)
+    carried = checkpoint[CARRIED_ENTROPY_MODEL]
+    carried["config"]["sliding_window"], carried["context"] = window, 16
+    torch.save(checkpoint, tmp_path / "short_context.ckpt")
+    lm = load_lm(tmp_path / "short_context.ckpt")
+    assert lm.patcher.window == 16 < LENGTH
+    hf = transformers.BltForCausalLM.from_pretrained(export_hf(tmp_path / "short_context.ckpt", tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval().model.patcher(ids)[0], lm.patcher.entropies(ids), **TOLERANCE)
+
+
 def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
     broken = shutil.copytree(hf_blt[0], tmp_path / "broken")
     (broken / "config.json").write_text("{not json")
@@ -238,6 +255,10 @@ def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut/model.safetensors: not a readable safetensors file"):
         import_hf(cut, tmp_path / "out")
+    for index in ("{not json", '{"metadata": {}}', '{"weight_map": ["model.safetensors"]}'):
+        (cut / "model.safetensors.index.json").write_text(index)
+        with pytest.raises(ValueError, match=r"cut/model.safetensors.index.json: not a safetensors index"):
+            import_hf(cut, tmp_path / "out")
     with pytest.raises(ValueError, match=r"x.ckpt: model.doubled_cross_attn_residual = False"):
         hf_config_kwargs(BLTConfig(), PatchingConfig("static"), None, 1024, "x.ckpt")
     with pytest.raises(ValueError, match=r"x.ckpt: patching.mode = 'monotonic': BltConfig has no such patching"):
