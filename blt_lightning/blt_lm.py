@@ -123,7 +123,9 @@ class BLTLM(ByteLMModule):
                 mean_patch_size = self.test_patch_size if split == "test" else self.val_patch_size
                 mean_patch_size.update(patches.mean_size, patches.byte_patches)
             self.log(f"{split}/mean_patch_size", mean_patch_size, batch_size=len(ids))
-            self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids))
+            # over all ranks' rows in validation and test (one all-reduce at the end); a step's own in training
+            self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids),
+                     sync_dist=split != "train")
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
         entropy_model_ran = self.entropy_model is not None and "entropies" not in batch
