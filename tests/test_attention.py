@@ -134,6 +134,11 @@ def test_slots_read_only_their_group_and_keyless_groups_get_nothing():
     assert (sdpa[:, :, 9:] == 0).all()
     # a group of one key reads its value
     torch.testing.assert_close(sdpa[0, :, :3], v[0, :, :1].detach().expand(-1, 3, -1))
+    # under bf16 autocast, from float32 inputs too (the scores are bf16, q is not)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, dense = (attention(q, k, v, build_mask(mask_mod, 2, 15, 10, q.device, implementation))
+                    for implementation in ("sdpa", "dense"))
+    torch.testing.assert_close(y[:, :, real].float(), dense[:, :, real].float(), rtol=2e-2, atol=2e-2)
 
 
 def test_queries_read_only_their_groups_slots():

@@ -291,13 +291,15 @@ def _slots_read_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: S
     group = group.expand(B, H, Lk, s)
     scores = torch.bmm(q_at_keys, k.reshape(B * H * Lk, D, 1)).view(B, H, Lk, s) * D**-0.5  # [B, H, Lk, slots]
     # Subtracting each group's max keeps exp() finite; the softmax does not depend on it, so no gradient.
-    top = torch.full((B, H, G, s), float("-inf"), dtype=q.dtype, device=q.device)
+    # (Dtypes from the results, not the inputs: autocast may have made the scores bf16 from float32 q and k.)
+    top = torch.full((B, H, G, s), float("-inf"), dtype=scores.dtype, device=q.device)
     top = top.scatter_reduce(2, group, scores.detach(), "amax")
     weights = (scores - top.gather(2, group)).exp()
     total = torch.zeros_like(top).scatter_add(2, group, weights)  # [B, H, G, slots]; 0 for keyless groups
-    summed = torch.zeros(B, H, G, s, D, dtype=q.dtype, device=q.device)
-    summed = summed.scatter_add(2, group[..., None].expand(B, H, Lk, s, D), weights[..., None] * v[:, :, :, None, :])
-    return (summed / total.clamp_min(torch.finfo(q.dtype).tiny)[..., None]).view(B, H, G * s, D)
+    weighted = weights[..., None] * v[:, :, :, None, :]
+    summed = torch.zeros(B, H, G, s, D, dtype=weighted.dtype, device=q.device)
+    summed = summed.scatter_add(2, group[..., None].expand(B, H, Lk, s, D), weighted)
+    return (summed / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None]).view(B, H, G * s, D)
 
 
 def _slots_of_groups(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
