@@ -207,9 +207,10 @@ def requeue_slurm_job() -> None:
 
 
 def save_last(trainer) -> Path | None:
-    """Save last.ckpt where the run's ModelCheckpoint keeps it (every rank takes part); None without one."""
+    """Save last.ckpt where the run's ModelCheckpoint keeps it (every rank takes part); None without one, and
+    under fast_dev_run (which saves no checkpoint, as Lightning's own callbacks do not)."""
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-    if checkpoint is None or checkpoint.dirpath is None:
+    if checkpoint is None or checkpoint.dirpath is None or trainer.fast_dev_run:
         return None
     path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
     trainer.save_checkpoint(path, weights_only=False)  # the whole state a run resumes from

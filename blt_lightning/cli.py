@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
 from .callbacks import slurm_job_id
 from .errors import Diverged, InputError
+from .patcher import CARRIED_ENTROPY_MODEL
 
 # Attribute docstrings of config dataclasses become the CLI's help.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -144,6 +145,19 @@ class BLTLightningCLI(LightningCLI):
         if given is not None and (changed := option_changes(given.as_dict(), self.config[subcommand].model.as_dict())):
             rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
                            "it was saved with, in place of the config's: " + "; ".join(changed))
+        if given is not None:
+            self._patch_with_the_carried_entropy_model(subcommand)
+
+    def _patch_with_the_carried_entropy_model(self, subcommand: str) -> None:
+        """A stage-two checkpoint carries the entropy model that patched its training: evaluating or resuming it
+        patches with that one, not with whatever the path its options name holds now (moved, retrained, or on
+        another machine)."""
+        config = self.config[subcommand]
+        init_args, ckpt_path = config.model.get("init_args"), config.get("ckpt_path")
+        if not (init_args and init_args.get("entropy_checkpoint") and ckpt_path and Path(ckpt_path).is_file()):
+            return
+        if CARRIED_ENTROPY_MODEL in torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True):
+            init_args.entropy_checkpoint = ckpt_path
 
     def _checkpoints_in_run_folders(self, subcommand: str) -> bool:
         """Whether the run keeps its checkpoints where instantiate_trainer puts them: no logger of the config's own,

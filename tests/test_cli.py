@@ -200,6 +200,9 @@ def test_last_checkpoint_holds_the_last_step_though_validation_stopped_improving
     checkpoints = tmp_path / "entropy-tiny/version_0/checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 5
     assert [c.name for c in checkpoints.glob("*.ckpt") if c.name != "last.ckpt"] == ["epoch=0-step=2.ckpt"]
+    # fast_dev_run saves no checkpoint (Lightning's own callbacks do not either)
+    main(["fit", *fit_args(tmp_path / "dev", corpus), "--trainer.fast_dev_run", "true"])
+    assert not list((tmp_path / "dev").rglob("*.ckpt"))
 
 
 def test_flops_per_second_reach_tensorboard_within_a_short_run(corpus, tmp_path):

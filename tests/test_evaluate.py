@@ -83,6 +83,11 @@ def test_a_stage_two_checkpoint_carries_its_entropy_model(blt_checkpoint, tmp_pa
     for (name, a), (_, b) in zip(module.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), name
     assert module.patcher.window == original.patcher.window
+    # and so do Lightning's test, validate and predict (which restore the saved path, now of nothing)
+    from blt_lightning.cli import main
+
+    main(["test", "--config", str(blt_checkpoint.parents[1] / "config.yaml"), "--ckpt_path", str(moved),
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.limit_test_batches", "1"])
 
 
 def test_bad_checkpoints_and_data_are_named(entropy_checkpoint, tmp_path):
