@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from .errors import BadInput
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
 from .patcher import CARRIED_ENTROPY_MODEL, Patcher, carried_entropy_model, load_entropy_model
@@ -189,6 +190,12 @@ class BLTLM(ByteLMModule):
         super().on_save_checkpoint(checkpoint)
         if self.entropy_model is not None:
             checkpoint[CARRIED_ENTROPY_MODEL] = carried_entropy_model(self.entropy_model.config, self.entropy_context)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.model.config.attention == "flex" and self.trainer.strategy.root_device.type != "cuda":
+            raise BadInput("model.attention flex trains on GPUs only (FlexAttention has no backward off them): "
+                           "set --model.init_args.model.attention sdpa")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

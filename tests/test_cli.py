@@ -318,6 +318,9 @@ def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp
             main([*fit, *extra])
         assert str(exited.value.code).startswith("blt-lightning: ") and message in str(exited.value.code)
         assert "Traceback" not in capsys.readouterr().err
+    blt = [arg.replace("configs/entropy/tiny.yaml", "configs/blt/tiny.yaml") for arg in fit]
+    with pytest.raises(SystemExit, match="^blt-lightning: model.attention flex trains on GPUs only"):
+        main([*blt, "--model.init_args.model.attention", "flex"])
 
 
 def test_ckpt_path_last_starts_a_fine_tuning_run_then_resumes_it_without_its_init_from_file(corpus, tmp_path, caplog,
