@@ -193,7 +193,8 @@ class BLTLM(ByteLMModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.model.config.attention == "flex" and self.trainer.strategy.root_device.type != "cuda":
+        on_a_gpu = self.trainer.strategy.root_device.type == "cuda"
+        if stage == "fit" and self.model.config.attention == "flex" and not on_a_gpu:
             raise BadInput("model.attention flex trains on GPUs only (FlexAttention has no backward off them): "
                            "set --model.init_args.model.attention sdpa")
 
