@@ -193,8 +193,8 @@ class BLTLM(ByteLMModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        on_a_gpu = self.trainer.strategy.root_device.type == "cuda"
-        if stage == "fit" and self.model.config.attention == "flex" and not on_a_gpu:
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else None
+        if stage == "fit" and self.model.config.attention == "flex" and device not in (None, "cuda"):
             raise BadInput("model.attention flex trains on GPUs only (FlexAttention has no backward off them): "
                            "set --model.init_args.model.attention sdpa")
 

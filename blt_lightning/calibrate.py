@@ -12,7 +12,6 @@ bytes against 4.50). The result is printed and written as a YAML snippet that st
 compose with (`--config snippet.yaml`).
 """
 
-import argparse
 import heapq
 import math
 import random
@@ -26,6 +25,7 @@ from .data import iter_documents
 from .outputs import byte_progress, output_problem
 from .patcher import entropy_window, load_entropy_model
 from .patching import PatchingConfig, patch
+from .tool_parser import ToolParser
 from .vocab import VOCAB_SIZE, encode
 
 SEARCH_STEPS = 60
@@ -120,7 +120,7 @@ def snippet(config: PatchingConfig, achieved: float, target: float, sample: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="blt-lightning calibrate",
         description="Find the entropy threshold that gives a target mean patch size, and write it as YAML "
                     "for stage two.",

@@ -37,6 +37,7 @@ import yaml
 from .evaluate import evaluate
 from .outputs import output_problem, write_atomically
 from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare
+from .tool_parser import ToolParser
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = ("byte", "static", "space", "entropy", "entropy-no-ngrams")
@@ -182,7 +183,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning compare", description=__doc__.split("\n")[0],
+    parser = ToolParser(prog="blt-lightning compare", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--data", nargs="+", default=["data/corpus"],

@@ -12,7 +12,6 @@ or text, JSON-lines and directory inputs, which are first prepared into shards u
 `test` does) and runs on any number of devices and nodes through a Lightning Trainer.
 """
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -25,6 +24,7 @@ from .data import ByteShardDataModule, is_shard_url
 from .loading import load_lm
 from .outputs import output_problem
 from .prepare import PrepareOptions
+from .tool_parser import ToolParser
 
 
 def data_module(data: list[str], output_dir: Path, split: str, seq_len: int, batch_size: int,
@@ -78,7 +78,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning evaluate", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="blt-lightning evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of either stage (EntropyLM or BLTLM)")
     parser.add_argument("--data", nargs="+", required=True,
                         help="a manifest, shard URLs, or text / JSON-lines files and directories to prepare")

@@ -13,7 +13,6 @@ BOS or the reserved id, so the document it writes is bytes to the end: EOS, or -
     blt-lightning generate --checkpoint runs/blt-tiny/version_0/checkpoints/last.ckpt --prompt "Call me"
 """
 
-import argparse
 import codecs
 import math
 import os
@@ -33,6 +32,7 @@ from .models.blt import ByteLatentTransformer
 from .models.blt_stream import BLTStream
 from .models.entropy import entropy_of
 from .patcher import IncrementalPatcher, Patcher, entropy_window
+from .tool_parser import ToolParser
 from .vocab import BOS, EOS, OFFSET, PAD, RESERVED, VOCAB_SIZE, encode
 
 NEVER_SAMPLED = [PAD, BOS, RESERVED]
@@ -143,7 +143,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Callable
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning generate",
+    parser = ToolParser(prog="blt-lightning generate",
                                      description="Generate text from a BLTLM or EntropyLM checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="stage-two (BLTLM) or stage-one (EntropyLM) checkpoint")
     parser.add_argument("--prompt", default="", help="the text to continue (default: none, a document from its start)")

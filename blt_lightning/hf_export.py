@@ -14,7 +14,6 @@ with an empty patch appended so that a row's last position reads what ours does 
 combined patching, and what else BltConfig cannot express, are refused, naming the field.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from .blt_lm import BLTLM
 from .hf import PATCHER, blt_to_hf, entropy_names, hf_config_kwargs, to_hf, transformers_module
 from .loading import load_lm
 from .outputs import as_umask_allows, check_output_dir
+from .tool_parser import ToolParser
 
 
 def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
@@ -47,7 +47,7 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning export-hf", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="blt-lightning export-hf", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a stage-two (BLTLM) checkpoint")
     parser.add_argument("--output", required=True, type=Path, help="folder for config.json and model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")

@@ -14,7 +14,6 @@ writes to --output:
 How the two formats correspond, and what cannot be represented (refused, naming the file and field): hf.py.
 """
 
-import argparse
 import inspect
 import json
 import sys
@@ -34,6 +33,7 @@ from .models.blt import ByteLatentTransformer
 from .models.layers import parts_as_stacked, stacked_as_parts
 from .outputs import check_output_dir
 from .patcher import CARRIED_ENTROPY_MODEL, carried_entropy_model
+from .tool_parser import ToolParser
 from .vocab import VOCAB_SIZE
 
 REFERENCE_WINDOW = 512  # the reference's loader gives its entropy model this window; params.json does not say it
@@ -198,7 +198,7 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning import-hf", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="blt-lightning import-hf", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path,
                         help="folder of a BltForCausalLM: config.json, model.safetensors")
     parser.add_argument("--entropy-model", type=Path,

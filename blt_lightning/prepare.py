@@ -10,7 +10,6 @@ Shards are written under a temporary name and renamed when complete; tar headers
 owner, so the same inputs give byte-identical shards.
 """
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -29,6 +28,7 @@ import webdataset as wds
 
 from .errors import BadInput
 from .outputs import byte_progress, check_output_dir, write_atomically
+from .tool_parser import ToolParser
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "blt_lightning.shards/1"
@@ -372,7 +372,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="blt-lightning prepare",
         description="Write text files, directories and JSON-lines (.jsonl, .jsonl.gz) as webdataset shards "
                     "with a manifest.",

@@ -7,7 +7,6 @@ document; the entropies of its ids, BOS to EOS, are stored as float16 in `<key>.
 The new shards keep the names, keys and documents of the old; the new manifest records the model.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from .outputs import byte_progress, check_output_dir, write_atomically
 from .patcher import entropy_window, load_entropy_model
 from .prepare import MANIFEST, Document, ShardSlot, remove_stale_shards
 from .streams import ENTROPY_MEMBER, UNKNOWN, shard_samples
+from .tool_parser import ToolParser
 from .vocab import encode
 
 
@@ -65,7 +65,7 @@ def _rewrite(path: Path, documents: int, out: Path, model, window: int, bar: tqd
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning entropies",
+    parser = ToolParser(prog="blt-lightning entropies",
                                      description="Store next-byte entropies beside each document, in new shards.")
     parser.add_argument("--checkpoint", required=True, help="stage-one (entropy model) checkpoint")
     parser.add_argument("--manifest", required=True, help="manifest.json of the shards to annotate")

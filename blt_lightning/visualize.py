@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from .outputs import output_problem
 from .patcher import entropy_window, load_entropy_model
 from .patching import Patches, PatchingConfig, patch
+from .tool_parser import ToolParser
 from .vocab import OFFSET, decode, encode
 
 MARK = "|"
@@ -94,7 +95,7 @@ def patch_figure(ids: torch.Tensor, entropies: torch.Tensor, starts: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="blt-lightning patch", description="Show how a text is cut into patches.")
+    parser = ToolParser(prog="blt-lightning patch", description="Show how a text is cut into patches.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the text to patch")
     source.add_argument("--file", help="a file whose bytes to patch")

@@ -362,6 +362,12 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
         (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "need a finite temperature >= 0"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--seq_len", "0"],
          "--sample_bytes and --seq_len must be at least 1"),
+        # options spelled out, with underscores or hyphens alike; an abbreviation is not taken
+        (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--seq-len=0"],
+         "--sample_bytes and --seq_len must be at least 1"),
+        (["import-hf", "--model", checkpoint, "--output", str(tmp_path / "i"), "--seq_len", "0"],
+         "--seq-len must be at least 1"),
+        (["generate", "--checkpoint", checkpoint, "--max-b", "5"], "unrecognized arguments: --max-b 5"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--output", str(tmp_path)],
          "is a directory: name the file to write"),
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--batch-size", "0"],

@@ -1,0 +1,26 @@
+"""The argument parser of the tools (prepare, calibrate, evaluate, generate, ...): options spelled out in full,
+with underscores or hyphens alike (`--seq_len` or `--seq-len`), as LightningCLI's subcommands take them spelled
+out (`--trainer.max_steps`): an abbreviation is an error, not a guess."""
+
+import argparse
+import sys
+
+
+class ToolParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args([self._spelled(a) for a in args], namespace)
+
+    def _spelled(self, argument: str) -> str:
+        """`--an-option[=value]` as this parser spells the option (`--an_option`), if that is how it knows it."""
+        name, equals, value = argument.partition("=")
+        known = {option for action in self._actions for option in action.option_strings}
+        if not name.startswith("--") or name in known:
+            return argument
+        for spelling in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+            if spelling in known:
+                return spelling + equals + value
+        return argument
