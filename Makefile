@@ -28,7 +28,7 @@ LATEST_BLT = $$(ls -t $(RUNS)/blt-tiny/version_*/checkpoints/last.ckpt | head -1
 demo: setup
 	$(PY) -m blt_lightning fit --config configs/entropy/tiny.yaml --trainer.default_root_dir $(RUNS)
 	$(PY) -m blt_lightning calibrate --checkpoint $(LATEST_ENTROPY) --data $(RUNS)/shards/manifest.json \
-		--target 4.5 --seq_len 256 --output $(RUNS)/patching.yaml
+		--target 4.5 --seq_len 256 --output $(RUNS)/patching.yaml --overwrite
 	$(PY) -m blt_lightning fit --config configs/blt/tiny.yaml --config $(RUNS)/patching.yaml \
 		--model.init_args.entropy_checkpoint $(LATEST_ENTROPY) --trainer.default_root_dir $(RUNS)
 	@echo "== stage one (entropy model), test split:"

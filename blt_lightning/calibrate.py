@@ -143,12 +143,16 @@ def main(argv: list[str] | None = None) -> None:
                              "patcher (its data.seq_len); default: whole documents, as generation patches")
     parser.add_argument("--output",
                         help="YAML snippet to write (default: patching-MODE-TARGET.yaml beside the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.sample_bytes < 1 or (args.seq_len is not None and args.seq_len < 1):
         parser.error("--sample_bytes and --seq_len must be at least 1")
-    if args.output and (problem := output_problem(args.output)):
+    output = Path(args.output or Path(args.checkpoint).parent / f"patching-{args.mode}-{args.target:g}.yaml")
+    if problem := output_problem(output):
         parser.error(problem)
+    if output.exists() and not args.overwrite:
+        parser.error(f"{output} exists (a calibration?): pass --overwrite to replace it")
     try:
         model, context = load_entropy_model(args.checkpoint, args.device)
         window = entropy_window(model.config, context)
@@ -161,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     sample = f"{int((ids >= 4).sum()):,} bytes" + (f" in rows of {args.seq_len}" if args.seq_len else "")
     value = config.relative_threshold if config.mode == "monotonic" else config.threshold
     print(f"{config.mode} threshold {value:.6f}: mean patch size {achieved:.3f} (target {args.target}) on {sample}")
-    output = Path(args.output or Path(args.checkpoint).parent / f"patching-{args.mode}-{args.target:g}.yaml")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(snippet(config, achieved, args.target, sample, args.checkpoint))
     print(f"wrote {output}")

@@ -96,7 +96,7 @@ def stage_one(args, manifest: Path, data: list[str], seq_len: int | None) -> tup
     checkpoint, _ = fit(configs, data, out, "entropy-model")
     rows = ["--seq_len", str(seq_len)] if seq_len else []
     calibrate(["--checkpoint", str(checkpoint), "--data", str(manifest), "--target", str(args.patch_size),
-               *rows, "--output", str(patching)])
+               *rows, "--output", str(patching), "--overwrite"])
     relative = str(checkpoint.relative_to(out))
     write_atomically(record, json.dumps({"settings": wanted, "checkpoint": relative}) + "\n")
     return checkpoint, patching, f"{wanted} {relative}"

@@ -86,6 +86,13 @@ def test_calibrate_and_patch_commands_on_a_cli_checkpoint(entropy_checkpoint, sh
     calibrate.main(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / "manifest.json"),
                     "--target", "2.5", "--output", str(snippet)])
     assert "mean patch size" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a calibration is not replaced unless told
+        calibrate.main(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / "manifest.json"),
+                        "--target", "3", "--output", str(snippet)])
+    assert "patching.yaml exists (a calibration?): pass --overwrite to replace it" in capsys.readouterr().err
+    calibrate.main(["--checkpoint", str(entropy_checkpoint), "--data", str(shards / "manifest.json"),
+                    "--target", "2.5", "--output", str(snippet), "--overwrite"])
+    assert f"wrote {snippet}" in capsys.readouterr().out
     config = PatchingConfig(**yaml.safe_load(snippet.read_text())["model"]["init_args"]["patching"])
     assert config.mode == "entropy" and config.threshold > 0
 
