@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from .data import ByteShardDataModule, is_shard_url
+from .data import ByteShardDataModule, is_shard_url, read_manifest
 from .loading import load_lm
 from .outputs import output_problem
 from .prepare import PrepareOptions
@@ -36,6 +36,9 @@ def data_module(data: list[str], output_dir: Path, split: str, seq_len: int, bat
     if manifests:
         if len(data) > 1:
             raise ValueError(f"give one manifest alone, not {data}")
+        if split not in (splits := read_manifest(manifests[0])):
+            raise ValueError(f"{manifests[0]}: no {split} split (it has {', '.join(splits) or 'none'}): "
+                             f"choose one with --split")
         return ByteShardDataModule(manifest=manifests[0], test_split=split, **common)
     shard_urls = [spec for spec in data if is_shard_url(spec)]
     if shard_urls and len(shard_urls) < len(data):

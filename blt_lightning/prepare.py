@@ -335,6 +335,12 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
             }
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     remove_stale_shards(out, manifest)
+    documents = sum(s.documents for s in stats.values())
+    for split, option in (("validation", "val_fraction"), ("test", "test_fraction")):
+        if getattr(options, option) and split not in manifest["splits"]:
+            print(f"prepare: no document fell in the {split} split ({option} {getattr(options, option):g} of "
+                  f"{documents:,} documents, which go to splits by their hash): give more documents or a larger "
+                  f"{option}", file=sys.stderr)
     return manifest
 
 

@@ -146,6 +146,20 @@ def test_progress_in_a_log_file_is_lines(corpus, tmp_path, monkeypatch):
     assert "\r" not in log.getvalue() and lines[0].startswith("prepare:   0%") and lines[-1].startswith("prepare: 100%")
 
 
+def test_a_requested_split_that_no_document_fell_in_is_said_and_evaluate_names_the_splits_there(tmp_path, capsys):
+    write_jsonl(tmp_path / "few.jsonl", [{"text": f"document {i}"} for i in range(3)])
+    manifest = prepare([str(tmp_path / "few.jsonl")], tmp_path / "out",
+                       PrepareOptions(val_fraction=0.01, test_fraction=0.01), progress=False)
+    assert list(manifest["splits"]) == ["train"]
+    err = capsys.readouterr().err
+    for split, option in (("validation", "val_fraction"), ("test", "test_fraction")):
+        assert f"no document fell in the {split} split ({option} 0.01 of 3 documents" in err
+    from blt_lightning.evaluate import data_module
+
+    with pytest.raises(ValueError, match=r"manifest.json: no test split \(it has train\): choose one with --split"):
+        data_module([str(tmp_path / "out" / MANIFEST)], tmp_path, "test", 32, 2, 0)
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(PrepareError, match="nope.jsonl: no such file"):
         prepare([str(tmp_path / "nope.jsonl")], tmp_path / "out", OPTIONS, progress=False)
