@@ -14,6 +14,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .errors import BadInput
+
 
 class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None):
@@ -248,17 +250,22 @@ class FlopBudget(Callback):
         if stage != "fit":
             return
         data = trainer.datamodule
-        measured = None
-        if trainer.is_global_zero:  # on its share of the split, for all ranks, so that every rank stops together
+
+        def batches_with_bytes():  # read only if the model asks: the entropy model's FLOPs need no data
             # Batches of padding alone (a rank's share topped up to the longest's) have no patches to measure.
-            batches = drawn_from_all((batch for batch in data.val_dataloader() if batch["bytes"]), self.sample_batches)
+            yield from (batch for batch in data.val_dataloader() if batch["bytes"])
+
+        measured, error = None, None
+        if trainer.is_global_zero:  # on its share of the split, for all ranks, so that every rank stops together
             try:
-                measured = pl_module.training_flops_per_byte(batches)
-            except ValueError as error:  # every rank stops with it, none waits for the broadcast
-                measured = str(error)
+                measured = pl_module.training_flops_per_byte(drawn_from_all(batches_with_bytes(), self.sample_batches))
+            except Exception as caught:  # every rank stops with it: none is left waiting at the broadcast
+                error, measured = caught, str(caught)
         measured = trainer.strategy.broadcast(measured, src=0)
+        if error is not None:
+            raise error
         if isinstance(measured, str):
-            raise ValueError(f"flops_budget: {measured}")
+            raise BadInput(f"flops_budget: rank 0 could not measure the mean patch size: {measured}")
         per_byte, patch_size = measured
         step_bytes = data.batch_size * pl_module.seq_len * trainer.world_size * trainer.accumulate_grad_batches
         steps = max(1, round(self.flops / (per_byte * step_bytes)))

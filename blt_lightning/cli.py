@@ -142,22 +142,28 @@ class BLTLightningCLI(LightningCLI):
         if given is not None:
             check_stage(subcommand, self.config[subcommand].get("ckpt_path"), given.get("class_path"))
         super()._parse_ckpt_path()
-        if given is not None and (changed := option_changes(given.as_dict(), self.config[subcommand].model.as_dict())):
+        if given is None:
+            return
+        carried = self._patch_with_the_carried_entropy_model(subcommand)
+        changed = [change for change in option_changes(given.as_dict(), self.config[subcommand].model.as_dict())
+                   if not (carried and change.startswith("model.init_args.entropy_checkpoint:"))]
+        if changed:
             rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
                            "it was saved with, in place of the config's: " + "; ".join(changed))
-        if given is not None:
-            self._patch_with_the_carried_entropy_model(subcommand)
 
-    def _patch_with_the_carried_entropy_model(self, subcommand: str) -> None:
-        """A stage-two checkpoint carries the entropy model that patched its training: evaluating or resuming it
-        patches with that one, not with whatever the path its options name holds now (moved, retrained, or on
-        another machine)."""
+    def _patch_with_the_carried_entropy_model(self, subcommand: str) -> bool:
+        """A stage-two checkpoint file carries the entropy model that patched its training: evaluating or resuming
+        it patches with that one, not with whatever the path its options name holds now (moved, retrained, or on
+        another machine). Whether it does. (`--ckpt_path last` is resolved later: `fit` builds its model first.)"""
         config = self.config[subcommand]
         init_args, ckpt_path = config.model.get("init_args"), config.get("ckpt_path")
         if not (init_args and init_args.get("entropy_checkpoint") and ckpt_path and Path(ckpt_path).is_file()):
-            return
-        if CARRIED_ENTROPY_MODEL in torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True):
-            init_args.entropy_checkpoint = ckpt_path
+            return False
+        if CARRIED_ENTROPY_MODEL not in torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True):
+            return False
+        init_args.entropy_checkpoint = ckpt_path
+        rank_zero_info(f"{subcommand}: patching with the entropy model {ckpt_path} carries")
+        return True
 
     def _checkpoints_in_run_folders(self, subcommand: str) -> bool:
         """Whether the run keeps its checkpoints where instantiate_trainer puts them: no logger of the config's own,

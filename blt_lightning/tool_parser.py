@@ -11,14 +11,17 @@ class ToolParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else args
-        return super().parse_known_args([self._spelled(a) for a in args], namespace)
+        args = list(sys.argv[1:] if args is None else args)
+        # after `--` every argument is a value, as argparse reads them
+        end = args.index("--") if "--" in args else len(args)
+        return super().parse_known_args([*map(self._spelled, args[:end]), *args[end:]], namespace)
 
     def _spelled(self, argument: str) -> str:
-        """`--an-option[=value]` as this parser spells the option (`--an_option`), if that is how it knows it."""
+        """`--an-option[=value]` as this parser spells the option (`--an_option`), if that is how it knows it.
+        An argument with a space is a value (a --text of "--a-b=c d"), as argparse takes it."""
         name, equals, value = argument.partition("=")
         known = {option for action in self._actions for option in action.option_strings}
-        if not name.startswith("--") or name in known:
+        if not name.startswith("--") or name in known or " " in argument:
             return argument
         for spelling in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
             if spelling in known:

@@ -16,6 +16,7 @@ from blt_lightning.cli import BLTLightningCLI, check_stage, main
 from conftest import SLURM_ONE_TASK
 from blt_lightning.loading import load_lm
 from blt_lightning.models.layers import TransformerBlock, stacked_as_parts
+from blt_lightning.tool_parser import ToolParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set((ROOT / "configs/trainer").glob("*.yaml")))
@@ -402,3 +403,14 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
             main(tool)
         assert message in f"{exited.value.code} {capsys.readouterr().err}", tool
     assert not (tmp_path / "c").exists()
+
+
+def test_tool_options_take_either_spelling_and_values_stay_as_given():
+    parser = ToolParser(prog="tool")
+    parser.add_argument("--patch_size", type=int)
+    parser.add_argument("--text")
+    parser.add_argument("files", nargs="*")
+    assert vars(parser.parse_args(["--patch-size=3", "--text", "--patch-size=4 is a value", "--", "--patch-size"])) \
+        == {"patch_size": 3, "text": "--patch-size=4 is a value", "files": ["--patch-size"]}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--patch", "3"])  # an abbreviation is not taken

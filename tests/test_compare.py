@@ -18,6 +18,7 @@ from blt_lightning import compare as compare_module
 from blt_lightning.cli import main
 from blt_lightning.compare import main as compare
 from blt_lightning.compare import row_length
+from blt_lightning.errors import BadInput
 from blt_lightning.flops import entropy_model_flops_per_byte
 from blt_lightning.models import EntropyModelConfig
 from blt_lightning.patching import PatchingConfig
@@ -47,12 +48,13 @@ def test_a_flop_budget_measures_patches_on_batches_from_the_whole_validation_spl
         ids = encode(text * 3)[:33].repeat(2, 1)
         return [{"ids": ids, "doc_ids": torch.zeros_like(ids), "bytes": int((ids[:, 1:] >= OFFSET).sum())}] * count
 
-    def steps_for(val_batches: list[dict]) -> int:
+    def steps_for(val_batches: list[dict], model=module, val_dataloader=None) -> int:
         trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, is_global_zero=True,
                                   strategy=SimpleNamespace(broadcast=lambda x, src: x),
                                   fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1)),
-                                  datamodule=SimpleNamespace(batch_size=2, val_dataloader=lambda: val_batches))
-        FlopBudget(1e12).setup(trainer, module, "fit")
+                                  datamodule=SimpleNamespace(batch_size=2,
+                                                             val_dataloader=val_dataloader or (lambda: val_batches)))
+        FlopBudget(1e12).setup(trainer, model, "fit")
         return trainer.fit_loop.epoch_loop.max_steps
 
     short, long = batches(b"a " * 20, 12), batches(b"a" * 40, 12)
@@ -61,6 +63,14 @@ def test_a_flop_budget_measures_patches_on_batches_from_the_whole_validation_spl
     # A rank's share topped up with batches of padding alone: they are not drawn.
     padding = {"ids": torch.full((2, 33), PAD), "doc_ids": torch.zeros(2, 33, dtype=torch.long), "bytes": 0}
     assert steps_for(short[:1] + [padding] * 100) == only_short
+    # A model whose FLOPs need no data (the entropy model's) reads none: a fit without a validation split runs.
+    def no_validation():
+        raise BadInput("no validation shards")
+
+    constant = SimpleNamespace(seq_len=32, training_flops_per_byte=lambda batches: (1e6, 1.0))
+    assert steps_for([], constant, no_validation) == round(1e12 / (1e6 * 2 * 32))
+    with pytest.raises(BadInput, match="no validation shards"):  # rank 0's own error; the others get its message
+        steps_for([], module, no_validation)
     assert list(drawn_from_all(range(1000), 8)) == sorted(drawn_from_all(range(1000), 8)), "in their order"
     assert len(set(drawn_from_all(range(1000), 8))) == 8 and list(drawn_from_all(range(5), 8)) == [0, 1, 2, 3, 4]
 
