@@ -144,24 +144,28 @@ class BLTLightningCLI(LightningCLI):
         super()._parse_ckpt_path()
         if given is None:
             return
-        carried = self._patch_with_the_carried_entropy_model(subcommand)
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if subcommand == "fit" and ckpt_path == "last" and self._checkpoints_in_run_folders(subcommand) \
+                and not SLURMEnvironment.detect():  # the file instantiate_trainer will find for fit() to resume
+            config = self.config[subcommand]
+            ckpt_path = runs_last_checkpoint(Path(config.trainer.default_root_dir or ".") / config.run_name)
+        carried = self._patch_with_the_carried_entropy_model(subcommand, ckpt_path)
         changed = [change for change in option_changes(given.as_dict(), self.config[subcommand].model.as_dict())
                    if not (carried and change.startswith("model.init_args.entropy_checkpoint:"))]
         if changed:
             rank_zero_warn(f"{subcommand}: --ckpt_path {self.config[subcommand].ckpt_path} restores the model options "
                            "it was saved with, in place of the config's: " + "; ".join(changed))
 
-    def _patch_with_the_carried_entropy_model(self, subcommand: str) -> bool:
+    def _patch_with_the_carried_entropy_model(self, subcommand: str, ckpt_path: str | Path | None) -> bool:
         """A stage-two checkpoint file carries the entropy model that patched its training: evaluating or resuming
         it patches with that one, not with whatever the path its options name holds now (moved, retrained, or on
-        another machine). Whether it does. (`--ckpt_path last` is resolved later: `fit` builds its model first.)"""
-        config = self.config[subcommand]
-        init_args, ckpt_path = config.model.get("init_args"), config.get("ckpt_path")
+        another machine). Whether it does."""
+        init_args = self.config[subcommand].model.get("init_args")
         if not (init_args and init_args.get("entropy_checkpoint") and ckpt_path and Path(ckpt_path).is_file()):
             return False
         if CARRIED_ENTROPY_MODEL not in torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True):
             return False
-        init_args.entropy_checkpoint = ckpt_path
+        init_args.entropy_checkpoint = str(ckpt_path)
         rank_zero_info(f"{subcommand}: patching with the entropy model {ckpt_path} carries")
         return True
 

@@ -92,6 +92,23 @@ def test_a_stage_two_checkpoint_carries_its_entropy_model(blt_checkpoint, tmp_pa
     assert not [w for w in recwarn if "entropy_checkpoint" in str(w.message)]
 
 
+def test_a_stage_two_run_resumes_with_the_entropy_model_it_carries(blt_checkpoint, tmp_path):
+    """`fit --ckpt_path last` builds the model before it resumes: from the run's last.ckpt's entropy model, not from
+    the stage-one file the config names (here gone)."""
+    import shutil
+
+    from blt_lightning.cli import main
+
+    run = blt_checkpoint.parents[2]  # blt-tiny, with version_0 in it
+    shutil.copytree(run, tmp_path / run.name)
+    main(["fit", "--config", str(tmp_path / run.name / "version_0" / "config.yaml"),
+          "--trainer.default_root_dir", str(tmp_path),
+          "--model.init_args.entropy_checkpoint", str(tmp_path / "gone.ckpt"),
+          "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"])
+    last = tmp_path / run.name / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+
 def test_bad_checkpoints_and_data_are_named(entropy_checkpoint, tmp_path):
     from blt_lightning.cli import main
 
