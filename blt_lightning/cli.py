@@ -147,8 +147,7 @@ class BLTLightningCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if subcommand == "fit" and ckpt_path == "last" and self._checkpoints_in_run_folders(subcommand) \
                 and not SLURMEnvironment.detect():  # the file instantiate_trainer will find for fit() to resume
-            config = self.config[subcommand]
-            ckpt_path = runs_last_checkpoint(Path(config.trainer.default_root_dir or ".") / config.run_name)
+            ckpt_path = runs_last_checkpoint(self._run_folder(subcommand))
         carried = self._patch_with_the_carried_entropy_model(subcommand, ckpt_path)
         changed = [change for change in option_changes(given.as_dict(), self.config[subcommand].model.as_dict())
                    if not (carried and change.startswith("model.init_args.entropy_checkpoint:"))]
@@ -178,12 +177,16 @@ class BLTLightningCLI(LightningCLI):
         return trainer.get("logger") is None and not any(c.get("init_args", {}).get("dirpath")
                                                          for c in callbacks if isinstance(c, jsonargparse.Namespace))
 
+    def _run_folder(self, subcommand: str) -> Path:
+        """default_root_dir/run_name: where instantiate_trainer's logger keeps the run's version folders."""
+        config = self.config[subcommand]
+        return Path(config.trainer.default_root_dir or ".") / config.run_name
+
     def _runs_last_checkpoint(self, subcommand: str) -> str:
         """What `--ckpt_path last` evaluates: the run's newest last.ckpt, as `fit --ckpt_path last` resumes it.
         (Lightning would look in the folder of this command's new version, find none and evaluate the model
         untrained, with a warning.)"""
-        config = self.config[subcommand]
-        run = Path(config.trainer.default_root_dir or ".") / config.run_name
+        run = self._run_folder(subcommand)
         last = runs_last_checkpoint(run)
         if last is None:
             sys.exit(f"{subcommand}: --ckpt_path last: no version of the run {run} holds checkpoints/last.ckpt "

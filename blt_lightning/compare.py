@@ -184,8 +184,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser(prog="blt-lightning compare", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--data", nargs="+", default=["data/corpus"],
                         help="text, JSON-lines files or directories to train and hold out from")
     parser.add_argument("--eval", nargs="*", default=[], help="extra files every model is evaluated on")

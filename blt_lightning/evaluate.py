@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", nargs="+", required=True,
                         help="a manifest, shard URLs, or text / JSON-lines files and directories to prepare")
     parser.add_argument("--split", default="test", help="the manifest's split to evaluate")
-    parser.add_argument("--text-field", "--text_field", default="text",
+    parser.add_argument("--text-field", default="text",
                         help="field of a JSON-lines record that holds the document (default: text)")
-    parser.add_argument("--skip-malformed", "--skip_malformed", action="store_true",
+    parser.add_argument("--skip-malformed", action="store_true",
                         help="skip (and count) malformed JSON lines instead of stopping at the first")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/evaluate"),

@@ -144,15 +144,15 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Callable
 
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser(prog="blt-lightning generate",
-                                     description="Generate text from a BLTLM or EntropyLM checkpoint.")
+                        description="Generate text from a BLTLM or EntropyLM checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="stage-two (BLTLM) or stage-one (EntropyLM) checkpoint")
     parser.add_argument("--prompt", default="", help="the text to continue (default: none, a document from its start)")
-    parser.add_argument("--max-bytes", "--max_bytes", type=int, default=256,
+    parser.add_argument("--max-bytes", type=int, default=256,
                         help="bytes to generate at most (default: 256)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="0: the most likely byte every time (default: 1)")
-    parser.add_argument("--top-k", "--top_k", type=int, default=None, help="draw among the k most likely bytes only")
-    parser.add_argument("--top-p", "--top_p", type=float, default=None,
+    parser.add_argument("--top-k", type=int, default=None, help="draw among the k most likely bytes only")
+    parser.add_argument("--top-p", type=float, default=None,
                         help="draw among the most likely bytes holding p of the probability")
     parser.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a random one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

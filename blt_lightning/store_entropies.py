@@ -66,7 +66,7 @@ def _rewrite(path: Path, documents: int, out: Path, model, window: int, bar: tqd
 
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser(prog="blt-lightning entropies",
-                                     description="Store next-byte entropies beside each document, in new shards.")
+                        description="Store next-byte entropies beside each document, in new shards.")
     parser.add_argument("--checkpoint", required=True, help="stage-one (entropy model) checkpoint")
     parser.add_argument("--manifest", required=True, help="manifest.json of the shards to annotate")
     parser.add_argument("--output", "-o", required=True, help="directory for the new shards and manifest")
