@@ -123,6 +123,8 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
             files.extend((p, Path(spec).resolve().name) for p in found)
         elif os.path.isfile(spec):
             files.append((Path(spec), source_name(Path(spec))))
+        elif os.path.exists(spec):  # a pipe (such as <(zcat ...)), a socket or a device: no size, no second reading
+            raise PrepareError(f"{spec}: not a regular file or directory; write its contents to a file first")
         else:
             raise PrepareError(f"{spec}: no such file or directory (relative to {os.getcwd()})")
     return files

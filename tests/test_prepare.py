@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 
@@ -163,6 +164,10 @@ def test_a_requested_split_that_no_document_fell_in_is_said_and_evaluate_names_t
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(PrepareError, match="nope.jsonl: no such file"):
         prepare([str(tmp_path / "nope.jsonl")], tmp_path / "out", OPTIONS, progress=False)
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)  # as <(zcat docs.jsonl.gz) gives: it exists, but is no file
+    with pytest.raises(PrepareError, match="pipe.jsonl: not a regular file or directory; write its contents to a file"):
+        prepare([str(pipe)], tmp_path / "out", OPTIONS, progress=False)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}])
     with pytest.raises(PrepareError, match=r"no documents in .*empty.jsonl \(1 empty, 0 malformed lines skipped\)"):
         prepare([str(empty)], tmp_path / "out", OPTIONS, progress=False)
