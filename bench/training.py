@@ -35,9 +35,12 @@ chunk into malloc's per-thread cache and fast bins, where they never merge with 
 that size, asking for its size plus the alignment, does not fit.
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0 in the environment turns both off and lets
 the pieces merge; the workers inherit the environment, and the JSON records it with the C library's version.
+--glibc DIR runs the workers on the C library in DIR instead, at its defaults (DIR holds its dynamic loader
+and libc.so.6: Debian 13's glibc 2.41, for one, unpacked from its libc6 package with dpkg-deb -x).
 
     python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
-                              [--activation_checkpointing {none,blocks,byte_feed_forward}]
+                              [--activation_checkpointing {none,blocks,byte_feed_forward,feed_forward}]
+                              [--glibc DIR]
 
 Prints one JSON object on stdout; progress goes to stderr. transformers is optional: without it the
 hf_blt entries say so.
@@ -76,6 +79,7 @@ PATCHING = PatchingConfig(mode="static", patch_size=4)
 # The slice of Moby Dick that ships with the repository (data/README.md): a fresh clone runs the benchmarks as is.
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "en_moby_dick.jsonl.gz"
 MODELS = ("blt", "hf_blt", "entropy")
+LOADER = "ld-linux-x86-64.so.2"  # glibc's dynamic loader on x86-64, which --glibc runs the workers with
 
 
 def log(message: str) -> None:
@@ -164,7 +168,8 @@ def malloc_peak(step) -> int | None:
 def build(model: str, batches: list[torch.Tensor], attention: str, activation_checkpointing: str = "none"):
     """(module, loss of batch i) for one model; patches are made now, off the clock. activation_checkpointing
     (our models): "blocks" recomputes every transformer block in backward, "byte_feed_forward" the SwiGLU
-    hidden of the blocks that run over bytes, as the LightningModules' option of that name."""
+    hidden of the blocks that run over bytes, "feed_forward" that of every block, as the LightningModules' option
+    of that name."""
     cross_entropy = lambda logits, ids: F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
     if model == "entropy":
         net = EntropyModel(ENTROPY_SMALL)
@@ -218,11 +223,26 @@ def worker(job: dict) -> dict:
         import transformers
 
         result.update(transformers=transformers.__version__, attn_implementation=net.config._attn_implementation)
-    return result
+    return {**result, "libc": c_library()}
 
 
-def run_worker(job: dict) -> dict:
-    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+def c_library() -> str:
+    """The C library this process runs on, and its file. (platform.libc_ver() reads the Python executable's file,
+    which does not know the library --glibc loads.)"""
+    try:
+        version = ctypes.CDLL("libc.so.6").gnu_get_libc_version
+    except (OSError, AttributeError):
+        return " ".join(platform.libc_ver()) or "unknown"
+    version.restype = ctypes.c_char_p
+    with open("/proc/self/maps") as maps:
+        files = {line.split()[-1] for line in maps if line.rstrip().endswith("/libc.so.6")}
+    return f"glibc {version().decode()} ({', '.join(sorted(files))})"
+
+
+def run_worker(job: dict, glibc: Path | None = None) -> dict:
+    """worker(job) in a process of its own; with glibc (a folder), on the C library there."""
+    loader = [str(glibc / LOADER), "--library-path", str(glibc)] if glibc else []
+    command = [*loader, sys.executable, __file__, "--worker", json.dumps(job)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -278,9 +298,11 @@ def main() -> None:
                         help="JSONL (.gz or plain), a 'text' field a line")
     parser.add_argument("--attention", choices=("sdpa", "dense", "flex"), default="sdpa",
                         help="our BLT's attention (dense: the quadratic reference)")
-    parser.add_argument("--activation_checkpointing", choices=("none", "blocks", "byte_feed_forward"), default="none",
-                        help="what our models recompute in backward (BltForCausalLM: nothing): whole transformer "
-                             "blocks, or the SwiGLU hidden of the blocks over bytes")
+    parser.add_argument("--activation_checkpointing", choices=("none", "blocks", "byte_feed_forward", "feed_forward"),
+                        default="none", help="what our models recompute in backward (BltForCausalLM: nothing): whole "
+                        "transformer blocks, or the SwiGLU hidden of the blocks over bytes, or of every block")
+    parser.add_argument("--glibc", type=Path, help=f"run the workers on the glibc in this folder (its {LOADER} and "
+                        "libc.so.6) at its defaults, for both models")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -292,6 +314,8 @@ def main() -> None:
         parser.error(f"unknown models {unknown}: choose from {list(MODELS)}")
     if min(args.steps, args.repeats, args.threads) < 1 or args.warmup < 0:
         parser.error("steps, repeats and threads must be at least 1, warmup at least 0")
+    if args.glibc and not (args.glibc / LOADER).is_file():
+        parser.error(f"--glibc {args.glibc}: no {LOADER} there (give the folder that holds it and libc.so.6)")
     try:
         import transformers
         from transformers import BltForCausalLM  # noqa: F401
@@ -311,7 +335,7 @@ def main() -> None:
                 job = {"model": model, "rows": rows, "length": length, "warmup": args.warmup, "steps": args.steps,
                        "threads": args.threads, "corpus": str(args.corpus), "attention": args.attention,
                        "activation_checkpointing": args.activation_checkpointing}
-                runs[model].append(run_worker(job))
+                runs[model].append(run_worker(job, args.glibc))
         out = {m: {"skipped": hf_missing} if not runs[m] else summary(runs[m], rows * length) for m in models}
         if all("bytes_per_s" in out.get(m, {}) for m in ("blt", "hf_blt")):
             out["blt_vs_hf"] = versus(out["blt"], out["hf_blt"], TARGETS.get(shape, {}))
@@ -334,7 +358,8 @@ def main() -> None:
         "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
         "torch": torch.__version__, "transformers": None if hf_missing else transformers.__version__,
         "cpu": cpu_name(),
-        "libc": " ".join(platform.libc_ver()),
+        "libc": ", ".join(sorted({entry["libc"] for out in results.values() for entry in out.values()
+                                  if "libc" in entry})) or c_library(),  # the workers'
         "malloc_environment": {k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")},
         "shapes": results,
     }, indent=2))

@@ -2,7 +2,6 @@
 
 import math
 import warnings
-from typing import Literal
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -12,6 +11,7 @@ from torchmetrics import MeanMetric
 from .errors import BadInput
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
+from .models.layers import FeedForwardRecompute
 from .patcher import CARRIED_ENTROPY_MODEL, Patcher, carried_entropy_model, load_entropy_model
 from .patching import Patches, PatchingConfig
 from .training import ByteLMModule, OptimizerConfig
@@ -38,7 +38,7 @@ class BLTLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
-        activation_checkpointing: bool | Literal["byte_feed_forward"] = False,
+        activation_checkpointing: bool | FeedForwardRecompute = False,
         flops_budget: float | None = None,
         init_from: str | None = None,
     ):
@@ -63,7 +63,8 @@ class BLTLM(ByteLMModule):
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
                 or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward": recompute
                 only the SwiGLU hidden (w1 x, w3 x) of the blocks that run over bytes (the local encoder's and
-                decoder's), the largest thing they keep, for one more product each.
+                decoder's), the largest thing they keep, for one more product each. "feed_forward": that of the
+                global transformer's blocks too (for long rows, where its hidden is as large).
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of validation batches drawn from the whole split (FlopBudget).

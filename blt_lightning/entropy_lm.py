@@ -1,11 +1,10 @@
 """EntropyLM: stage one. Trains the entropy model with next-byte cross entropy."""
 
-from typing import Literal
-
 import torch
 
 from .flops import entropy_model_flops_per_byte
 from .models import EntropyModel, EntropyModelConfig
+from .models.layers import FeedForwardRecompute
 from .patcher import entropy_window
 from .training import ByteLMModule, OptimizerConfig
 
@@ -17,7 +16,7 @@ class EntropyLM(ByteLMModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         seq_len: int = 1024,
         compile: bool = False,
-        activation_checkpointing: bool | Literal["byte_feed_forward"] = False,
+        activation_checkpointing: bool | FeedForwardRecompute = False,
         flops_budget: float | None = None,
         init_from: str | None = None,
     ):
@@ -30,9 +29,9 @@ class EntropyLM(ByteLMModule):
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
             activation_checkpointing: true: recompute each transformer block in backward instead of keeping its
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
-                or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward": recompute
-                only the SwiGLU hidden (w1 x, w3 x) of the blocks that run over bytes, the largest
-                thing they keep, for one more product each.
+                or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward" or
+                "feed_forward" (the same here: all its blocks run over bytes): recompute only the SwiGLU hidden
+                (w1 x, w3 x) of each block, the largest thing it keeps, for one more product each.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte (FlopBudget).
             init_from: A checkpoint (of `fit`, or written by `import-hf`) whose weights the model starts `fit`

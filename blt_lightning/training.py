@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ from torch.utils.tensorboard.summary import hparams
 from .callbacks import FlopBudget
 from .errors import BadInput, Diverged, InputError, MissingInput
 from .metrics import BitsPerByte, BitsPerByteByGroup
-from .models.layers import TransformerBlock, holds_parts, set_activation_checkpointing
+from .models.layers import FeedForwardRecompute, TransformerBlock, holds_parts, set_activation_checkpointing
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
@@ -61,13 +61,13 @@ class ByteLMModule(L.LightningModule):
 
     def __init__(self, optimizer: OptimizerConfig, seq_len: int, compile: bool = False,
                  flops_budget: float | None = None, init_from: str | None = None,
-                 activation_checkpointing: bool | Literal["byte_feed_forward"] = False):
+                 activation_checkpointing: bool | FeedForwardRecompute = False):
         super().__init__()
         if seq_len < 1:
             raise ValueError(f"seq_len (the data's, linked into the model) must be at least 1, not {seq_len}")
         self.optimizer_config, self.seq_len, self.compile_blocks = optimizer, seq_len, compile
-        if activation_checkpointing not in (False, True, "byte_feed_forward"):
-            raise ValueError("activation_checkpointing is true, false or 'byte_feed_forward', "
+        if activation_checkpointing not in (False, True, *get_args(FeedForwardRecompute)):
+            raise ValueError("activation_checkpointing is true, false, 'byte_feed_forward' or 'feed_forward', "
                              f"not {activation_checkpointing!r}")
         self.activation_checkpointing = activation_checkpointing
         self.flops_budget = flops_budget

@@ -1,8 +1,11 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +28,23 @@ def test_benchmarks_run_on_the_corpus_that_ships_with_the_repository(tmp_path):
     patching = run_bench("patching.py", "--shapes", "tiny", "--warmup", "0", "--batches", "1", "--seq_len", "64",
                          "--batch_size", "1", cwd=tmp_path)
     assert patching["corpus"] == corpus and patching["shapes"]["tiny"]["total"]["mb_per_s"] > 0
+
+
+def test_training_bench_runs_its_workers_on_the_glibc_it_is_given(tmp_path):
+    """--glibc DIR: the workers run on the C library in DIR (here a copy of this system's), and say so."""
+    with open("/proc/self/maps") as maps:
+        system = {Path(line.split()[-1]) for line in maps if line.rstrip().endswith(("/libc.so.6",
+                                                                                    "/ld-linux-x86-64.so.2"))}
+    if {p.name for p in system} != {"libc.so.6", "ld-linux-x86-64.so.2"}:
+        pytest.skip("needs glibc on x86-64")
+    glibc = tmp_path / "glibc"
+    glibc.mkdir()
+    for library in system:
+        shutil.copy(library, glibc / library.name)
+    args = ("--models", "blt", "--shapes", "1x64", "--steps", "1", "--warmup", "0", "--threads", "1")
+    training = run_bench("training.py", *args, "--glibc", str(glibc), cwd=tmp_path)
+    assert training["shapes"]["1x64"]["blt"]["libc"].endswith(f"({glibc / 'libc.so.6'})")
+    assert training["libc"] == training["shapes"]["1x64"]["blt"]["libc"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "training.py"), *args, "--glibc", str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"--glibc {tmp_path}: no ld-linux-x86-64.so.2 there" in done.stderr

@@ -268,8 +268,15 @@ def test_activation_checkpointing_gives_the_same_gradients_keeping_less_for_back
         torch.testing.assert_close(hidden[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     gate_up_bytes = ids[:, :-1].numel() * 2 * swiglu_hidden(TINY.encoder_dim, TINY.ffn_multiple_of) * 4
     assert plain_kept - hidden_kept == 3 * gate_up_bytes  # three blocks over bytes, all of the same width
+    # every block's: the global transformer's too, over its patches
+    every, every_kept, model = gradients_and_kept_bytes("feed_forward")
+    assert all(b.feed_forward.recompute_hidden for b in model.modules() if isinstance(b, TransformerBlock))
+    for name, grad in plain.items():
+        torch.testing.assert_close(every[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    global_gate_up_bytes = patches.lengths.numel() * 2 * swiglu_hidden(TINY.global_dim, TINY.ffn_multiple_of) * 4
+    assert hidden_kept - every_kept == TINY.global_layers * global_gate_up_bytes
     with pytest.raises(ValueError, match="activation_checkpointing"):
-        BLTLM(TINY, activation_checkpointing="feed_forward")
+        BLTLM(TINY, activation_checkpointing="attention")
 
 
 def test_the_models_and_patching_load_without_lightning():

@@ -276,14 +276,21 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def set_activation_checkpointing(model: nn.Module, mode: bool | Literal["byte_feed_forward"]) -> None:
+# The SwiGLU hidden recomputed in backward instead of kept (set_activation_checkpointing): that of the blocks over
+# bytes, or of every block.
+FeedForwardRecompute = Literal["byte_feed_forward", "feed_forward"]
+
+
+def set_activation_checkpointing(model: nn.Module, mode: bool | FeedForwardRecompute) -> None:
     """What the transformer blocks of `model` (an EntropyModel or ByteLatentTransformer) recompute in backward:
-    True, each whole block; "byte_feed_forward", the SwiGLU hidden of its byte_level_blocks(); False, nothing."""
+    True, each whole block; "byte_feed_forward", the SwiGLU hidden of its byte_level_blocks(); "feed_forward",
+    that of every block; False, nothing."""
     byte_level = set(model.byte_level_blocks())
     for block in model.modules():
         if isinstance(block, TransformerBlock):
             block.recompute_in_backward = mode is True
-            block.feed_forward.recompute_hidden = mode == "byte_feed_forward" and block in byte_level
+            block.feed_forward.recompute_hidden = (mode == "feed_forward"
+                                                   or mode == "byte_feed_forward" and block in byte_level)
 
 
 def swiglu_hidden(dim: int, multiple_of: int) -> int:
