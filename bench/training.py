@@ -35,8 +35,9 @@ chunk into malloc's per-thread cache and fast bins, where they never merge with 
 that size, asking for its size plus the alignment, does not fit.
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0 in the environment turns both off and lets
 the pieces merge; the workers inherit the environment, and the JSON records it with the C library's version.
---glibc DIR runs the workers on the C library in DIR instead, at its defaults (DIR holds its dynamic loader
-and libc.so.6: Debian 13's glibc 2.41, for one, unpacked from its libc6 package with dpkg-deb -x).
+--glibc DIR runs the workers on the C library in DIR instead, at its defaults (they still inherit GLIBC_TUNABLES).
+DIR holds its dynamic loader and libc.so.6: Debian 13's glibc 2.41, for one, is its libc6 package's
+usr/lib/x86_64-linux-gnu, unpacked with dpkg-deb -x.
 
     python bench/training.py [--shapes 4x1024,1x8192] [--models blt,hf_blt,entropy] [--steps 5] [--repeats 3]
                               [--activation_checkpointing {none,blocks,byte_feed_forward,feed_forward}]
@@ -52,6 +53,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -232,16 +234,20 @@ def c_library() -> str:
     try:
         version = ctypes.CDLL("libc.so.6").gnu_get_libc_version
     except (OSError, AttributeError):
-        return " ".join(platform.libc_ver()) or "unknown"
+        return " ".join(filter(None, platform.libc_ver())) or "unknown"
     version.restype = ctypes.c_char_p
-    with open("/proc/self/maps") as maps:
-        files = {line.split()[-1] for line in maps if line.rstrip().endswith("/libc.so.6")}
-    return f"glibc {version().decode()} ({', '.join(sorted(files))})"
+    with open("/proc/self/maps") as maps:  # libc.so.6, or the libc-2.NN.so it links to before glibc 2.34
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    files = {p for p in paths if re.fullmatch(r"libc(\.so\.6|-[\d.]+\.so)", p.rsplit("/", 1)[-1])}
+    return f"glibc {version().decode()} ({', '.join(sorted(files)) or 'file unknown'})"
 
 
 def run_worker(job: dict, glibc: Path | None = None) -> dict:
     """worker(job) in a process of its own; with glibc (a folder), on the C library there."""
-    loader = [str(glibc / LOADER), "--library-path", str(glibc)] if glibc else []
+    loader = []
+    if glibc:  # --library-path replaces LD_LIBRARY_PATH, which the loader then ignores: keep what that adds
+        library_path = ":".join(filter(None, (str(glibc), os.environ.get("LD_LIBRARY_PATH"))))
+        loader = [str(glibc / LOADER), "--library-path", library_path]
     command = [*loader, sys.executable, __file__, "--worker", json.dumps(job)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -301,8 +307,8 @@ def main() -> None:
     parser.add_argument("--activation_checkpointing", choices=("none", "blocks", "byte_feed_forward", "feed_forward"),
                         default="none", help="what our models recompute in backward (BltForCausalLM: nothing): whole "
                         "transformer blocks, or the SwiGLU hidden of the blocks over bytes, or of every block")
-    parser.add_argument("--glibc", type=Path, help=f"run the workers on the glibc in this folder (its {LOADER} and "
-                        "libc.so.6) at its defaults, for both models")
+    parser.add_argument("--glibc", type=Path, help=f"run the workers (every model) on the glibc in this folder (its "
+                        f"{LOADER} and libc.so.6) at its defaults, GLIBC_TUNABLES aside")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -314,8 +320,8 @@ def main() -> None:
         parser.error(f"unknown models {unknown}: choose from {list(MODELS)}")
     if min(args.steps, args.repeats, args.threads) < 1 or args.warmup < 0:
         parser.error("steps, repeats and threads must be at least 1, warmup at least 0")
-    if args.glibc and not (args.glibc / LOADER).is_file():
-        parser.error(f"--glibc {args.glibc}: no {LOADER} there (give the folder that holds it and libc.so.6)")
+    if args.glibc and (missing := [f for f in (LOADER, "libc.so.6") if not (args.glibc / f).is_file()]):
+        parser.error(f"--glibc {args.glibc}: no {' or '.join(missing)} there (give the folder that holds both)")
     try:
         import transformers
         from transformers import BltForCausalLM  # noqa: F401
@@ -359,7 +365,8 @@ def main() -> None:
         "torch": torch.__version__, "transformers": None if hf_missing else transformers.__version__,
         "cpu": cpu_name(),
         "libc": ", ".join(sorted({entry["libc"] for out in results.values() for entry in out.values()
-                                  if "libc" in entry})) or c_library(),  # the workers'
+                                  if "libc" in entry}))  # the workers'
+                or (f"unknown: no worker finished (--glibc {args.glibc})" if args.glibc else c_library()),
         "malloc_environment": {k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")},
         "shapes": results,
     }, indent=2))

@@ -61,10 +61,11 @@ class BLTLM(ByteLMModule):
                 compiler). Patch counts vary per batch: a patch_budget keeps the global model's shapes fixed.
             activation_checkpointing: true: recompute each transformer block in backward instead of keeping its
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
-                or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward": recompute
-                only the SwiGLU hidden (w1 x, w3 x) of the blocks that run over bytes (the local encoder's and
-                decoder's), the largest thing they keep, for one more product each. "feed_forward": that of the
-                global transformer's blocks too (for long rows, where its hidden is as large).
+                or the strategy's activation_checkpointing_policy, not both; with that policy the options below
+                only add compute.) "byte_feed_forward": recompute only the SwiGLU hidden (w1 x, w3 x) of the
+                blocks that run over bytes (the local encoder's and decoder's), the largest thing they keep, for
+                one more product each. "feed_forward": that of the global transformer's blocks too, the largest
+                thing they keep.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of
                 trainer.max_steps: the steps are derived from its FLOPs per byte at the mean patch size
                 of validation batches drawn from the whole split (FlopBudget).

@@ -29,7 +29,8 @@ class EntropyLM(ByteLMModule):
             compile: Compile each transformer block with torch.compile (for GPUs; on a CPU it needs a C++ compiler).
             activation_checkpointing: true: recompute each transformer block in backward instead of keeping its
                 activations: much less memory for long rows, for about a third more compute. (Under FSDP, this
-                or the strategy's activation_checkpointing_policy, not both.) "byte_feed_forward" or
+                or the strategy's activation_checkpointing_policy, not both; with that policy the options below
+                only add compute.) "byte_feed_forward" or
                 "feed_forward" (the same here: all its blocks run over bytes): recompute only the SwiGLU hidden
                 (w1 x, w3 x) of each block, the largest thing it keeps, for one more product each.
             flops_budget: Train for this many training FLOPs of the model (all ranks together) instead of

@@ -39,6 +39,19 @@ def test_every_config_parses_and_builds(config, tmp_path, monkeypatch, entropy_c
         assert kind in kinds, f"{kind} is missing: every config resumes, saves on SIGTERM and writes predictions"
 
 
+def test_activation_checkpointing_feed_forward_reaches_every_block_from_the_command_line(tmp_path, monkeypatch):
+    """The option's Literal type parses through jsonargparse; for the entropy model every block is over bytes."""
+    from blt_lightning.models.layers import TransformerBlock
+
+    monkeypatch.chdir(ROOT)
+    args = ["--config", str(ROOT / "configs/entropy/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--model.init_args.activation_checkpointing", "feed_forward"]
+    cli = BLTLightningCLI(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True)
+    cli.model.configure_model()
+    blocks = [m for m in cli.model.modules() if isinstance(m, TransformerBlock)]
+    assert blocks and all(b.feed_forward.recompute_hidden and not b.recompute_in_backward for b in blocks)
+
+
 def fit_args(root, corpus):
     return [
         "--config", str(ROOT / "configs/entropy/tiny.yaml"),

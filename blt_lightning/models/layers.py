@@ -290,7 +290,7 @@ def set_activation_checkpointing(model: nn.Module, mode: bool | FeedForwardRecom
         if isinstance(block, TransformerBlock):
             block.recompute_in_backward = mode is True
             block.feed_forward.recompute_hidden = (mode == "feed_forward"
-                                                   or mode == "byte_feed_forward" and block in byte_level)
+                                                   or (mode == "byte_feed_forward" and block in byte_level))
 
 
 def swiglu_hidden(dim: int, multiple_of: int) -> int:
