@@ -116,7 +116,9 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
     either signal: workers.py.) A step that saves this way skips the validation due at it, in this run and
     the resumed one (Lightning resumes a checkpoint of a validation step as validated).
-    Exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint.
+    Exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint. Nor does a run
+    without a ModelCheckpoint, or under fast_dev_run: SIGTERM ends it, and SLURM's signal only warns, as a
+    requeued job would start the run over (and again at every time limit).
     """
 
     def __init__(self):
@@ -163,12 +165,21 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
         if not (requeue or terminate):
             return
         path = save_last(trainer)
+        if requeue and path is None:
+            # The requeued job would start this run over, and again at each time limit: it trains on until then.
+            rank_zero_warn(f"SLURM requeue signal at step {trainer.global_step}: {NOTHING_SAVED}, so the job is not "
+                           "requeued (it would start over); training goes on until the time limit ends it")
+            self.requeue_requested = requeue = False
+            if not terminate:
+                return
         if requeue:
             if trainer.is_global_zero:
                 requeue_slurm_job()
             trainer.strategy.barrier("requeue")  # no rank leaves (srun --kill-on-bad-exit) before it is done
         if terminate:
-            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+            saved = f"saved {path}" if path else NOTHING_SAVED
+            rank_zero_info(f"SIGTERM: {saved} at step {trainer.global_step}"
+                           + ("; resume with --ckpt_path last" if path else "; the run ends"))
             raise SIGTERMException()
         rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
         raise JobRequeued()
@@ -206,6 +217,9 @@ def requeue_slurm_job() -> None:
         rank_zero_warn(f"could not requeue SLURM job {job} ({problem}): resubmit it with --ckpt_path last")
     else:
         rank_zero_info(f"requeued SLURM job {job}: it resumes from last.ckpt")
+
+
+NOTHING_SAVED = "nothing saved (no ModelCheckpoint, or fast_dev_run)"
 
 
 def save_last(trainer) -> Path | None:

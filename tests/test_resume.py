@@ -304,6 +304,31 @@ def test_a_sigterm_before_training_starts_saves_after_the_first_optimizer_step(s
     assert signal.getsignal(signal.SIGTERM) == before, "the handlers are put back"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_a_run_that_saves_no_checkpoint_says_so_and_a_slurm_job_is_not_requeued(
+        signum, shards, tmp_path, monkeypatch, caplog):
+    """Requeued, the job would start the run over at every time limit: SLURM's signal warns and training goes on.
+    SIGTERM ends the run, saying that nothing was saved."""
+
+    class SignalAt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signum)
+
+    for name, value in {**SLURM_ONE_TASK, "SLURM_JOB_ID": "81", **fake_scontrol(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    module, data, trainer = tiny_fit(shards, [CheckpointOnTerminate(), SignalAt()], max_steps=4)
+    if signum == signal.SIGTERM:
+        with caplog.at_level("INFO"), pytest.raises(SIGTERMException):
+            trainer.fit(module, data)
+        assert "SIGTERM: nothing saved (no ModelCheckpoint, or fast_dev_run) at step 3; the run ends" in caplog.text
+    else:
+        with pytest.warns(UserWarning, match="SLURM requeue signal at step 3: nothing saved .* not requeued"):
+            trainer.fit(module, data)
+        assert trainer.global_step == 4, "training went on"
+    assert not (tmp_path / "scontrol.log").exists()
+
+
 def test_last_checkpoint_records_the_best_file_of_a_validation_at_the_step_of_a_deferred_save(shards, tmp_path):
     """Steps of 4 batches, a validation every 2: the one within step 1 is saved when it ends, where the next
     validation falls too; last.ckpt is saved again after it, and names the best file there is."""
