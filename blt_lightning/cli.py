@@ -62,6 +62,11 @@ class SaveConfigPerAttempt(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+# The model's row length is the data's (BLTLightningCLI links them); jsonargparse would put the link's value over
+# one given for the model without a word.
+SEQ_LEN_SOURCE, SEQ_LEN_TARGETS = "data.init_args.seq_len", ("model.init_args.seq_len", "model.seq_len")
+
+
 class SpelledOutArgumentParser(LightningArgumentParser):
     """A misspelled option is an error, not the option it begins (--trainer.max_step taken for max_steps). The
     parsers jsonargparse makes for a model's nested options are of the root parser's class, so they refuse too.
@@ -73,7 +78,28 @@ class SpelledOutArgumentParser(LightningArgumentParser):
 
     def parse_args(self, args=None, *more, **kwargs):
         self._arguments = list(sys.argv[1:] if args is None else args)
-        return super().parse_args(args, *more, **kwargs)
+        parsed = super().parse_args(args, *more, **kwargs)
+        if (data_seq_len := parsed.get(SEQ_LEN_SOURCE)) is not None:  # a subcommand's options
+            self._check_the_linked_seq_len(data_seq_len)
+        return parsed
+
+    def _check_the_linked_seq_len(self, data_seq_len: int) -> None:
+        """A model seq_len given on the command line must be the data's; one in a --config file must be that
+        file's data seq_len if it has one (a run's saved config.yaml has both), else the data's."""
+        given = []
+        for flag, value in zip(self._arguments, [*self._arguments[1:], None]):
+            name, _, inline = flag.partition("=")
+            if name.removeprefix("--") in SEQ_LEN_TARGETS and (inline or value is not None):
+                given.append(("on the command line", inline or value, data_seq_len))
+        for path in config_files(self._arguments):
+            tree, _ = load_yaml(path)
+            own = _yaml_value(tree, SEQ_LEN_SOURCE)
+            given += [(f"in {path}", value, data_seq_len if own is None else own)
+                      for key in SEQ_LEN_TARGETS if (value := _yaml_value(tree, key)) is not None]
+        for where, value, expected in given:
+            if str(value) != str(expected):
+                self.error(f"model seq_len {value} ({where}) is linked from the data's seq_len, {expected}: set "
+                           "that instead (--data.seq_len, or data.init_args.seq_len in YAML)")
 
     def error(self, message: str, ex: Exception | None = None):
         """jsonargparse names neither a --config file that is not YAML nor the one that sets an option it does not
@@ -108,6 +134,13 @@ def load_yaml(path: Path) -> tuple[object, str | None]:
         return None, str(error)
 
 
+def _yaml_value(tree: object, key: str) -> object:
+    """The value at a dotted key of a YAML tree; None where there is none."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def yaml_keys(tree: object) -> set[str]:
     """Every key of a YAML tree, dotted from the top (trainer.max_steps)."""
 
@@ -124,10 +157,17 @@ def yaml_keys(tree: object) -> set[str]:
 
 
 class BLTLightningCLI(LightningCLI):
+    """Lightning's CLI with SpelledOutArgumentParser, the model's seq_len linked from the data's, a run name and
+    folder (a SLURM job's named by its id), and --ckpt_path files checked against the stage (a stage-two model is
+    built with the entropy model its checkpoint carries)."""
+
+    def __init__(self, *args, parser_class: type[LightningArgumentParser] = SpelledOutArgumentParser, **kwargs):
+        super().__init__(*args, parser_class=parser_class, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", default="run",
                             help="Name of the TensorBoard run (and its folder) under default_root_dir.")
-        parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
+        parser.link_arguments(SEQ_LEN_SOURCE, SEQ_LEN_TARGETS[0])
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's options with those saved in a --ckpt_path file. A file that does not
@@ -327,5 +367,4 @@ def run(argv: list[str] | None) -> None:
         args=argv,
         parser_kwargs={"prog": "blt-lightning",
                        "epilog": "Other commands: " + ", ".join(f"{name} (see `{name} --help`)" for name in TOOLS)},
-        parser_class=SpelledOutArgumentParser,
     )

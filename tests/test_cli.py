@@ -52,6 +52,30 @@ def test_activation_checkpointing_feed_forward_reaches_every_block_from_the_comm
     assert blocks and all(b.feed_forward.recompute_hidden and not b.recompute_in_backward for b in blocks)
 
 
+def test_a_model_seq_len_other_than_the_datas_is_an_error_not_overwritten_by_the_link(tmp_path, monkeypatch, capsys):
+    """jsonargparse puts data.seq_len over the model's without a word. A run's saved config.yaml holds both (the
+    same): with another --data.seq_len it still parses, and the model takes the new length."""
+    monkeypatch.chdir(ROOT)
+
+    def cli(*args):
+        base = ["--config", str(ROOT / "configs/entropy/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+        return BLTLightningCLI(args=[*base, *args], run=False, subclass_mode_model=True, subclass_mode_data=True)
+
+    with pytest.raises(SystemExit):
+        cli("--model.init_args.seq_len", "64")
+    assert ("model seq_len 64 (on the command line) is linked from the data's seq_len, 256: set that instead"
+            in capsys.readouterr().err)
+    model_only = tmp_path / "model.yaml"
+    model_only.write_text("model:\n  init_args:\n    seq_len: 128\n")
+    with pytest.raises(SystemExit):
+        cli("--config", str(model_only))
+    assert f"model seq_len 128 (in {model_only}) is linked from the data's seq_len, 256" in capsys.readouterr().err
+    assert cli("--model.init_args.seq_len=256").model.seq_len == 256
+    saved = tmp_path / "saved.yaml"
+    saved.write_text("data:\n  init_args:\n    seq_len: 128\nmodel:\n  init_args:\n    seq_len: 128\n")
+    assert cli("--config", str(saved), "--data.seq_len", "64").model.seq_len == 64
+
+
 def fit_args(root, corpus):
     return [
         "--config", str(ROOT / "configs/entropy/tiny.yaml"),
