@@ -167,10 +167,10 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
         path = save_last(trainer)
         if requeue and path is None:
             # The requeued job would start this run over, and again at each time limit: it trains on until then.
-            rank_zero_warn(f"SLURM requeue signal at step {trainer.global_step}: {NOTHING_SAVED}, so the job is not "
-                           "requeued (it would start over); training goes on until the time limit ends it")
             self.requeue_requested = requeue = False
             if not terminate:
+                rank_zero_warn(f"SLURM requeue signal at step {trainer.global_step}: {NOTHING_SAVED}, so the job is "
+                               "not requeued (it would start over); training goes on until the time limit ends it")
                 return
         if requeue:
             if trainer.is_global_zero:

@@ -65,6 +65,7 @@ class SaveConfigPerAttempt(SaveConfigCallback):
 # The model's row length is the data's (BLTLightningCLI links them); jsonargparse would put the link's value over
 # one given for the model without a word.
 SEQ_LEN_SOURCE, SEQ_LEN_TARGETS = "data.init_args.seq_len", ("model.init_args.seq_len", "model.seq_len")
+SEQ_LEN_SOURCES = (SEQ_LEN_SOURCE, "data.seq_len")  # as a YAML file may give it
 
 
 class SpelledOutArgumentParser(LightningArgumentParser):
@@ -93,7 +94,7 @@ class SpelledOutArgumentParser(LightningArgumentParser):
                 given.append(("on the command line", inline or value, data_seq_len))
         for path in config_files(self._arguments):
             tree, _ = load_yaml(path)
-            own = _yaml_value(tree, SEQ_LEN_SOURCE)
+            own = next((v for key in SEQ_LEN_SOURCES if (v := _yaml_value(tree, key)) is not None), None)
             given += [(f"in {path}", value, data_seq_len if own is None else own)
                       for key in SEQ_LEN_TARGETS if (value := _yaml_value(tree, key)) is not None]
         for where, value, expected in given:
@@ -120,7 +121,15 @@ def config_files(arguments: list[str]) -> list[Path]:
     """The files --config (or -c) names among command-line arguments (it also takes YAML text)."""
     named = [value for flag, value in zip(arguments, arguments[1:]) if flag in ("--config", "-c")]
     named += [a.split("=", 1)[1] for a in arguments if a.startswith("--config=")]
-    return [Path(n) for n in named if Path(n).is_file()]
+    return [Path(n) for n in named if _is_file(n)]
+
+
+def _is_file(name: str) -> bool:
+    """Whether name is a file; False for YAML text given in its place, however long (ENAMETOOLONG raises)."""
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def load_yaml(path: Path) -> tuple[object, str | None]:

@@ -74,6 +74,10 @@ def test_a_model_seq_len_other_than_the_datas_is_an_error_not_overwritten_by_the
     saved = tmp_path / "saved.yaml"
     saved.write_text("data:\n  init_args:\n    seq_len: 128\nmodel:\n  init_args:\n    seq_len: 128\n")
     assert cli("--config", str(saved), "--data.seq_len", "64").model.seq_len == 64
+    short = tmp_path / "short.yaml"  # the data's seq_len not under init_args, as a hand-written file may put it
+    short.write_text("data:\n  seq_len: 128\nmodel:\n  init_args:\n    seq_len: 128\n")
+    assert cli("--config", str(short), "--data.seq_len", "64").model.seq_len == 64
+    assert cli("--config", "{run_name: " + "x" * 300 + "}").model.seq_len == 256  # YAML text, too long a file name
 
 
 def fit_args(root, corpus):
