@@ -87,11 +87,8 @@ class SpelledOutArgumentParser(LightningArgumentParser):
     def _check_the_linked_seq_len(self, data_seq_len: int) -> None:
         """A model seq_len given on the command line must be the data's; one in a --config file must be that
         file's data seq_len if it has one (a run's saved config.yaml has both), else the data's."""
-        given = []
-        for flag, value in zip(self._arguments, [*self._arguments[1:], None]):
-            name, _, inline = flag.partition("=")
-            if name.removeprefix("--") in SEQ_LEN_TARGETS and (inline or value is not None):
-                given.append(("on the command line", inline or value, data_seq_len))
+        flags = tuple(f"--{key}" for key in SEQ_LEN_TARGETS)
+        given = [("on the command line", value, data_seq_len) for value in option_values(self._arguments, flags)]
         for path in config_files(self._arguments):
             tree, _ = load_yaml(path)
             own = next((v for key in SEQ_LEN_SOURCES if (v := _yaml_value(tree, key)) is not None), None)
@@ -117,11 +114,16 @@ class SpelledOutArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
+def option_values(arguments: list[str], flags: tuple[str, ...]) -> list[str]:
+    """The values command-line arguments give any of flags: `--flag value`, or `--flag=value` for a long one."""
+    values = [value for flag, value in zip(arguments, arguments[1:]) if flag in flags]
+    return values + [a.split("=", 1)[1] for a in arguments
+                     if a.startswith("--") and "=" in a and a.split("=", 1)[0] in flags]
+
+
 def config_files(arguments: list[str]) -> list[Path]:
     """The files --config (or -c) names among command-line arguments (it also takes YAML text)."""
-    named = [value for flag, value in zip(arguments, arguments[1:]) if flag in ("--config", "-c")]
-    named += [a.split("=", 1)[1] for a in arguments if a.startswith("--config=")]
-    return [Path(n) for n in named if _is_file(n)]
+    return [Path(n) for n in option_values(arguments, ("--config", "-c")) if _is_file(n)]
 
 
 def _is_file(name: str) -> bool:
