@@ -6,6 +6,7 @@ The model and the DataModule are chosen by class path in the YAML (subclass mode
 every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
+import functools
 import re
 import signal
 import sys
@@ -13,6 +14,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import jsonargparse
 import torch
@@ -213,7 +215,7 @@ class BLTLightningCLI(LightningCLI):
         init_args = self.config[subcommand].model.get("init_args")
         if not (init_args and init_args.get("entropy_checkpoint") and ckpt_path and Path(ckpt_path).is_file()):
             return False
-        if CARRIED_ENTROPY_MODEL not in torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True):
+        if not checkpoint_header(str(ckpt_path)).carries_entropy_model:
             return False
         init_args.entropy_checkpoint = str(ckpt_path)
         rank_zero_info(f"{subcommand}: patching with the entropy model {ckpt_path} carries")
@@ -314,14 +316,32 @@ def check_stage(subcommand: str, ckpt_path: str | None, model_class: str | None)
     try:
         if not zipfile.is_zipfile(ckpt_path):
             raise ValueError("not a zip archive, as torch.save writes")
-        # mmap: only what is read of a large checkpoint comes off the disk
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        saved = checkpoint_header(ckpt_path).hyper_parameters
     except Exception as error:  # not a torch file, truncated, or not a dict
         sys.exit(f"{subcommand}: {ckpt_path}: not a checkpoint of `blt-lightning fit`: it does not load ({error})")
     saved_class = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
     if model_class and saved_class and saved_class != model_class.rsplit(".", 1)[-1]:
         sys.exit(f"{subcommand}: {ckpt_path}: its model is {saved_class} and the config's is "
                  f"{model_class.rsplit('.', 1)[-1]}: give the config of the checkpoint's stage")
+
+
+class CheckpointHeader(NamedTuple):
+    hyper_parameters: dict
+    carries_entropy_model: bool
+
+
+def checkpoint_header(ckpt_path: str) -> CheckpointHeader:
+    """What the CLI reads of a checkpoint file before Lightning loads it: read once (check_stage, then the carried
+    entropy model), and again only if the file changed since."""
+    stat = Path(ckpt_path).stat()
+    return _checkpoint_header(ckpt_path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_header(ckpt_path: str, modified_ns: int, size: int) -> CheckpointHeader:
+    # mmap: only what is read of a large checkpoint comes off the disk; no tensor of it is kept
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return CheckpointHeader(saved.get("hyper_parameters", {}), CARRIED_ENTROPY_MODEL in saved)
 
 
 def option_changes(given: dict, restored: dict, prefix: str = "model.") -> list[str]:
