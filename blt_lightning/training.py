@@ -28,6 +28,7 @@ from .models.layers import FeedForwardRecompute, TransformerBlock, holds_parts, 
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
+NO_SCHEDULE_LENGTH = "the learning-rate schedule needs a length: set trainer.max_steps"
 
 
 @dataclass(frozen=True)
@@ -177,12 +178,24 @@ class ByteLMModule(L.LightningModule):
             [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None,
         )
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps")
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, int(total), cfg.min_lr_ratio)
-        )
+        if self.trainer.max_steps == -1 and self.trainer.max_epochs == -1:
+            raise ValueError(NO_SCHEDULE_LENGTH)
+        # The schedule's length is counted once warmup is over, not here: counting an epoch's batches starts the
+        # training stream, which before a checkpoint restores its position would begin again at batch 0
+        # (Lightning issue 20550). Warmup does not need it.
+        length = []
+
+        def multiplier(step: int) -> float:
+            if step <= cfg.warmup_steps:
+                return warmup_cosine(step, cfg.warmup_steps, step, cfg.min_lr_ratio)
+            if not length:
+                total = self.trainer.estimated_stepping_batches
+                if not 0 < total < math.inf:  # an endless stream, max_epochs and no max_steps
+                    raise ValueError(NO_SCHEDULE_LENGTH)
+                length.append(int(total))
+            return warmup_cosine(step, cfg.warmup_steps, length[0], cfg.min_lr_ratio)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @property

@@ -1,10 +1,13 @@
 """Runs that are killed resume exactly: real CLI processes, killed with real signals."""
 
+import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +20,7 @@ from blt_lightning import ByteShardDataModule, EntropyLM
 from blt_lightning.callbacks import CheckpointOnTerminate, LastCheckpoint
 from blt_lightning.models import EntropyModelConfig
 from blt_lightning.prepare import MANIFEST
+from blt_lightning.training import warmup_cosine
 from conftest import SLURM_ONE_TASK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,3 +345,69 @@ def test_last_checkpoint_records_the_best_file_of_a_validation_at_the_step_of_a_
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     (best,) = [state["best_model_path"] for name, state in saved["callbacks"].items() if name.startswith("ModelCh")]
     assert Path(best).is_file()
+
+
+class RecordDigests(L.Callback):
+    """(global step, digest of the ids) of every training batch, and the weights at the end, in memory."""
+
+    def __init__(self):
+        self.trained = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.trained.append((trainer.global_step, hashlib.sha256(batch["ids"].numpy().tobytes()).hexdigest()))
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_as_long_as_its_epochs_resumes_mid_epoch_with_the_batches_it_would_have_seen(workers, shards, tmp_path):
+    """With max_epochs (or a FLOP budget, under which max_steps starts at -1) Lightning loads the training data to
+    count the schedule's steps before a checkpoint restores the stream's position (Lightning issue 20550)."""
+    def run(checkpoints: Path, ckpt_path: Path | None = None):
+        digests = RecordDigests()
+        module, data, trainer = tiny_fit(shards, [digests, ModelCheckpoint(checkpoints, every_n_train_steps=3, save_top_k=-1)],
+                                         max_steps=-1, max_epochs=2, enable_checkpointing=True)
+        data.batches_per_epoch, data.num_workers = 5, workers
+        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+        return digests
+
+    whole = run(tmp_path / "whole")
+    assert len(whole.trained) == 10 and len({d for _, d in whole.trained}) == 10
+    (at_step_3,) = (tmp_path / "whole").glob("*step=3.ckpt")  # mid-epoch 0
+    resumed = run(tmp_path / "resumed", at_step_3)
+    assert resumed.trained == whole.trained[3:]
+    assert all(torch.equal(resumed.weights[k], v) for k, v in whole.weights.items())
+
+
+@pytest.mark.parametrize("length", [{"max_steps": 8}, {"max_steps": -1, "max_epochs": 2}])
+def test_the_learning_rate_warms_up_then_decays_to_its_floor_at_the_last_step(length, shards):
+    """Counted from max_steps, or (after warmup) from the epochs' batches."""
+
+    class RecordRate(L.Callback):
+        rates = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module, data, trainer = tiny_fit(shards, [RecordRate()], **length)
+    module.optimizer_config = replace(module.optimizer_config, lr=1e-3, warmup_steps=3, min_lr_ratio=0.1)
+    data.batches_per_epoch = 4
+    trainer.fit(module, data)
+    assert RecordRate.rates == pytest.approx([1e-3 * warmup_cosine(step, 3, 8, 0.1) for step in range(8)])
+    assert RecordRate.rates[:4] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    assert RecordRate.rates[-1] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+
+
+@pytest.mark.parametrize("endless", [False, True])
+def test_a_run_without_a_length_is_an_error_not_a_schedule_that_never_decays(endless, shards):
+    """Neither max_steps nor max_epochs; or max_epochs of a stream without epochs (shards with no manifest), found
+    when warmup ends."""
+    module, data, trainer = tiny_fit(shards, [], max_steps=-1, max_epochs=2 if endless else -1)
+    if endless:
+        data = ByteShardDataModule(train_shards=f"pipe:cat {shards}/train-{{000000..000003}}.tar", seq_len=16,
+                                   batch_size=4)
+    module.optimizer_config = replace(module.optimizer_config, warmup_steps=3)
+    with pytest.raises(ValueError, match="the learning-rate schedule needs a length: set trainer.max_steps"):
+        trainer.fit(module, data)
+    assert trainer.global_step == (4 if endless else 0)  # step 4 is the first past warmup's 3
