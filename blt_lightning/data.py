@@ -218,16 +218,15 @@ def iter_documents(data: list[str], split: str = "validation") -> Iterator[bytes
             shards = read_manifest(spec).get(split)
             if not shards:
                 raise ValueError(f"{spec}: the manifest has no {split} split")
-            counted = [(s.url, s.documents) for s in shards]  # so that a truncated shard is an error
         elif is_shard_url(spec):
-            counted = [(url, None) for url in expand_urls(spec)]
+            shards = [Shard(url) for url in expand_urls(spec)]
         else:
             for path, source in expand_inputs([spec]):
                 yield from (doc.data for doc in read_documents(path, source, PrepareOptions(), Counts(),
                                                                lambda _: None))
             continue
-        for url, documents in counted:
-            yield from shard_documents(url, documents)
+        for shard in shards:  # from a manifest, with the counts and sha256 it is checked against
+            yield from shard_documents(shard)
 
 
 def is_shard_url(spec: str) -> bool:
@@ -247,7 +246,8 @@ def read_manifest(path: str) -> dict[str, list[Shard]]:
         base = Path(path).absolute().parent  # relative, a folder named `run:1` would read as a URL scheme
         stored = "entropies" in manifest
         return {
-            split: [Shard(str(base / s["path"]), s["documents"], s["bytes"], stored) for s in info["shards"]]
+            split: [Shard(str(base / s["path"]), s["documents"], s["bytes"], stored, s.get("sha256"))
+                    for s in info["shards"]]
             for split, info in manifest["splits"].items()
         }
     except FileNotFoundError:

@@ -18,7 +18,7 @@ from .data import read_manifest
 from .outputs import byte_progress, check_output_dir, write_atomically
 from .patcher import entropy_window, load_entropy_model
 from .prepare import MANIFEST, Document, ShardSlot, remove_stale_shards
-from .streams import ENTROPY_MEMBER, UNKNOWN, shard_samples
+from .streams import ENTROPY_MEMBER, UNKNOWN, Shard, shard_samples
 from .tool_parser import ToolParser
 from .vocab import encode
 
@@ -31,7 +31,7 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     if out.resolve() == source.parent.resolve():
         raise ValueError(f"{output}: write the new shards to another directory than the manifest's")
     check_output_dir(out, overwrite)
-    read_manifest(manifest_path)  # a clear error now, for a manifest that is not one
+    shards = read_manifest(manifest_path)  # a clear error now, for a manifest that is not one
     manifest = json.loads(source.read_text())
     model, context = load_entropy_model(checkpoint, device)
     window = entropy_window(model.config, context)
@@ -39,9 +39,8 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
     total = sum(split["bytes"] for split in manifest["splits"].values())
     with byte_progress(total, "entropies") as bar:
-        for split in manifest["splits"].values():
-            split["shards"] = [_rewrite(source.parent / s["path"], s["documents"], out, model, window, bar)
-                               for s in split["shards"]]
+        for name, split in manifest["splits"].items():
+            split["shards"] = [_rewrite(shard, out, model, window, bar) for shard in shards[name]]
     manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16",
                              "member": ENTROPY_MEMBER}
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -49,10 +48,10 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     return manifest
 
 
-def _rewrite(path: Path, documents: int, out: Path, model, window: int, bar: tqdm) -> dict:
-    slot = ShardSlot(out, path.name)
+def _rewrite(shard: Shard, out: Path, model, window: int, bar: tqdm) -> dict:
+    slot = ShardSlot(out, Path(shard.url).name)
     try:
-        for sample in shard_samples(str(path), documents):  # a bad shard is an error naming it
+        for sample in shard_samples(shard):  # a bad shard is an error naming it
             ids = encode(sample.data).to(model.output.weight.device)
             entropies = model.document_entropies(ids, window).half().cpu()
             document = Document(sample.data, sample.meta.get("source", UNKNOWN), sample.meta.get("lang"))

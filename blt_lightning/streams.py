@@ -17,8 +17,8 @@ read from environment variables.
   and the last batch of a reader are padded. With a manifest (which gives shard sizes), ranks that
   would run fewer batches get all-padding batches (which count zero bytes), so every rank runs the
   same number of forward passes: collective ops inside the model (FSDP) cannot hang.
-- Bad shards (unreadable, corrupt, shorter than their manifest says, a `pipe:` command or http transfer
-  that fails) stop the run with an error that names the shard, or with `skip_bad_shards` are skipped with
+- Bad shards (unreadable, corrupt, shorter than their manifest says or without its sha256, a `pipe:`
+  command or http transfer that fails) stop the run with an error that names the shard, or with `skip_bad_shards` are skipped with
   a warning that counts them.
 """
 
@@ -47,6 +47,7 @@ class Shard:
     documents: int | None = None  # known when the shard comes from a manifest
     bytes: int | None = None
     entropies: bool = False  # the manifest says its documents have stored entropies
+    sha256: str | None = None  # of the file, as the manifest records it
 
     def rows(self, seq_len: int) -> int:
         """Rows the eval stream makes of this shard (needs the manifest's counts)."""
@@ -79,12 +80,15 @@ class Sample(NamedTuple):
     key: str  # its name in the shard
 
 
-def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
-    """The documents of one shard, in order. With `documents` (from the manifest) a shard that ends early
-    is an error: a tar cut at a member boundary reads as a shorter valid tar. A `pipe:` command that fails, or
-    an http transfer, shows only when its stream closes: that is then the error, naming the shard."""
+def shard_samples(shard: Shard) -> Iterator[Sample]:
+    """The documents of one shard, in order. With the manifest's counts a shard that ends early is an error: a tar
+    cut at a member boundary, or with a corrupt header after the first (which Python's tarfile takes for the end),
+    reads as a shorter valid tar. With its sha256 a shard read to the end must have it: a corrupt document shows
+    nowhere else (it is found once the shard's documents have been read). A `pipe:` command that fails, or an
+    http transfer, shows only when its stream closes: that is then the error, naming the shard."""
+    url = shard.url
     try:
-        stream = wds.gopen(url)  # opened here, so that it is closed here even when a reader stops midway
+        stream = _Hashed(wds.gopen(url))  # opened here, so that it is closed here even when a reader stops midway
     except Exception as error:
         raise ShardError(f"{url}: cannot open shard ({error})") from error
     count = 0
@@ -92,6 +96,8 @@ def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
         samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
         for count, sample in enumerate(_checked(url, samples), start=1):
             yield sample
+        if shard.sha256 is not None:
+            stream.read_to_end()  # the end-of-archive blocks that tarfile leaves unread
     except Exception as error:  # tarfile, gzip, OS and webdataset errors alike: name the shard
         if (failed := _close(stream, url, count)) is not None:  # the command or transfer failed: the cause
             raise failed from error
@@ -104,8 +110,30 @@ def shard_samples(url: str, documents: int | None = None) -> Iterator[Sample]:
         raise
     if (failed := _close(stream, url, count)) is not None:
         raise failed
-    if documents is not None and count != documents:
-        raise ShardError(f"{url}: truncated shard, {count} documents where the manifest says {documents}")
+    if shard.documents is not None and count != shard.documents:
+        raise ShardError(f"{url}: truncated shard, {count} documents where the manifest says {shard.documents}")
+    if shard.sha256 is not None and stream.digest.hexdigest() != shard.sha256:
+        raise ShardError(f"{url}: corrupt shard, its sha256 is not the manifest's (its {count} documents have been "
+                         "read)")
+
+
+class _Hashed:
+    """A shard's stream that hashes what is read from it."""
+
+    def __init__(self, stream):
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def read_to_end(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def _close(stream, url: str, count: int) -> ShardError | None:
@@ -144,7 +172,7 @@ class BadShards:
     def samples(self, shard: "Shard") -> Iterator[Sample]:
         """The shard's samples; when skipping, those before the fault (a shard is not re-read)."""
         try:
-            yield from shard_samples(shard.url, shard.documents)
+            yield from shard_samples(shard)
         except ShardError as error:
             if not self.skip:
                 raise
@@ -153,9 +181,9 @@ class BadShards:
                           f"{error}")
 
 
-def shard_documents(url: str, documents: int | None = None) -> Iterator[bytes]:
-    """The documents of one shard, in order, as raw bytes (`documents`: as shard_samples)."""
-    return (sample.data for sample in shard_samples(url, documents))
+def shard_documents(shard: Shard) -> Iterator[bytes]:
+    """The documents of one shard, in order, as raw bytes (checked as shard_samples checks them)."""
+    return (sample.data for sample in shard_samples(shard))
 
 
 # Per-id values that travel with the ids, cut into rows the same way: stored next-byte entropies, and in

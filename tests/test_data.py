@@ -23,7 +23,7 @@ from blt_lightning.vocab import BOS, EOS, PAD, decode, encode
 
 
 def documents_of(shards: list[Shard]) -> list[bytes]:
-    return [d for s in shards for d in shard_documents(s.url)]
+    return [d for s in shards for d in shard_documents(s)]
 
 
 def test_packing_round_trips_every_document():
@@ -72,7 +72,7 @@ def test_eval_stream_covers_each_row_once_and_rows_do_not_depend_on_readers(shar
     for index, shard in enumerate(split):
         rows = [single[(index, n)] for n in range(shard.rows(seq_len))]
         stream = torch.cat([rows[0]] + [r[1:] for r in rows[1:]])
-        expected = torch.cat([encode(d) for d in shard_documents(shard.url)])
+        expected = torch.cat([encode(d) for d in shard_documents(shard)])
         assert torch.equal(stream[: len(expected)], expected)
 
 
@@ -161,7 +161,7 @@ def test_a_source_edited_to_the_same_size_is_prepared_again(tmp_path):
     source.write_text("version B of a document\n" * 20)
     dm.prepare_data()
     shards = read_manifest(str(tmp_path / "prepared" / MANIFEST))["train"]
-    assert b"version B" in b"".join(d for s in shards for d in shard_documents(s.url))
+    assert b"version B" in b"".join(d for s in shards for d in shard_documents(s))
 
 
 def test_a_manifest_in_a_folder_named_like_a_url_scheme_reads(shards, tmp_path, monkeypatch):

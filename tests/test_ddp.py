@@ -30,7 +30,7 @@ def test_ranks_and_workers_read_disjoint_data_covering_validation_once(shards, t
     train_ids = manifest["train"]["bytes"] + 2 * manifest["train"]["documents"]
     per_epoch = train_ids // (64 * 4 * 2)
     assert [len(r["train"]) for r in ranks] == [2 * per_epoch] * 2
-    shard_ids = [torch.cat([encode(d) for d in shard_documents(s.url)])
+    shard_ids = [torch.cat([encode(d) for d in shard_documents(s)])
                  for s in read_manifest(str(shards / MANIFEST))["train"]]
     for rank, r in enumerate(ranks):
         for batch in r["train"]:
@@ -56,7 +56,7 @@ def test_ranks_and_workers_read_disjoint_data_covering_validation_once(shards, t
     for index, shard in enumerate(split):
         got = [rows[(index, n)] for n in range(shard.rows(64))]
         stream = torch.cat([got[0]] + [g[1:] for g in got[1:]])
-        expected = torch.cat([encode(d) for d in shard_documents(shard.url)])
+        expected = torch.cat([encode(d) for d in shard_documents(shard)])
         assert torch.equal(stream[: len(expected)], expected)
     assert len(rows) == sum(s.rows(64) for s in split)
     assert 0 < ranks[0]["bpb"] == ranks[1]["bpb"], "the synced metric differs between ranks"

@@ -53,6 +53,26 @@ def test_a_shard_cut_at_a_document_boundary_is_an_error_to_every_reader_of_its_m
         list(iter_documents([str(shards / MANIFEST)], "validation"))
 
 
+def test_a_shard_with_a_changed_document_does_not_have_its_manifests_sha256(shards):
+    """A tar does not check its members' data: the manifest's sha256 does, once the shard has been read."""
+    split = read_manifest(str(shards / MANIFEST))["validation"]
+    with tarfile.open(split[1].url) as tar:
+        at = next(m.offset_data for m in tar.getmembers() if m.name.endswith(".bin"))  # a document's bytes
+    data = bytearray(Path(split[1].url).read_bytes())
+    data[at:at + 4] = bytes(b ^ 0x20 for b in data[at:at + 4])
+    Path(split[1].url).write_bytes(data)
+    assert len(EvalStream(split[:1], 32, 4, 0, 1, 0)) == len(list(EvalStream(split[:1], 32, 4, 0, 1, 0)))
+    with pytest.raises(ShardError, match=rf"{split[1].url}: corrupt shard, its sha256 is not the manifest's"):
+        list(EvalStream(split, 32, 4, 0, 1, 0))
+    with pytest.raises(ShardError, match=rf"{split[1].url}: corrupt shard, its sha256"):
+        list(iter_documents([str(shards / MANIFEST)], "validation"))
+    with pytest.warns(UserWarning, match=rf"skipped the rest of a bad shard \(1 so far .*{split[1].url}"):
+        batches = list(EvalStream(split, 32, 4, 0, 1, 0, skip_bad_shards=True))
+    assert len(batches) == len(EvalStream(split, 32, 4, 0, 1, 0))
+    # As a shard URL, with no manifest, there is nothing to check it against.
+    assert len(list(iter_documents([split[1].url]))) == split[1].documents
+
+
 def test_a_corrupt_training_shard_is_named_or_skipped(shards):
     split = read_manifest(str(shards / MANIFEST))["train"]
     Path(split[0].url).write_bytes(b"not a tar file " * 100)

@@ -34,8 +34,8 @@ def test_new_shards_hold_the_same_documents(stored, shards):
     assert manifest["entropies"]["window"] == 16
     old, new = read_manifest(str(shards / MANIFEST)), read_manifest(str(path))
     for split in old:
-        assert [d for s in old[split] for d in shard_documents(s.url)] == [d for s in new[split]
-                                                                           for d in shard_documents(s.url)]
+        assert [d for s in old[split] for d in shard_documents(s)] == [d for s in new[split]
+                                                                           for d in shard_documents(s)]
 
 
 def test_patches_from_stored_entropies_equal_patches_on_the_fly(stored):
