@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import random
+import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -81,11 +82,11 @@ class Sample(NamedTuple):
 
 
 def shard_samples(shard: Shard) -> Iterator[Sample]:
-    """The documents of one shard, in order. With the manifest's counts a shard that ends early is an error: a tar
-    cut at a member boundary, or with a corrupt header after the first (which Python's tarfile takes for the end),
-    reads as a shorter valid tar. With its sha256 a shard read to the end must have it: a corrupt document shows
-    nowhere else (it is found once the shard's documents have been read). A `pipe:` command that fails, or an
-    http transfer, shows only when its stream closes: that is then the error, naming the shard."""
+    """The documents of one shard, in order, then the checks that need all of it: past the archive's end only zero
+    bytes (Python's tarfile takes a corrupt header after the first member for the end); with the manifest's count,
+    as many documents (a tar cut at a member boundary reads as a shorter valid tar); with its sha256, that sha256
+    (a tar does not check its members' data). A `pipe:` command that fails, or an http transfer, shows only when
+    its stream closes: that is then the error, naming the shard."""
     url = shard.url
     try:
         stream = _Hashed(wds.gopen(url))  # opened here, so that it is closed here even when a reader stops midway
@@ -93,11 +94,8 @@ def shard_samples(shard: Shard) -> Iterator[Sample]:
         raise ShardError(f"{url}: cannot open shard ({error})") from error
     count = 0
     try:
-        samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
-        for count, sample in enumerate(_checked(url, samples), start=1):
+        for count, sample in enumerate(_checked(url, wds.tariterators.group_by_keys(_tar_files(url, stream))), 1):
             yield sample
-        if shard.sha256 is not None:
-            stream.read_to_end()  # the end-of-archive blocks that tarfile leaves unread
     except Exception as error:  # tarfile, gzip, OS and webdataset errors alike: name the shard
         if (failed := _close(stream, url, count)) is not None:  # the command or transfer failed: the cause
             raise failed from error
@@ -128,12 +126,23 @@ class _Hashed:
         self.digest.update(data)
         return data
 
-    def read_to_end(self) -> None:
-        while self.read(1 << 16):
-            pass
-
     def close(self) -> None:
         self.stream.close()
+
+
+def _tar_files(url: str, stream) -> Iterator[dict]:
+    """The files of a tar stream, as webdataset's tar_file_expander gives them to group_by_keys, read to the end
+    of the stream: Python's tarfile takes a corrupt header after the first member for the end of the archive,
+    which is otherwise followed by zero bytes only."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")  # decompresses .tar.gz and the like
+    for member in tar:
+        if member.isreg() and not member.name.startswith("__"):  # webdataset's metadata files are not samples
+            yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+        tar.members = []  # a stream's members need not be kept
+    while rest := tar.fileobj.read(1 << 16):
+        if rest.strip(b"\0"):
+            raise ShardError(f"{url}: corrupt shard, data after where tarfile found its end (a corrupt header, "
+                             "or archives joined end to end)")
 
 
 def _close(stream, url: str, count: int) -> ShardError | None:

@@ -1,6 +1,7 @@
 """Bad shards are named or skipped, and no rank waits forever for another."""
 
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from blt_lightning.data import iter_documents, read_manifest
-from blt_lightning.streams import EvalStream, ShardError, TrainStream
+from blt_lightning.streams import EvalStream, Shard, ShardError, TrainStream, shard_documents
 from blt_lightning.prepare import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,22 @@ def test_a_shard_with_a_changed_document_does_not_have_its_manifests_sha256(shar
     assert len(batches) == len(EvalStream(split, 32, 4, 0, 1, 0))
     # As a shard URL, with no manifest, there is nothing to check it against.
     assert len(list(iter_documents([split[1].url]))) == split[1].documents
+
+
+def test_a_corrupt_header_after_the_first_member_is_named_not_read_as_the_end_of_the_shard(shards, tmp_path):
+    """Python's tarfile stops there without a word; a shard URL has no manifest count to fall short of."""
+    url = read_manifest(str(shards / MANIFEST))["validation"][1].url
+    documents = list(iter_documents([url]))
+    packed = tmp_path / "packed.tar.gz"  # compressed, what follows the end is still zeros once decompressed
+    packed.write_bytes(gzip.compress(Path(url).read_bytes()))
+    assert list(shard_documents(Shard(str(packed)))) == documents
+    with tarfile.open(url) as tar:
+        header = tar.getmembers()[len(documents)].offset  # of a member midway
+    data = bytearray(Path(url).read_bytes())
+    data[header + 148:header + 156] = b"0000000\0"  # its checksum
+    Path(url).write_bytes(data)
+    with pytest.raises(ShardError, match=rf"{url}: corrupt shard, data after where tarfile found its end"):
+        list(iter_documents([url]))
 
 
 def test_a_corrupt_training_shard_is_named_or_skipped(shards):
