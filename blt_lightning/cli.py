@@ -6,6 +6,7 @@ The model and the DataModule are chosen by class path in the YAML (subclass mode
 every stage; the data's `seq_len` is linked into the model rather than repeated.
 """
 
+import difflib
 import functools
 import re
 import signal
@@ -387,6 +388,12 @@ def run(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
+    if not args or not (args[0].startswith("-") or args[0] in ("fit", *EVALUATIONS)):  # LightningCLI's list lacks ours
+        commands = ["fit", *EVALUATIONS, *TOOLS]
+        near = difflib.get_close_matches(args[0], commands, n=1) if args else []
+        sys.exit(f"blt-lightning: {f'no command {args[0]!r}' if args else 'give a command'}"
+                 f"{f' (did you mean {near[0]}?)' if near else ''}; the commands are {', '.join(commands)} "
+                 "(see `blt-lightning COMMAND --help`)")
     BLTLightningCLI(
         LightningModule,
         LightningDataModule,

@@ -60,6 +60,7 @@ def evaluate(checkpoint: str, data: list[str], output_dir: str | Path = "runs/ev
         module.seq_len = seq_len
     output_dir = Path(output_dir)
     datamodule = data_module(data, output_dir, split, module.seq_len, batch_size, num_workers, reading)
+    module.test_label = split if any(spec.endswith(".json") for spec in data) else "inputs"
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
                         default_root_dir=output_dir, **trainer_kwargs)
     trainer.test(module, datamodule=datamodule, verbose=False)

@@ -10,7 +10,8 @@ writes to --output:
 - entropy.ckpt: the EntropyLM (stage one), when there is a patcher: the one inside BltForCausalLM (saved with
   patch_in_forward on), or --entropy-model's: facebook/blt-entropy, the reference code's entropy_model folder,
   or a BltPatcher.save_pretrained folder;
-- finetune.yaml: the imported shape, patching and paths, to compose after configs/blt/finetune-hf.yaml.
+- finetune.yaml: the imported shape, patching, paths and rows (--seq-len), to compose after
+  configs/blt/finetune-hf.yaml.
 How the two formats correspond, and what cannot be represented (refused, naming the file and field): hf.py.
 """
 
@@ -184,8 +185,9 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
         if patching.needs_entropies:  # BLTLM carries its entropy model beside its own, as on_save_checkpoint writes it
             blt_state |= prefixed("entropy_model.", e_state)
             carried, entropy_checkpoint = carried_entropy_model(e_config, context), str(written["entropy"])
+    seq_len = seq_len or hf.max_position_embeddings
     blt = lightning_checkpoint(BLTLM, blt_state, model=config, patching=patching, entropy_checkpoint=entropy_checkpoint,
-                               seq_len=seq_len or hf.max_position_embeddings)
+                               seq_len=seq_len)
     if carried is not None:
         blt[CARRIED_ENTROPY_MODEL] = carried
     torch.save(blt, written["blt"])
@@ -193,7 +195,8 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
                  "patching": plain(patching), "entropy_checkpoint": entropy_checkpoint,
                  "init_from": str(written["blt"])}
     written["finetune"].write_text(f"# import-hf of {model_dir.resolve()}: compose after configs/blt/finetune-hf.yaml\n"
-                                   + yaml.safe_dump({"model": {"init_args": init_args}}, sort_keys=False))
+                                   + yaml.safe_dump({"model": {"init_args": init_args},
+                                                     "data": {"init_args": {"seq_len": seq_len}}}, sort_keys=False))
     return written
 
 

@@ -18,8 +18,8 @@ read from environment variables.
   would run fewer batches get all-padding batches (which count zero bytes), so every rank runs the
   same number of forward passes: collective ops inside the model (FSDP) cannot hang.
 - Bad shards (unreadable, corrupt, shorter than their manifest says or without its sha256, a `pipe:`
-  command or http transfer that fails) stop the run with an error that names the shard, or with `skip_bad_shards` are skipped with
-  a warning that counts them.
+  command or http transfer that fails) stop the run with an error that names the shard, or with
+  `skip_bad_shards` are skipped with a warning that counts them.
 """
 
 import hashlib

@@ -73,6 +73,7 @@ class ByteLMModule(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.flops_budget = flops_budget
         self.init_from = init_from
+        self.test_label = "test"  # what the printed test line calls its data (evaluate names the split it read)
         self._restored = False  # from a checkpoint of this module (loaded or resumed): init_from is not for it
         self._init_from_error = None  # why init_from did not load (setup), raised at on_train_start if not restored
         # A row of the training shape: Lightning's model summary runs it to show sizes and FLOPs per row. Not
@@ -291,7 +292,7 @@ class ByteLMModule(L.LightningModule):
         self._report("validation", self.val_bpb)
 
     def on_test_epoch_end(self) -> None:
-        bpb, n_bytes = self._report("test", self.test_bpb)
+        bpb, n_bytes = self._report(self.test_label, self.test_bpb)
         groups = self.test_groups.gathered(self.trainer.strategy)  # on every rank: it gathers
         self.test_report = {"bpb": bpb, "bytes": n_bytes, "byte_perplexity": 2**bpb,
                             "per_source": groups["source"], "per_lang": groups["lang"], **self.inference_cost()}

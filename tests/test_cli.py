@@ -455,3 +455,12 @@ def test_tool_options_take_either_spelling_and_values_stay_as_given():
         == {"patch_size": 3, "text": "--patch-size=4 is a value", "files": ["--patch-size"]}
     with pytest.raises(SystemExit):
         parser.parse_args(["--patch", "3"])  # an abbreviation is not taken
+
+
+@pytest.mark.parametrize("args, said", [(["calibrat", "--target", "4"], "no command 'calibrat' (did you mean "
+                                                                         "calibrate?)"), ([], "give a command")])
+def test_a_missing_or_mistyped_command_lists_every_command(args, said):
+    """LightningCLI's own message lists its subcommands only: the tools would seem not to exist."""
+    with pytest.raises(SystemExit, match=re.escape(f"blt-lightning: {said}; the commands are fit, validate, test, "
+                                                   "predict, prepare, entropies, calibrate, patch, evaluate")):
+        main(args)

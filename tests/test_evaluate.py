@@ -55,8 +55,9 @@ def test_bpb_is_the_sum_over_documents_and_splits_by_source_and_language(entropy
     assert report["flops_per_byte"] == load_lm(entropy_checkpoint).flops_per_byte
 
 
-def test_blt_report_on_a_manifest_split_with_patches_and_flops(blt_checkpoint, shards, tmp_path):
+def test_blt_report_on_a_manifest_split_with_patches_and_flops(blt_checkpoint, shards, tmp_path, capsys):
     report = evaluate(str(blt_checkpoint), [str(shards / MANIFEST)], tmp_path, split="validation", **CPU)
+    assert f"validation bpb {report['bpb']:.4f} over {report['bytes']:,} bytes" in capsys.readouterr().out
     manifest = json.loads((shards / MANIFEST).read_text())["splits"]["validation"]
     assert report["bytes"] == manifest["bytes"] and report["model"] == "BLTLM"
     assert sum(g["bytes"] for g in report["per_source"].values()) == manifest["bytes"]

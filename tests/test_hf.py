@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import make_documents, write_jsonl
 
 transformers = pytest.importorskip("transformers", minversion="5.23",
@@ -284,6 +285,10 @@ def test_fit_with_init_from_starts_from_the_imported_weights(imported, small_cor
     # At learning rate 0, AdamW leaves the weights as they start: those of init_from, not a random init.
     trained = torch.load(fit_one_step(tmp_path, small_corpus, "--config", str(imported["finetune"]),
                                       "--model.init_args.optimizer.lr", "0"), weights_only=False)
-    start = torch.load(imported["blt"], weights_only=False)["state_dict"]
+    start = torch.load(imported["blt"], weights_only=False)
+    # fine-tuning takes the imported rows, import-hf's --seq-len (those fit_one_step gives it come after)
+    rows = start["hyper_parameters"]["seq_len"]
+    assert yaml.safe_load(imported["finetune"].read_text())["data"] == {"init_args": {"seq_len": rows}}
+    start = start["state_dict"]
     assert trained["global_step"] == 1 and trained["state_dict"].keys() == start.keys()
     assert all(torch.equal(w, trained["state_dict"][name]) for name, w in start.items())

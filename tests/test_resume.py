@@ -366,8 +366,9 @@ def test_a_run_as_long_as_its_epochs_resumes_mid_epoch_with_the_batches_it_would
     count the schedule's steps before a checkpoint restores the stream's position (Lightning issue 20550)."""
     def run(checkpoints: Path, ckpt_path: Path | None = None):
         digests = RecordDigests()
-        module, data, trainer = tiny_fit(shards, [digests, ModelCheckpoint(checkpoints, every_n_train_steps=3, save_top_k=-1)],
-                                         max_steps=-1, max_epochs=2, enable_checkpointing=True)
+        every_3_steps = ModelCheckpoint(checkpoints, every_n_train_steps=3, save_top_k=-1)
+        module, data, trainer = tiny_fit(shards, [digests, every_3_steps], max_steps=-1, max_epochs=2,
+                                         enable_checkpointing=True)
         data.batches_per_epoch, data.num_workers = 5, workers
         trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
         return digests
