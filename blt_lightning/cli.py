@@ -8,6 +8,7 @@ every stage; the data's `seq_len` is linked into the model rather than repeated.
 
 import difflib
 import functools
+import os
 import re
 import signal
 import sys
@@ -24,7 +25,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import calibrate, compare, evaluate, generate, hf_export, hf_import, prepare, store_entropies, visualize
@@ -377,6 +378,13 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
+    except BrokenPipeError:  # what reads the output went away (`generate ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
+        sys.exit(1)
+    except MisconfigurationException as error:  # Lightning's refusal of Trainer settings: the message says which
+        hint = "" if torch.cuda.is_available() or "gpu" not in str(error).lower() else \
+            " (this machine has no GPU: --trainer.accelerator cpu)"
+        sys.exit(f"blt-lightning: Lightning: {error}{hint}")
     except (InputError, Diverged) as error:  # bad input, named, or a run gone non-finite: its message, not frames
         message = str(error).strip()
         if "Traceback (most recent call last)" in message:  # from a DataLoader worker: its error's line is the last

@@ -16,6 +16,18 @@ class ToolParser(argparse.ArgumentParser):
         end = args.index("--") if "--" in args else len(args)
         return super().parse_known_args([*map(self._spelled, args[:end]), *args[end:]], namespace)
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is named before any required option is missed: argparse would
+        report a mistyped required option (`--targ`) as the option missing (`--target`)."""
+        args = list(sys.argv[1:] if args is None else args)
+        end = args.index("--") if "--" in args else len(args)
+        known = {option for action in self._actions for option in action.option_strings}
+        unknown = [a for a in args[:end] if a.startswith("--") and " " not in a
+                   and self._spelled(a).partition("=")[0] not in known]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args, namespace)
+
     def _spelled(self, argument: str) -> str:
         """`--an-option[=value]` as this parser spells the option (`--an_option`), if that is how it knows it.
         An argument with a space is a value (a --text of "--a-b=c d"), as argparse takes it."""

@@ -409,7 +409,9 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
          "--sample_bytes and --seq_len must be at least 1"),
         (["import-hf", "--model", checkpoint, "--output", str(tmp_path / "i"), "--seq_len", "0"],
          "--seq-len must be at least 1"),
-        (["generate", "--checkpoint", checkpoint, "--max-b", "5"], "unrecognized arguments: --max-b 5"),
+        (["generate", "--checkpoint", checkpoint, "--max-b", "5"], "unrecognized arguments: --max-b"),
+        # named as what it is, not as the required option it was meant to be going missing
+        (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--targ", "3"], "unrecognized arguments: --targ"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--output", str(tmp_path)],
          "is a directory: name the file to write"),
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--batch-size", "0"],
@@ -464,3 +466,12 @@ def test_a_missing_or_mistyped_command_lists_every_command(args, said):
     with pytest.raises(SystemExit, match=re.escape(f"blt-lightning: {said}; the commands are fit, validate, test, "
                                                    "predict, prepare, entropies, calibrate, patch, evaluate")):
         main(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_gpu_trainer_config_on_a_machine_without_one_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match=r"^blt-lightning: Lightning: No supported gpu backend found! \(this machine "
+                                         r"has no GPU: --trainer.accelerator cpu\)$"):
+        main(["fit", "--config", "configs/entropy/tiny.yaml", "--config", "configs/trainer/gpu.yaml",
+              "--trainer.default_root_dir", str(tmp_path)])

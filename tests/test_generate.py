@@ -1,4 +1,7 @@
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +198,12 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", str(garbage), "--top-p", "0"])
     assert "top-p" in capsys.readouterr().err
+
+
+def test_output_piped_to_a_reader_that_stops_ends_quietly(entropy_checkpoint):
+    """`generate ... | head -c 5`: no BrokenPipeError traceback, as Unix tools end."""
+    piped = subprocess.run(f"{sys.executable} -m blt_lightning generate --checkpoint {entropy_checkpoint} --max-bytes "
+                           "4000 --temperature 0 | head -c 5", shell=True, capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert len(piped.stdout.encode()) == 5 and "bytes/s" not in piped.stderr, "stopped at the broken pipe"
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
