@@ -21,7 +21,6 @@ its own (--entropy-config, --config, --patch-size, the rows it is calibrated in)
 every entropy-patched run. A run kept is evaluated on any --eval file its row lacks.
 """
 
-import argparse
 import csv
 import hashlib
 import json
@@ -183,15 +182,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="blt-lightning compare", description=__doc__.split("\n")[0],
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser = ToolParser(prog="blt-lightning compare", description=__doc__.split("\n\n")[0],
+                        epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--data", nargs="+", default=["data/corpus"],
                         help="text, JSON-lines files or directories to train and hold out from")
     parser.add_argument("--eval", nargs="*", default=[], help="extra files every model is evaluated on")
     parser.add_argument("--budget", type=float, nargs="+", default=[1e13], help="training FLOPs per run")
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
                         help="names in configs/experiments/, or YAML paths")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"),
+                        help="where the shards, runs, table and plots go")
     parser.add_argument("--patch-size", type=float, default=4.5,
                         help="mean patch size the entropy threshold is calibrated for")
     parser.add_argument("--entropy-config", type=Path, default=CONFIGS / "entropy/tiny.yaml", help="stage one's config")

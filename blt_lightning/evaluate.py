@@ -82,7 +82,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="blt-lightning evaluate", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="blt-lightning evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of either stage (EntropyLM or BLTLM)")
     parser.add_argument("--data", nargs="+", required=True,
                         help="a manifest, shard URLs, or text / JSON-lines files and directories to prepare")
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch on each device")
     parser.add_argument("--seq-len", type=int, help="bytes a row (default: the checkpoint's training rows)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per device")
-    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--accelerator", default="auto", help="cpu, gpu, ... as the Trainer takes it")
     parser.add_argument("--devices", default="auto", help="devices per node: a count, a list, or auto")
-    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--num-nodes", type=int, default=1, help="machines, each with --devices")
     parser.add_argument("--strategy", default="auto", help="e.g. ddp, fsdp")
     parser.add_argument("--precision", default=None, help="e.g. bf16-mixed (default: the Trainer's, float32)")
     args = parser.parse_args(argv)

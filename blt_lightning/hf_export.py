@@ -47,7 +47,7 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="blt-lightning export-hf", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="blt-lightning export-hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a stage-two (BLTLM) checkpoint")
     parser.add_argument("--output", required=True, type=Path, help="folder for config.json and model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")

@@ -201,7 +201,7 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="blt-lightning import-hf", description=__doc__.split("\n")[0])
+    parser = ToolParser(prog="blt-lightning import-hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path,
                         help="folder of a BltForCausalLM: config.json, model.safetensors")
     parser.add_argument("--entropy-model", type=Path,

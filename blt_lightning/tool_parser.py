@@ -6,9 +6,25 @@ import argparse
 import sys
 
 
+class DefaultsShown(argparse.RawDescriptionHelpFormatter):
+    """Help that gives each option's default, where it has one that its help does not already state."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if action.required or default is None or default is False or default == [] or default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        shown = " ".join(map(self._shown, default)) if isinstance(default, list) else self._shown(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    @staticmethod
+    def _shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 class ToolParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **{"formatter_class": DefaultsShown, **kwargs})
 
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)

@@ -475,3 +475,16 @@ def test_a_gpu_trainer_config_on_a_machine_without_one_is_a_message_not_a_traceb
                                          r"has no GPU: --trainer.accelerator cpu\)$"):
         main(["fit", "--config", "configs/entropy/tiny.yaml", "--config", "configs/trainer/gpu.yaml",
               "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_tool_help_gives_each_options_default_once():
+    parser = ToolParser(prog="tool")
+    parser.add_argument("--budget", type=float, nargs="+", default=[1e13], help="FLOPs")
+    parser.add_argument("--workers", type=int, default=0, help="workers")
+    parser.add_argument("--split", default="test", help="a split (default: test)")
+    parser.add_argument("--json", help="a report")
+    parser.add_argument("--eval", nargs="*", default=[], help="files")
+    parser.add_argument("--rate", default="5%", help="a share")
+    shown = " ".join(parser.format_help().split())
+    assert "FLOPs (default: 1e+13)" in shown and "workers (default: 0)" in shown and "a share (default: 5%)" in shown
+    assert "a split (default: test) --json" in shown and "a report --eval" in shown and "files --rate" in shown
