@@ -180,7 +180,7 @@ class ByteLMModule(L.LightningModule):
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None,
         )
         if self.trainer.max_steps == -1 and self.trainer.max_epochs == -1:
-            raise ValueError(NO_SCHEDULE_LENGTH)
+            raise BadInput(NO_SCHEDULE_LENGTH)
         # The schedule's length is counted once warmup is over, not here: counting an epoch's batches starts the
         # training stream, which before a checkpoint restores its position would begin again at batch 0
         # (Lightning issue 20550). Warmup does not need it.
@@ -192,7 +192,7 @@ class ByteLMModule(L.LightningModule):
             if not length:
                 total = self.trainer.estimated_stepping_batches
                 if not 0 < total < math.inf:  # an endless stream, max_epochs and no max_steps
-                    raise ValueError(NO_SCHEDULE_LENGTH)
+                    raise BadInput(NO_SCHEDULE_LENGTH)
                 length.append(int(total))
             return warmup_cosine(step, cfg.warmup_steps, length[0], cfg.min_lr_ratio)
 
