@@ -101,6 +101,7 @@ class BLTLM(ByteLMModule):
         # Bytes over patches of a whole validation or test run (per-batch sizes weighted by their patches),
         # not a mean of batches' sizes, which a batch of a few long patches would sway.
         self.val_patch_size, self.test_patch_size = MeanMetric(), MeanMetric()
+        self.val_patches_per_row, self.test_patches_per_row = MeanMetric(), MeanMetric()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, self.patch(ids, None, None))
@@ -121,14 +122,17 @@ class BLTLM(ByteLMModule):
         patches_per_row = patches.mask.sum(-1)
         if self._trainer is not None:
             split = "train" if self.training else "test" if self.trainer.testing else "val"
-            mean_patch_size = patches.mean_size
-            if split != "train":
+            # Rows of data only: not the all-padding rows that fill a last batch or even out ranks' batches.
+            patches_of_data_rows = patches_per_row[(ids != PAD).any(-1)].float()
+            mean_patch_size, mean_patches_per_row = patches.mean_size, patches_of_data_rows.mean()
+            if split != "train":  # over all ranks' rows of the whole run, not a mean of batches' means
                 mean_patch_size = self.test_patch_size if split == "test" else self.val_patch_size
                 mean_patch_size.update(patches.mean_size, patches.byte_patches)
+                mean_patches_per_row = self.test_patches_per_row if split == "test" else self.val_patches_per_row
+                mean_patches_per_row.update(patches_of_data_rows)
             self.log(f"{split}/mean_patch_size", mean_patch_size, batch_size=len(ids))
-            # over all ranks' rows in validation and test (one all-reduce at the end); a step's own in training
-            self.log(f"{split}/patches_per_row", patches_per_row.float().mean(), batch_size=len(ids),
-                     sync_dist=split != "train")
+            if split != "train" or len(patches_of_data_rows):
+                self.log(f"{split}/patches_per_row", mean_patches_per_row, batch_size=len(ids))
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
         entropy_model_ran = self.entropy_model is not None and "entropies" not in batch

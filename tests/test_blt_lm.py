@@ -168,6 +168,11 @@ def test_stage_two_from_the_cli_with_a_calibrated_threshold(entropy_checkpoint, 
         patch_bytes += int(byte_positions.sum())
         patches += sum(len(row[held].unique()) for row, held in zip(patch_ids, byte_positions))
     assert events.Scalars("test/mean_patch_size")[-1].value == pytest.approx(patch_bytes / patches, rel=1e-5)
+    # patches per row of data: the all-padding rows that fill the last batch are not rows of the split
+    rows = [(row_starts.sum(), row_ids) for p in predicted for row_starts, row_ids in zip(p["patch_starts"], p["ids"])]
+    assert any((row_ids == PAD).all() for _, row_ids in rows), "no batch was filled: the test tests nothing"
+    per_row = [float(n) for n, row_ids in rows if (row_ids[:-1] != PAD).any()]
+    assert events.Scalars("test/patches_per_row")[-1].value == pytest.approx(sum(per_row) / len(per_row), rel=1e-5)
 
 
 def test_the_flops_of_a_training_step_are_measured_on_patches_of_bytes_not_of_padding():
