@@ -7,8 +7,9 @@ pieces of a document cut for length follow its first piece, so no text is split 
 Within a split, documents are spread by hash over `interleave` shards written side by side, so every
 shard mixes many inputs even though inputs are read one after another.
 
-Shards are written under a temporary name and renamed when complete; tar headers carry no time or
-owner, so the same inputs give byte-identical shards.
+Shards are written under temporary names and take their own (and the manifest its place) only once
+all are written: a run that fails leaves the output directory as it found it. Tar headers carry no time
+or owner, so the same inputs give byte-identical shards.
 """
 
 import glob
@@ -231,7 +232,8 @@ def split_of(digest: bytes, options: PrepareOptions) -> str:
 
 
 class ShardSlot:
-    """One shard being written: a tar under a temporary name until it is full or the run ends."""
+    """One shard being written: a tar under a temporary name (until PendingShards.publish) that is finished
+    when it is full or the run ends."""
 
     def __init__(self, directory: Path, name: str):
         self.path = directory / name
@@ -248,16 +250,40 @@ class ShardSlot:
         self.counts.add(len(doc.data))
 
     def finish(self) -> dict:
+        """Its manifest entry, under the name it takes when published."""
         self.writer.close()
-        self.file.close()  # TarWriter leaves a file it was given open: close (flush) it before renaming and hashing
-        os.replace(self.partial, self.path)
-        return {"path": self.path.name, **asdict(self.counts), "size": self.path.stat().st_size,
-                "sha256": _sha256(self.path)}
+        self.file.close()  # TarWriter leaves a file it was given open: close (flush) it before hashing
+        return {"path": self.path.name, **asdict(self.counts), "size": self.partial.stat().st_size,
+                "sha256": _sha256(self.partial)}
 
     def discard(self) -> None:
         self.writer.close()
         self.file.close()
         self.partial.unlink(missing_ok=True)
+
+
+class PendingShards:
+    """A run's finished shards, under their temporary names until all are written; then they and the manifest
+    replace what the directory held (publish). A run that fails (discard) leaves the directory as it found it:
+    an earlier manifest and its shards stay usable."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.finished = directory, []
+
+    def finish(self, slot: ShardSlot) -> dict:
+        self.finished.append(slot)
+        return slot.finish()
+
+    def publish(self, manifest: dict, command: str) -> None:
+        (self.directory / MANIFEST).unlink(missing_ok=True)  # while shards change, no manifest describes them
+        for slot in self.finished:
+            os.replace(slot.partial, slot.path)
+        write_atomically(self.directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        remove_stale_shards(self.directory, manifest, command)
+
+    def discard(self) -> None:
+        for slot in self.finished:
+            slot.partial.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -282,7 +308,6 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
             raise ValueError(f"{path}: an input inside the output directory {output}, whose shards and manifest "
                              "this run replaces")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
 
     stats = {split: SplitStats() for split in SPLITS}
     open_slots: dict[tuple[str, int], ShardSlot] = {}
@@ -290,7 +315,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
     empty, malformed = Counts(), Counts()
     total = sum(f.stat().st_size for f, _ in files)
     bar = byte_progress(total, "prepare", enabled=progress)
-    done_before = 0
+    done_before, pending = 0, PendingShards(out)
     try:
         for path, source in files:
             for doc in read_documents(path, source, options, malformed,
@@ -311,10 +336,13 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
                 split_stats.add(len(doc.data))
                 split_stats.sources.setdefault(doc.source, Counts()).add(len(doc.data))
                 if slot.counts.bytes >= options.shard_bytes:
-                    split_stats.shards.append(open_slots.pop(slot_id).finish())
+                    split_stats.shards.append(pending.finish(open_slots.pop(slot_id)))
             done_before += path.stat().st_size
         for slot_id in sorted(open_slots):
-            stats[slot_id[0]].shards.append(open_slots.pop(slot_id).finish())
+            stats[slot_id[0]].shards.append(pending.finish(open_slots.pop(slot_id)))
+    except BaseException:
+        pending.discard()
+        raise
     finally:
         bar.close()
         for slot in open_slots.values():
@@ -339,8 +367,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
                 "sources": {name: asdict(c) for name, c in sorted(s.sources.items())},
                 "shards": s.shards,
             }
-    write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    remove_stale_shards(out, manifest)
+    pending.publish(manifest, "prepare")
     documents = sum(s.documents for s in stats.values())
     for split, option in (("validation", "val_fraction"), ("test", "test_fraction")):
         if getattr(options, option) and split not in manifest["splits"]:

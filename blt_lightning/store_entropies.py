@@ -4,7 +4,8 @@ Stage two can then patch from stored entropies instead of running the entropy mo
 (the reference precomputes them the same way, for GPU utilisation). Each document is streamed whole
 through the frozen entropy model, so every position sees up to a window of earlier bytes of its own
 document; the entropies of its ids, BOS to EOS, are stored as float16 in `<key>.entropies.f16`.
-The new shards keep the names, keys and documents of the old; the new manifest records the model.
+The new shards keep the names, keys and documents of the old; the new manifest records the model. As
+`prepare`'s, they take their names only once all are written: a run that fails leaves the output as it was.
 """
 
 import json
@@ -15,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from .data import read_manifest
-from .outputs import byte_progress, check_output_dir, write_atomically
+from .outputs import byte_progress, check_output_dir
 from .patcher import entropy_window, load_entropy_model
-from .prepare import MANIFEST, Document, ShardSlot, remove_stale_shards
+from .prepare import MANIFEST, Document, PendingShards, ShardSlot
 from .streams import ENTROPY_MEMBER, UNKNOWN, Shard, shard_samples
 from .tool_parser import ToolParser
 from .vocab import encode
@@ -36,19 +37,22 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     model, context = load_entropy_model(checkpoint, device)
     window = entropy_window(model.config, context)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # it would describe shards this run is about to replace
-    total = sum(split["bytes"] for split in manifest["splits"].values())
-    with byte_progress(total, "entropies") as bar:
-        for name, split in manifest["splits"].items():
-            split["shards"] = [_rewrite(shard, out, model, window, bar) for shard in shards[name]]
+    total, pending = sum(split["bytes"] for split in manifest["splits"].values()), PendingShards(out)
+    try:
+        with byte_progress(total, "entropies") as bar:
+            for name, split in manifest["splits"].items():
+                split["shards"] = [pending.finish(_rewrite(shard, out, model, window, bar)) for shard in shards[name]]
+    except BaseException:
+        pending.discard()
+        raise
     manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16",
                              "member": ENTROPY_MEMBER}
-    write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    remove_stale_shards(out, manifest, "entropies")
+    pending.publish(manifest, "entropies")
     return manifest
 
 
-def _rewrite(shard: Shard, out: Path, model, window: int, bar: tqdm) -> dict:
+def _rewrite(shard: Shard, out: Path, model, window: int, bar: tqdm) -> ShardSlot:
+    """The shard with entropies, written (not yet finished) in a slot."""
     slot = ShardSlot(out, Path(shard.url).name)
     try:
         for sample in shard_samples(shard):  # a bad shard is an error naming it
@@ -60,7 +64,7 @@ def _rewrite(shard: Shard, out: Path, model, window: int, bar: tqdm) -> dict:
     except BaseException:
         slot.discard()
         raise
-    return slot.finish()
+    return slot
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,24 +73,28 @@ def test_split_is_deterministic_and_by_content(corpus, tmp_path):
     assert 0.1 * 240 < n_val < 0.3 * 240
 
 
-def test_malformed_json_names_file_and_line_and_keeps_finished_shards(tmp_path):
+def test_malformed_json_names_file_and_line_and_leaves_the_output_as_it_was(tmp_path):
     good = write_jsonl(tmp_path / "a.jsonl", make_documents(100))
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken\n{"text": "fine too"}\n')
     out = tmp_path / "out"
     with pytest.raises(PrepareError, match=r"b\.jsonl:2: malformed JSON"):
         prepare([str(good), str(bad)], out, OPTIONS, progress=False)
-    assert not list(out.glob(".*partial")), "a half-written shard was left behind"
-    assert not (out / MANIFEST).exists()
-    finished = list(out.glob("*.tar"))
-    assert finished, "shards finished before the error were lost"
-    for path in finished:
-        shard_samples(path)  # each is a complete tar
+    assert not list(out.iterdir()), "a failed run left files behind (a rerun would need --overwrite)"
 
-    manifest = prepare([str(good), str(bad)], out, PrepareOptions(**{**OPTIONS.__dict__, "skip_malformed": True}),
-                       progress=False)
+    skipping = PrepareOptions(**{**OPTIONS.__dict__, "skip_malformed": True})
+    main([str(good), str(bad), "--output", str(out), "--skip_malformed", "--val_fraction", "0.2",
+          "--test_fraction", "0.1", "--shard_bytes", "2000", "--interleave", "4"])
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["skipped"]["malformed_lines"] == 1
     assert sum(s["documents"] for s in manifest["splits"].values()) == 102
+
+    # Over that output, a run that fails once it has finished shards of its own leaves it usable, as it was.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(PrepareError, match=r"b\.jsonl:2: malformed JSON"):
+        prepare([str(good), str(bad)], out, PrepareOptions(**{**OPTIONS.__dict__, "shard_bytes": 100}), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert prepare([str(good), str(bad)], out, skipping, progress=False) == manifest
 
 
 @pytest.mark.parametrize("line, problem", [('["a list"]', "expected a JSON object"),

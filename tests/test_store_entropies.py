@@ -88,10 +88,11 @@ def test_bad_input_is_a_clear_error(shards, tmp_path, stored):
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     with pytest.raises(SystemExit, match=rf"{cut.name}: (corrupt|truncated) shard"):
         main(["--checkpoint", str(checkpoint), "--manifest", str(bad / MANIFEST), "--output", str(tmp_path / "y")])
-    # Over an earlier output, a run that fails midway leaves no manifest that would vouch for half-new shards.
+    assert not list((tmp_path / "y").iterdir()), "a failed run left files behind"
+    # Over an earlier output, a run that fails midway leaves that output as it was, its manifest and shards usable.
     with pytest.raises(SystemExit, match=rf"{cut.name}: (corrupt|truncated) shard"):
         main(["--checkpoint", str(checkpoint), "--manifest", str(bad / MANIFEST), "--output", str(out), "--overwrite"])
-    assert not (out / MANIFEST).exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def _shift(x: torch.Tensor, by: int) -> torch.Tensor:
