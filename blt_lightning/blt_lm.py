@@ -12,7 +12,7 @@ from .errors import BadInput
 from .flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from .models.blt import BLTConfig, ByteLatentTransformer
 from .models.layers import FeedForwardRecompute
-from .patcher import CARRIED_ENTROPY_MODEL, Patcher, carried_entropy_model, load_entropy_model
+from .patcher import CARRIED_ENTROPY_MODEL, Patcher, carried_entropy_model, load_entropy_model, weights_sha256
 from .patching import Patches, PatchingConfig
 from .training import ByteLMModule, OptimizerConfig
 from .visualize import patch_figure
@@ -85,6 +85,7 @@ class BLTLM(ByteLMModule):
                            "is not loaded")
         # frozen: no gradients, never in the optimizer
         self.entropy_model, self.entropy_context = entropy_model, context
+        self._entropy_weights_sha256 = weights_sha256(entropy_model) if entropy_model is not None else None
         self.patcher = Patcher(patching, entropy_model, context)
         # The patcher runs it over this model's rows, each position seeing the patcher's window.
         self.entropy_flops_per_byte = (entropy_model_flops_per_byte(entropy_model.config, seq_len,
@@ -199,10 +200,25 @@ class BLTLM(ByteLMModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        self._check_stored_entropies()
         device = self.trainer.strategy.root_device.type if self._trainer is not None else None
         if stage == "fit" and self.model.config.attention == "flex" and device not in (None, "cuda"):
             raise BadInput("model.attention flex trains on GPUs only (FlexAttention has no backward off them): "
                            "set --model.init_args.model.attention sdpa")
+
+    def _check_stored_entropies(self) -> None:
+        """Entropies stored with the data (`blt-lightning entropies`) patch instead of this run's entropy model, which
+        patches in generation and is saved with the checkpoints: they must be that model's. (Manifests written before
+        the weights' fingerprint was recorded are not checked.)"""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        stored = getattr(datamodule, "stored_entropies", None)
+        if self.entropy_model is None or not stored or stored.get("weights_sha256") in (None,
+                                                                                         self._entropy_weights_sha256):
+            return
+        raise BadInput(f"{datamodule.manifest_read}: its stored entropies were computed by the entropy model of "
+                       f"{stored.get('checkpoint')}, whose weights are not those of entropy_checkpoint "
+                       f"{self.hparams.entropy_checkpoint}: store them with that model (`blt-lightning entropies "
+                       "--checkpoint`), or give that model's checkpoint")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

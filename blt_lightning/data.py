@@ -123,7 +123,8 @@ class ByteShardDataModule(L.LightningDataModule):
         self.batches_per_epoch, self.seed, self.skip_bad_shards = batches_per_epoch, seed, skip_bad_shards
         self.test_split = "test" if test_shards else test_split
         self.shards: dict[str, list[Shard]] = {}
-        self._manifest_read: str | None = None  # the manifest setup() read the shards of
+        self.manifest_read: str | None = None  # the manifest setup() read the shards of
+        self.stored_entropies: dict | None = None  # its record of the entropy model that computed stored entropies
         self.rank, self.world_size = 0, 1
         # Sources are prepared once, by global rank 0: default_root_dir is shared by every node (it holds
         # the checkpoints too), and nodes preparing the same shards at once would write over each other.
@@ -148,7 +149,8 @@ class ByteShardDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         manifest = self.manifest_path or (str(self._prepared_dir() / MANIFEST) if self.sources else None)
         self.shards = read_manifest(manifest) if manifest else {}
-        self._manifest_read = manifest
+        self.manifest_read = manifest
+        self.stored_entropies = json.loads(Path(manifest).read_text()).get("entropies") if manifest else None
         for split, urls in self.shard_urls.items():
             if urls:
                 self.shards[split] = [Shard(u) for u in expand_urls(urls)]
@@ -160,7 +162,7 @@ class ByteShardDataModule(L.LightningDataModule):
 
     def _split(self, split: str) -> list[Shard]:
         if not self.shards.get(split):
-            where = f"{self._manifest_read} has none, so " if self._manifest_read else ""
+            where = f"{self.manifest_read} has none, so " if self.manifest_read else ""
             raise BadInput(f"no {split} shards: {where}name them (sources with a {split} fraction, manifest, "
                            f"or {split} shard URLs)")
         return self.shards[split]

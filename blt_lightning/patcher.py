@@ -8,11 +8,13 @@ makes a KV cache exact: streaming a document through the model a chunk (or a byt
 entropies of one pass over the whole of it, so the incremental patcher decides what the batch one does.
 """
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from .errors import weights_misfit
 from .models import EntropyModel, EntropyModelConfig
 from .models.entropy import entropy_of
 from .patching import ENTROPY_MODES, Patches, PatchingConfig, patch, spacelike
@@ -60,9 +62,19 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise ValueError(f"{path}: its weights do not fit its entropy model config ({error})") from None
+        raise ValueError(f"{path}: its weights do not fit its entropy model config: {weights_misfit(error)}") from None
     model.requires_grad_(False)
     return model.eval(), context
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A fingerprint of a model's weights (names, dtypes, shapes and values): which entropy model computed the
+    entropies a manifest stores."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def entropy_window(config: EntropyModelConfig, context: int | None) -> int:

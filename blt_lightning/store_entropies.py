@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .data import read_manifest
 from .outputs import byte_progress, check_output_dir
-from .patcher import entropy_window, load_entropy_model
+from .patcher import entropy_window, load_entropy_model, weights_sha256
 from .prepare import MANIFEST, Document, PendingShards, ShardSlot
 from .streams import ENTROPY_MEMBER, UNKNOWN, Shard, shard_samples
 from .tool_parser import ToolParser
@@ -46,7 +46,7 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
         pending.discard()
         raise
     manifest["entropies"] = {"checkpoint": str(checkpoint), "window": window, "dtype": "float16",
-                             "member": ENTROPY_MEMBER}
+                             "member": ENTROPY_MEMBER, "weights_sha256": weights_sha256(model)}
     pending.publish(manifest, "entropies")
     return manifest
 

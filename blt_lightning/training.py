@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
 from .callbacks import FlopBudget
-from .errors import BadInput, Diverged, InputError, MissingInput
+from .errors import BadInput, Diverged, InputError, MissingInput, weights_misfit
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import FeedForwardRecompute, TransformerBlock, holds_parts, set_activation_checkpointing
 from .vocab import BOS, PAD
@@ -250,6 +250,15 @@ class ByteLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trained_flops"] = self.trained_flops
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, but weights of another model shape (a --ckpt_path of another config) end the command with
+        one line naming the file, not torch's line for every tensor."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            where = (self._trainer and self.trainer.ckpt_path) or "the checkpoint"
+            raise BadInput(f"{where}: its weights do not fit this model's config: {weights_misfit(error)}") from None
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         resuming = self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" in checkpoint
         if resuming and holds_parts(checkpoint["state_dict"]):
@@ -347,7 +356,7 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
         model.load_state_dict({name.removeprefix("model."): w for name, w in state.items()
                                if name.startswith("model.")})
     except RuntimeError as error:
-        raise BadInput(f"{path}: its weights do not fit this model's config ({error})") from None
+        raise BadInput(f"{path}: its weights do not fit this model's config: {weights_misfit(error)}") from None
 
 
 def flatten_hparams(params: dict, prefix: str = "") -> dict:

@@ -359,7 +359,18 @@ def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp
         with pytest.raises(SystemExit) as exited:
             main([*fit, *extra])
         assert str(exited.value.code).startswith("blt-lightning: ") and message in str(exited.value.code)
-        assert "Traceback" not in capsys.readouterr().err
+        assert "\n" not in str(exited.value.code) and "Traceback" not in capsys.readouterr().err
+    assert "missing (first tok_embeddings.weight), 1 unexpected (first other)" in str(exited.value.code)  # not torch's line for each weight
+
+    # resuming a run with a model of another shape (`last`, whose saved options Lightning does not read): one line
+    # naming the checkpoint, with what differs
+    main(fit)
+    with pytest.raises(SystemExit) as exited:
+        main([*fit, "--model.init_args.model.dim", "48", "--ckpt_path", "last"])
+    trained = next(tmp_path.rglob("last.ckpt"))
+    assert str(exited.value.code).startswith(f"blt-lightning: {trained}: its weights do not fit this model's config: ")
+    assert "of another shape (first " in str(exited.value.code)
+    assert "\n" not in str(exited.value.code) and "Traceback" not in capsys.readouterr().err
     blt = [arg.replace("configs/entropy/tiny.yaml", "configs/blt/tiny.yaml") for arg in fit]
     with pytest.raises(SystemExit, match="^blt-lightning: model.attention flex trains on GPUs only"):
         main([*blt, "--model.init_args.model.attention", "flex"])

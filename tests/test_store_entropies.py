@@ -1,11 +1,15 @@
 import shutil
 from dataclasses import asdict
 
+import lightning as L
 import pytest
 import torch
+from test_blt_model import TINY
 from test_patching import sharp_model
 
+from blt_lightning import BLTLM, ByteShardDataModule
 from blt_lightning.data import read_manifest
+from blt_lightning.errors import BadInput
 from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig, segment_starts
 from blt_lightning.prepare import MANIFEST
@@ -67,6 +71,25 @@ def test_training_batches_carry_entropies(stored):
     for batch in stream:
         assert batch["entropies"].shape == batch["ids"].shape == (2, 33)
         assert (batch["entropies"] >= 0).all()
+
+
+def test_stage_two_refuses_entropies_stored_by_another_entropy_model(stored, tmp_path):
+    _, path, manifest = stored
+    assert manifest["entropies"]["weights_sha256"]
+    other = save_checkpoint(sharp_model(seed=1, window=16), 64, tmp_path / "other.ckpt")
+
+    def fit(checkpoint):
+        module = BLTLM(TINY, PatchingConfig(mode="entropy", threshold=1.0), entropy_checkpoint=str(checkpoint),
+                       seq_len=32)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, ByteShardDataModule(manifest=str(path), seq_len=32, batch_size=2))
+        return trainer
+
+    with pytest.raises(BadInput, match=rf"{path}: its stored entropies were computed by the entropy model of "
+                                       rf".*entropy\.ckpt, whose weights are not those of .*other\.ckpt"):
+        fit(other)
+    assert fit(tmp_path / "entropy.ckpt").global_step == 1  # the model that stored them
 
 
 def test_bad_input_is_a_clear_error(shards, tmp_path, stored):
