@@ -31,8 +31,8 @@ def weights_misfit(error: RuntimeError) -> str:
         for line in lines:
             if line.startswith(f"{kind} key(s)") and (keys := re.findall(r'"([^"]+)"', line)):
                 parts.append(f"{len(keys)} {what} (first {keys[0]})")
-    shapes = [re.match(r"size mismatch for (\S+): .*?torch\.Size\((\[.*?\])\) from checkpoint, .*?torch\.Size\((\[.*?\])\)",
-                       line) for line in lines]
+    size = r"torch\.Size\((\[.*?\])\)"
+    shapes = [re.match(rf"size mismatch for (\S+): .*?{size} from checkpoint, .*?{size}", line) for line in lines]
     if shapes := [m for m in shapes if m]:
         name, saved, here = shapes[0].groups()
         parts.insert(0, f"{len(shapes)} of another shape (first {name}: {saved} there, {here} here)")

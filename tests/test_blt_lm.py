@@ -34,8 +34,8 @@ def test_a_missing_or_mismatched_entropy_checkpoint_fails_before_training(tmp_pa
     stage_two = tmp_path / "stage_two.ckpt"
     torch.save({"hyper_parameters": {"model": {"dim": 8, "n_layers": 1, "n_heads": 2}, "seq_len": 16},
                 "state_dict": {"model.tok_embeddings.weight": torch.zeros(3, 3)}}, stage_two)
-    with pytest.raises(ValueError, match=r"do not fit its entropy model config: 1 of another shape \(first "
-                                         r"tok_embeddings.weight: \[3, 3\] there, \[260, 8\] here\), \d+ missing") as error:
+    misfit = r"1 of another shape \(first tok_embeddings.weight: \[3, 3\] there, \[260, 8\] here\), \d+ missing"
+    with pytest.raises(ValueError, match=f"do not fit its entropy model config: {misfit}") as error:
         BLTLM(TINY, ENTROPY, entropy_checkpoint=str(stage_two))
     assert "\n" not in str(error.value)
     static_blt = tmp_path / "static_blt.ckpt"  # stage two's, patched statically: it carries no entropy model

@@ -360,7 +360,8 @@ def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp
             main([*fit, *extra])
         assert str(exited.value.code).startswith("blt-lightning: ") and message in str(exited.value.code)
         assert "\n" not in str(exited.value.code) and "Traceback" not in capsys.readouterr().err
-    assert "missing (first tok_embeddings.weight), 1 unexpected (first other)" in str(exited.value.code)  # not torch's line for each weight
+    # not torch's line for each weight
+    assert "missing (first tok_embeddings.weight), 1 unexpected (first other)" in str(exited.value.code)
 
     # resuming a run with a model of another shape (`last`, whose saved options Lightning does not read): one line
     # naming the checkpoint, with what differs
