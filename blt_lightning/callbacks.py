@@ -110,12 +110,13 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     accumulation included, and after each optimizer step the ranks agree on the flags (a signal to any rank
     stops all) and save together (sharded strategies need every rank), where the weights and the training
     data's position are exact. A checkpoint holds no gradients being accumulated, so only a save after an
-    optimizer step resumes exactly. Lightning's own handlers, which this callback's replace while training
+    optimizer step resumes exactly. The run ends once that step is logged and, if one is due there, validated
+    (before the next batch trains, or as the epoch ends): the resumed run, which Lightning resumes as validated
+    at that step, starts with the next, and the curves miss no step. Lightning's own handlers, which this callback's replace while training
     runs, would stop at the next batch, within an accumulation too (SIGTERM), or save from inside the
     handler, wherever the step happens to be: an optimizer step half applied, ranks in different
     collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
-    either signal: workers.py.) A step that saves this way skips the validation due at it, in this run and
-    the resumed one (Lightning resumes a checkpoint of a validation step as validated).
+    either signal: workers.py.)
     Exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint. Nor does a run
     without a ModelCheckpoint, or under fast_dev_run: SIGTERM ends it, and SLURM's signal only warns, as a
     requeued job would start the run over (and again at every time limit).
@@ -124,9 +125,11 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     def __init__(self):
         self.requeue_requested = self.terminate_requested = False
         self._handlers = {}  # signal -> (this callback's handler, the one it replaced)
+        self._ending: SystemExit | None = None  # how the run ends, once its checkpoint is saved
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.requeue_requested = self.terminate_requested = False
+        self._ending = None
         # SLURM's signal: before Lightning registers its handlers, which then leave that signal alone.
         environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
         if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \
@@ -180,9 +183,23 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
             saved = f"saved {path}" if path else NOTHING_SAVED
             rank_zero_info(f"SIGTERM: {saved} at step {trainer.global_step}"
                            + ("; resume with --ckpt_path last" if path else "; the run ends"))
-            raise SIGTERMException()
-        rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
-        raise JobRequeued()
+            self._ending = SIGTERMException()
+        else:
+            rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
+            self._ending = JobRequeued()
+
+    # Lightning logs a step's metrics, and validates if due, after on_train_batch_end: the run ends at the next hook.
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._end()
+        super().on_train_batch_start(trainer, *args)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self._ending is not None:
+            ending, self._ending = self._ending, None
+            raise ending
 
     # When the run ends Lightning puts back the handlers it found (SIG_DFL, or this callback's requeue handler,
     # set before it looked): each is restored where it is still this callback's. (After an exception Lightning

@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from blt_lightning import ByteShardDataModule, EntropyLM
 from blt_lightning.callbacks import CheckpointOnTerminate, LastCheckpoint
@@ -122,7 +123,7 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
     """Steps of 2 batches, epochs of 8 and a validation every 3 batches: validations and signals come between the
     batches of a step, where no checkpoint resumes exactly; both wait for the step to end."""
     steps = ("--trainer.accumulate_grad_batches", "2", "--data.batches_per_epoch", "8",
-             "--trainer.val_check_interval", "3")
+             "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1")
     last = {"class_path": "blt_lightning.callbacks.LastCheckpoint"}
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     uninterrupted = cli_start(whole, corpus, [record(whole / "batches")], *steps)
@@ -150,6 +151,10 @@ def test_sigkill_and_sigterm_then_resume_see_the_same_batches_and_end_with_the_s
     assert trained(cut / "b") == expected[4:14]
     assert trained(cut / "c") == expected[14:]
     assert len(list(cut.glob("entropy-tiny/version_*"))) == 1, "a resumed run continues in its own folder"
+    # The step that saved on SIGTERM was logged before the run ended: the three runs' curves miss no step.
+    events = EventAccumulator(str(cut / "entropy-tiny" / "version_0"))
+    events.Reload()
+    assert {event.step for event in events.Scalars("train/loss")} == set(range(10))
 
     final, reference = torch.load(f"{cut / 'c'}.rank0.weights"), torch.load(f"{whole / 'batches'}.rank0.weights")
     assert final.keys() == reference.keys()
@@ -306,6 +311,34 @@ def test_a_sigterm_before_training_starts_saves_after_the_first_optimizer_step(s
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 1 and trained_batches(saved) == 2, "saved within the first step"
     assert signal.getsignal(signal.SIGTERM) == before, "the handlers are put back"
+
+
+def test_a_sigterm_run_ends_once_the_step_it_saved_is_logged_and_validated(shards, tmp_path):
+    """Saved after step 2, where a validation is due: the step's training metrics are logged and the validation
+    runs before the run ends (the resumed run, resumed as validated there, starts at step 3)."""
+
+    class Probe(L.Callback):
+        logged, validated = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.validated.append(trainer.global_step)
+
+    class Logged(L.pytorch.loggers.CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            Probe.logged += [step] * ("train/loss" in metrics)
+
+    callbacks = [ModelCheckpoint(tmp_path), CheckpointOnTerminate(), Probe()]
+    module, data, trainer = tiny_fit(shards, callbacks, enable_checkpointing=True, limit_val_batches=1,
+                                     val_check_interval=2, log_every_n_steps=1, logger=Logged(tmp_path))
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module, data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert Probe.logged == [0, 1] and Probe.validated == [2]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
