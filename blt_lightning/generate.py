@@ -13,7 +13,6 @@ BOS or the reserved id, so the document it writes is bytes to the end: EOS, or -
     blt-lightning generate --checkpoint runs/blt-tiny/version_0/checkpoints/last.ckpt --prompt "Call me"
 """
 
-import codecs
 import math
 import os
 import sys
@@ -169,11 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         new_stream = load(args.checkpoint, args.device)
     except (ValueError, OSError) as error:
         sys.exit(f"generate: {error}")
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout.buffer  # the bytes themselves, as the model made them: invalid UTF-8 is data here too
     start, n = time.perf_counter(), 0
     for n, byte in enumerate(generate(new_stream(), os.fsencode(args.prompt), args.max_bytes, sampling, args.seed), 1):
-        sys.stdout.write(text.decode(bytes([byte])))
-        sys.stdout.flush()
-    sys.stdout.write(text.decode(b"", final=True) + "\n")
+        out.write(bytes([byte]))
+        out.flush()
+    out.write(b"\n")
+    out.flush()
     seconds = time.perf_counter() - start  # the prompt's pass included
     print(f"{n:,} bytes in {seconds:.2f} s: {n / seconds:,.1f} bytes/s", file=sys.stderr)

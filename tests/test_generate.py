@@ -154,38 +154,38 @@ def test_sampling_never_draws_padding_bos_or_the_reserved_id():
     assert {sample(top, Sampling(top_k=3), g) for _ in range(100)} == {VOCAB_SIZE - 3, VOCAB_SIZE - 2, VOCAB_SIZE - 1}
 
 
-def cli(capsys, *args: str) -> tuple[str, str]:
+def cli(capsysbinary, *args: str) -> tuple[bytes, str]:
     main(["generate", *args])
-    captured = capsys.readouterr()
-    return captured.out, captured.err
+    captured = capsysbinary.readouterr()
+    return captured.out, captured.err.decode()
 
 
 @pytest.mark.parametrize("which", ["blt", "entropy"])
-def test_cli_generates_from_either_stage(which, blt_checkpoint, entropy_checkpoint, capsys):
+def test_cli_generates_from_either_stage(which, blt_checkpoint, entropy_checkpoint, capsysbinary):
     checkpoint = blt_checkpoint if which == "blt" else entropy_checkpoint
-    out, err = cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "doc 3: the", "--max-bytes", "40",
+    out, err = cli(capsysbinary, "--checkpoint", str(checkpoint), "--prompt", "doc 3: the", "--max-bytes", "40",
                    "--temperature", "0")
     expected = bytes(generate(load(checkpoint)(), b"doc 3: the", 40, GREEDY))
-    assert out == expected.decode("utf-8", errors="replace") + "\n"
+    assert out == expected + b"\n"  # the bytes, not their decoding
     assert f"{len(expected)} bytes in " in err and "bytes/s" in err
     # A prompt that is not UTF-8 (Python holds its bytes as surrogates) is continued as the bytes given.
-    invalid, _ = cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "caf\udce9", "--max-bytes", "8",
+    invalid, _ = cli(capsysbinary, "--checkpoint", str(checkpoint), "--prompt", "caf\udce9", "--max-bytes", "8",
                      "--temperature", "0")
-    assert invalid == bytes(generate(load(checkpoint)(), b"caf\xe9", 8, GREEDY)).decode("utf-8", "replace") + "\n"
-    sampled, _ = cli(capsys, "--checkpoint", str(checkpoint), "--max-bytes", "40", "--top-k", "20", "--top-p", "0.9",
+    assert invalid == bytes(generate(load(checkpoint)(), b"caf\xe9", 8, GREEDY)) + b"\n"
+    sampled, _ = cli(capsysbinary, "--checkpoint", str(checkpoint), "--max-bytes", "40", "--top-k", "20", "--top-p", "0.9",
                      "--temperature", "0.8", "--seed", "5")
-    assert sampled == cli(capsys, "--checkpoint", str(checkpoint), "--max-bytes", "40", "--top_k", "20", "--top_p",
+    assert sampled == cli(capsysbinary, "--checkpoint", str(checkpoint), "--max-bytes", "40", "--top_k", "20", "--top_p",
                           "0.9", "--temperature", "0.8", "--seed", "5")[0]
 
 
-def test_a_stage_two_checkpoint_generates_without_its_stage_one_file(blt_checkpoint, tmp_path, capsys):
+def test_a_stage_two_checkpoint_generates_without_its_stage_one_file(blt_checkpoint, tmp_path, capsysbinary):
     ckpt = torch.load(blt_checkpoint, weights_only=False)
     ckpt["hyper_parameters"]["entropy_checkpoint"] = str(tmp_path / "moved" / "entropy.ckpt")
     moved = tmp_path / "stage_two.ckpt"
     torch.save(ckpt, moved)
     args = ("--prompt", "doc 1", "--max-bytes", "30", "--temperature", "0")
-    moved_out, _ = cli(capsys, "--checkpoint", str(moved), *args)
-    assert moved_out == cli(capsys, "--checkpoint", str(blt_checkpoint), *args)[0]
+    moved_out, _ = cli(capsysbinary, "--checkpoint", str(moved), *args)
+    assert moved_out == cli(capsysbinary, "--checkpoint", str(blt_checkpoint), *args)[0]
 
 
 def test_cli_errors_name_the_file(tmp_path, capsys):
@@ -203,7 +203,8 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
 def test_output_piped_to_a_reader_that_stops_ends_quietly(entropy_checkpoint):
     """`generate ... | head -c 5`: no BrokenPipeError traceback, as Unix tools end."""
     piped = subprocess.run(f"{sys.executable} -m blt_lightning generate --checkpoint {entropy_checkpoint} --max-bytes "
-                           "4000 --temperature 0 | head -c 5", shell=True, capture_output=True, text=True,
+                           "4000 --temperature 0 | head -c 5", shell=True, capture_output=True,
                            cwd=Path(__file__).resolve().parents[1])
-    assert len(piped.stdout.encode()) == 5 and "bytes/s" not in piped.stderr, "stopped at the broken pipe"
-    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+    errors = piped.stderr.decode(errors="replace")
+    assert len(piped.stdout) == 5 and "bytes/s" not in errors, "stopped at the broken pipe"
+    assert "Traceback" not in errors and "BrokenPipe" not in errors
