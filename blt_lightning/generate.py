@@ -157,10 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda if there is one")
     args = parser.parse_args(argv)
-    if not 0 <= args.temperature < math.inf or args.max_bytes < 0 \
-            or (args.top_k is not None and not 1 <= args.top_k <= VOCAB_SIZE) \
-            or (args.top_p is not None and not 0 < args.top_p <= 1):
-        parser.error(f"need a finite temperature >= 0, max-bytes >= 0, 1 <= top-k <= {VOCAB_SIZE} and 0 < top-p <= 1")
+    for wrong, problem in (
+        (not 0 <= args.temperature < math.inf, f"--temperature {args.temperature}: a finite 0 or more"),
+        (args.max_bytes < 0, f"--max-bytes {args.max_bytes}: 0 or more"),
+        (args.top_k is not None and not 1 <= args.top_k <= VOCAB_SIZE, f"--top-k {args.top_k}: from 1 to {VOCAB_SIZE}"),
+        (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p {args.top_p}: more than 0, at most 1"),
+    ):
+        if wrong:
+            parser.error(problem)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)

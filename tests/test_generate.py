@@ -195,9 +195,14 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="garbage.ckpt: not a checkpoint"):
         main(["generate", "--checkpoint", str(garbage)])
-    with pytest.raises(SystemExit):
-        main(["generate", "--checkpoint", str(garbage), "--top-p", "0"])
-    assert "top-p" in capsys.readouterr().err
+    capsys.readouterr()
+    for option, value, named in (("--top-p", "0", "--top-p 0.0: more than 0"), ("--top-k", "0", "--top-k 0: from 1"),
+                                 ("--temperature", "nan", "--temperature nan: a finite"),
+                                 ("--max-bytes", "-1", "--max-bytes -1: 0 or more")):
+        with pytest.raises(SystemExit):
+            main(["generate", "--checkpoint", str(garbage), option, value])
+        message = capsys.readouterr().err.split("error:")[-1]
+        assert named in message and message.count("--") == 1, "the option at fault, and only it, is named"
 
 
 def test_output_piped_to_a_reader_that_stops_ends_quietly(entropy_checkpoint):
