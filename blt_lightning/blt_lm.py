@@ -211,9 +211,9 @@ class BLTLM(ByteLMModule):
         patches in generation and is saved with the checkpoints: they must be that model's. (Manifests written before
         the weights' fingerprint was recorded are not checked.)"""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        stored = getattr(datamodule, "stored_entropies", None)
-        if self.entropy_model is None or not stored or stored.get("weights_sha256") in (None,
-                                                                                         self._entropy_weights_sha256):
+        stored = getattr(datamodule, "stored_entropies", None) or {}
+        recorded = stored.get("weights_sha256")
+        if self.entropy_model is None or recorded is None or recorded == self._entropy_weights_sha256:
             return
         raise BadInput(f"{datamodule.manifest_read}: its stored entropies were computed by the entropy model of "
                        f"{stored.get('checkpoint')}, whose weights are not those of entropy_checkpoint "

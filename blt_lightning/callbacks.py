@@ -112,10 +112,10 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     data's position are exact. A checkpoint holds no gradients being accumulated, so only a save after an
     optimizer step resumes exactly. The run ends once that step is logged and, if one is due there, validated
     (before the next batch trains, or as the epoch ends): the resumed run, which Lightning resumes as validated
-    at that step, starts with the next, and the curves miss no step. Lightning's own handlers, which this callback's replace while training
-    runs, would stop at the next batch, within an accumulation too (SIGTERM), or save from inside the
-    handler, wherever the step happens to be: an optimizer step half applied, ranks in different
-    collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
+    at that step, starts with the next, and the curves miss no step. Lightning's own handlers, which this
+    callback's replace while training runs, would stop at the next batch, within an accumulation too (SIGTERM),
+    or save from inside the handler, wherever the step happens to be: an optimizer step half applied, ranks in
+    different collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
     either signal: workers.py.)
     Exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint. Nor does a run
     without a ModelCheckpoint, or under fast_dev_run: SIGTERM ends it, and SLURM's signal only warns, as a
