@@ -413,7 +413,7 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
     (tmp_path / "listed.json").write_text("{}")
     misspelled_yaml.write_text("model:\n  init_args:\n    patching:\n      mode: entropy\n      thresh: 2\n")
     for tool, message in [
-        (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "need a finite temperature >= 0"),
+        (["generate", "--checkpoint", checkpoint, "--temperature", "nan"], "--temperature nan: a finite 0 or more"),
         (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--seq_len", "0"],
          "--sample_bytes and --seq_len must be at least 1"),
         # options spelled out, with underscores or hyphens alike; an abbreviation is not taken
@@ -438,7 +438,7 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
         (["patch", "--checkpoint", checkpoint, "--text", "x", "--plot", str(tmp_path)], "is a directory: name the file"),
         (["patch", "--checkpoint", checkpoint, "--text", "x", "--plot", "f.png", "--plot_bytes", "0"],
          "--plot_bytes must be at least 1"),
-        (["generate", "--checkpoint", checkpoint, "--top-k", "300"], "1 <= top-k <= 260"),
+        (["generate", "--checkpoint", checkpoint, "--top-k", "300"], "--top-k 300: from 1 to 260"),
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--devices", "0"], "--devices must be at least 1"),
         # Where a file stands in for a folder of the output's path: found now, not after the work.
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--json", f"{checkpoint}/report.json"],
