@@ -2,8 +2,9 @@
 
 One tar sample per document: `<key>.bin` holds the document's raw bytes (never decoded, so invalid
 UTF-8 survives), `<key>.json` its `source` and `lang`. Each document goes to a split by a hash of its
-bytes, so the split is the same on every run and a duplicated document never straddles two splits; the
-pieces of a document cut for length follow its first piece, so no text is split across train and test.
+bytes, so the split is the same on every run and a duplicated document never straddles two splits. A
+document cut into pieces for length is split piece by piece: a corpus that is one large file still gets
+every split (its neighbouring pieces may then sit in train and test).
 Within a split, documents are spread by hash over `interleave` shards written side by side, so every
 shard mixes many inputs even though inputs are read one after another.
 
@@ -76,8 +77,6 @@ class Document:
     data: bytes
     source: str
     lang: str | None
-    continues: bool = False
-    """A later piece of the document before it (cut at max_document_bytes), which goes to that one's split."""
 
     def __post_init__(self):
         # Names are labels (bpb by source and language, printed and logged): a file name's undecodable bytes
@@ -167,14 +166,14 @@ def read_documents(path: Path, source: str, options: PrepareOptions, skipped: Co
                         continue
                     if not doc.data:
                         yield doc  # to be counted as an empty document
-                    for i, piece in enumerate(pieces(io.BytesIO(doc.data), options.max_document_bytes)):
-                        yield Document(piece, doc.source, doc.lang, continues=i > 0)
+                    for piece in pieces(io.BytesIO(doc.data), options.max_document_bytes):
+                        yield Document(piece, doc.source, doc.lang)
             else:
                 empty = True
                 for piece in pieces(stream, options.max_document_bytes):
                     on_progress(raw.tell())
-                    yield Document(piece, source, None, continues=not empty)
                     empty = False
+                    yield Document(piece, source, None)
                 if empty:
                     yield Document(b"", source, None)  # to be counted as an empty document
     except (OSError, EOFError, zlib.error) as error:  # unreadable, not gzip, truncated, corrupt
@@ -324,8 +323,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
                     empty.add(0)
                     continue
                 digest = hashlib.sha256(doc.data).digest()
-                if not doc.continues:  # a piece of a longer document goes where its first piece went
-                    split = split_of(digest, options)
+                split = split_of(digest, options)
                 slot_id = (split, int.from_bytes(digest[8:12], "big") % options.interleave)
                 slot = open_slots.get(slot_id)
                 if slot is None:
