@@ -13,6 +13,7 @@ BOS or the reserved id, so the document it writes is bytes to the end: EOS, or -
     blt-lightning generate --checkpoint runs/blt-tiny/version_0/checkpoints/last.ckpt --prompt "Call me"
 """
 
+import codecs
 import math
 import os
 import sys
@@ -141,6 +142,19 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Callable
     return lambda: EntropyModelByteStream(lm.model, entropy_window(lm.model.config, lm.seq_len))
 
 
+class _Decoding:
+    """Bytes written to a text stream, decoded as UTF-8 (U+FFFD for what is not)."""
+
+    def __init__(self, text):
+        self.text, self.decoder = text, codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data: bytes) -> None:
+        self.text.write(self.decoder.decode(data, final=data.endswith(b"\n")))
+
+    def flush(self) -> None:
+        self.text.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser(prog="blt-lightning generate",
                         description="Generate text from a BLTLM or EntropyLM checkpoint.")
@@ -172,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         new_stream = load(args.checkpoint, args.device)
     except (ValueError, OSError) as error:
         sys.exit(f"generate: {error}")
-    out = sys.stdout.buffer  # the bytes themselves, as the model made them: invalid UTF-8 is data here too
+    # the bytes themselves, as the model made them: invalid UTF-8 is data here too (a stdout of text alone, such as
+    # a StringIO, gets them decoded)
+    out = getattr(sys.stdout, "buffer", None) or _Decoding(sys.stdout)
     start, n = time.perf_counter(), 0
     for n, byte in enumerate(generate(new_stream(), os.fsencode(args.prompt), args.max_bytes, sampling, args.seed), 1):
         out.write(bytes([byte]))

@@ -68,11 +68,14 @@ def load_entropy_model(checkpoint: str | Path, map_location: str | torch.device 
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """A fingerprint of a model's weights (names, dtypes, shapes and values): which entropy model computed the
-    entropies a manifest stores."""
+    """A fingerprint of a model's weights (names, shapes and values): which entropy model computed the entropies
+    a manifest stores. Floating weights count as rounded to bfloat16, so the copy a bf16-true run carries in its
+    checkpoints is the model it was given."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.bfloat16)
+        digest.update(f"{name} {list(tensor.shape)}\n".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

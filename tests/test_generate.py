@@ -1,3 +1,4 @@
+import io
 import subprocess
 import sys
 from dataclasses import replace
@@ -213,3 +214,11 @@ def test_output_piped_to_a_reader_that_stops_ends_quietly(entropy_checkpoint):
     errors = piped.stderr.decode(errors="replace")
     assert len(piped.stdout) == 5 and "bytes/s" not in errors, "stopped at the broken pipe"
     assert "Traceback" not in errors and "BrokenPipe" not in errors
+
+
+def test_a_stdout_of_text_alone_gets_the_bytes_decoded(entropy_checkpoint, monkeypatch):
+    text = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", text)
+    main(["generate", "--checkpoint", str(entropy_checkpoint), "--max-bytes", "12", "--temperature", "0"])
+    expected = bytes(generate(load(entropy_checkpoint)(), b"", 12, GREEDY))
+    assert text.getvalue() == expected.decode("utf-8", "replace") + "\n"

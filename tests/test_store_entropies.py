@@ -10,7 +10,7 @@ from test_patching import sharp_model
 from blt_lightning import BLTLM, ByteShardDataModule
 from blt_lightning.data import read_manifest
 from blt_lightning.errors import BadInput
-from blt_lightning.patcher import Patcher
+from blt_lightning.patcher import Patcher, weights_sha256
 from blt_lightning.patching import PatchingConfig, segment_starts
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.store_entropies import main, store_entropies
@@ -128,3 +128,10 @@ def test_padding_batches_keep_the_entropies_key(stored):
     per_rank = [list(EvalStream(split, 64, 4, rank, 2, 0)) for rank in range(2)]
     assert len(per_rank[0]) == len(per_rank[1])
     assert all("entropies" in b and b["entropies"].shape == b["ids"].shape for batches in per_rank for b in batches)
+
+
+def test_the_fingerprint_of_an_entropy_model_is_that_of_its_bf16_copy():
+    """A bf16-true run carries its entropy model in bfloat16: resuming from it is the model that stored entropies."""
+    model = sharp_model(window=16)
+    rounded = sharp_model(window=16).to(torch.bfloat16).float()
+    assert weights_sha256(model) == weights_sha256(rounded) != weights_sha256(sharp_model(seed=1, window=16))
