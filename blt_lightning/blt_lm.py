@@ -85,7 +85,6 @@ class BLTLM(ByteLMModule):
                            "is not loaded")
         # frozen: no gradients, never in the optimizer
         self.entropy_model, self.entropy_context = entropy_model, context
-        self._entropy_weights_sha256 = weights_sha256(entropy_model) if entropy_model is not None else None
         self.patcher = Patcher(patching, entropy_model, context)
         # The patcher runs it over this model's rows, each position seeing the patcher's window.
         self.entropy_flops_per_byte = (entropy_model_flops_per_byte(entropy_model.config, seq_len,
@@ -213,7 +212,7 @@ class BLTLM(ByteLMModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         stored = getattr(datamodule, "stored_entropies", None) or {}
         recorded = stored.get("weights_sha256")
-        if self.entropy_model is None or recorded is None or recorded == self._entropy_weights_sha256:
+        if self.entropy_model is None or recorded is None or recorded == weights_sha256(self.entropy_model):
             return
         raise BadInput(f"{datamodule.manifest_read}: its stored entropies were computed by the entropy model of "
                        f"{stored.get('checkpoint')}, whose weights are not those of entropy_checkpoint "

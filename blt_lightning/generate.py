@@ -149,7 +149,7 @@ class _Decoding:
         self.text, self.decoder = text, codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, data: bytes) -> None:
-        self.text.write(self.decoder.decode(data, final=data.endswith(b"\n")))
+        self.text.write(self.decoder.decode(data))  # the closing b"\n" ends any sequence left open
 
     def flush(self) -> None:
         self.text.flush()
