@@ -112,7 +112,9 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     data's position are exact. A checkpoint holds no gradients being accumulated, so only a save after an
     optimizer step resumes exactly. The run ends once that step is logged and, if one is due there, validated
     (before the next batch trains, or as the epoch ends): the resumed run, which Lightning resumes as validated
-    at that step, starts with the next, and the curves miss no step. Lightning's own handlers, which this
+    at that step, starts with the next, and the curves miss no step. (A SLURM job is requeued as soon as the
+    checkpoint is written, before that validation, which SLURM's ending of the job may cut short: requeued only
+    after it, a job whose time limit came first would not be requeued at all.) Lightning's own handlers, which this
     callback's replace while training runs, would stop at the next batch, within an accumulation too (SIGTERM),
     or save from inside the handler, wherever the step happens to be: an optimizer step half applied, ranks in
     different collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see

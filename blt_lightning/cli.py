@@ -302,7 +302,22 @@ class BLTLightningCLI(LightningCLI):
         elif ckpt_path == "last" and self._checkpoints_in_run_folders("fit"):  # a run's first start (torchrun, SLURM)
             rank_zero_info("--ckpt_path last: the run has no last.ckpt yet, so it starts afresh")
             ckpt_path = None  # Lightning would say the same, advising the save_last that LastCheckpoint replaces
+        if torchrun_restarts_share_its_store():
+            rank_zero_warn("torchrun --max-restarts shares its rendezvous store with the ranks, so ranks it restarts "
+                           "may not connect (they can read the last attempt's addresses: PyTorch issue #135712): "
+                           "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment and "
+                           "--standalone (one node) or --rdzv-backend c10d (a static rendezvous, --master_addr, "
+                           "shares it anyway)")
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+
+
+def torchrun_restarts_share_its_store() -> bool:
+    """Whether torchrun, given --max-restarts, shares its rendezvous store with the ranks it starts (its default,
+    and always so under a static rendezvous). Ranks it restarts may then connect to the addresses the ranks before
+    them published there: with torch 2.13 and gloo most restarts failed ('Gloo connectFullMesh failed ...
+    Connection refused') or hung."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def check_stage(subcommand: str, ckpt_path: str | None, model_class: str | None) -> None:
