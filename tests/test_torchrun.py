@@ -17,7 +17,10 @@ from conftest import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+def loopback_env(**extra: str) -> dict:
+    """A torchrun's environment, read when the test runs (after conftest's fixtures clear SLURM's variables)."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+            **extra}
 
 
 def fit_on_loopback(config: str, root: Path, manifest: Path, callbacks: list[dict], *extra: str) -> list[str]:
@@ -46,7 +49,7 @@ def torchrun_two_nodes(config: str, root: Path, manifest: Path, *extra: str) -> 
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
              "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), *fit],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=loopback_env())
         for node in range(2)
     ]
     outputs = [node.communicate(timeout=300) for node in nodes]
@@ -92,7 +95,7 @@ def test_torchrun_restarts_the_ranks_from_last_checkpoint_after_one_gets_sigterm
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "1", "--nproc_per_node", "2",
          *fit],
-        capture_output=True, text=True, timeout=300, env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+        capture_output=True, text=True, timeout=300, env=loopback_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "SIGTERM: saved" in done.stderr and "at step 2" in done.stderr, done.stderr[-3000:]
     assert [[batch["step"] for batch in rank] for rank in recorded_batches(record)] == [[0, 1, 2, 3]] * 2
