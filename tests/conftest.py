@@ -27,6 +27,15 @@ def outside_slurm(monkeypatch):
         monkeypatch.delenv(name)
 
 
+def command_on_path(tmp_path: Path, name: str, script: str) -> dict:
+    """The environment in which `name` is a shell script of `script`, found first on the PATH."""
+    command = tmp_path / "bin" / name
+    command.parent.mkdir(exist_ok=True)
+    command.write_text(f"#!/bin/sh\n{script}\n")
+    command.chmod(0o755)
+    return {"PATH": f"{command.parent}:{os.environ['PATH']}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ from blt_lightning.callbacks import CheckpointOnTerminate, LastCheckpoint
 from blt_lightning.models import EntropyModelConfig
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.training import warmup_cosine
-from conftest import SLURM_ONE_TASK, free_port
+from conftest import SLURM_ONE_TASK, command_on_path, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # The model a run trains: its config and what shrinks it (stage one; stage two adds its entropy checkpoint).
@@ -82,11 +82,7 @@ def fit_command(root: Path, corpus: Path, callbacks: list[dict], *extra: str, wo
 
 def fake_scontrol(tmp_path: Path) -> dict:
     """The environment in which `scontrol` only writes its arguments to tmp_path/scontrol.log."""
-    scontrol = tmp_path / "bin/scontrol"
-    scontrol.parent.mkdir()
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    scontrol.chmod(0o755)
-    return {"PATH": f"{scontrol.parent}:{os.environ['PATH']}"}
+    return command_on_path(tmp_path, "scontrol", f'echo "$@" >> {tmp_path / "scontrol.log"}')
 
 
 def record(path: Path) -> dict:

@@ -7,20 +7,17 @@ import sys
 from pathlib import Path
 
 from blt_lightning.prepare import MANIFEST
-from conftest import SLURM_ONE_TASK
+from conftest import SLURM_ONE_TASK, command_on_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_sbatch_script_trains_into_the_jobs_run_folder(shards, tmp_path):
-    srun = tmp_path / "bin" / "srun"
-    srun.parent.mkdir()
-    srun.write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')  # drop srun's options
-    srun.chmod(0o755)
+    srun = command_on_path(tmp_path, "srun", 'while [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"')  # no options
     runs = tmp_path / "runs"
     env = {**os.environ, **SLURM_ONE_TASK, "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_CPUS_PER_TASK": "1", "PATH": f"{srun.parent}:{os.environ['PATH']}", "RUNS": str(runs),
-           "PYTHON": sys.executable, "TRAINER": "configs/trainer/cpu.yaml", "OMP_NUM_THREADS": "1"}
+           "SLURM_CPUS_PER_TASK": "1", **srun, "RUNS": str(runs), "PYTHON": sys.executable,
+           "TRAINER": "configs/trainer/cpu.yaml", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", "configs/launch/slurm.sbatch", "configs/entropy/tiny.yaml", "--trainer.max_steps", "2",
          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
