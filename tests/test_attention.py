@@ -30,8 +30,8 @@ def run_both(mask_mod, q, k, v) -> tuple[list[torch.Tensor], list[torch.Tensor]]
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 24, 37])
 @pytest.mark.parametrize("window", [1, 3, 8, 30, 64, None])
 def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, cpu_kernel, monkeypatch):
-    """Windowed blocks run on the CPU as one autograd function over torch's flash kernel, elsewhere (and compiled)
-    as SDPA calls composed through autograd: both, here on the CPU."""
+    """Blocks run on the CPU as one autograd function over torch's flash kernel (windowed or causal), elsewhere (and
+    compiled) as SDPA calls composed through autograd: both, here on the CPU."""
     monkeypatch.setattr("blt_lightning.models.attention.BLOCK", block)
     if not cpu_kernel:
         monkeypatch.setattr("blt_lightning.models.attention._by_the_cpu_kernel", lambda q, mask: False)
@@ -41,21 +41,20 @@ def test_self_attention_in_blocks_equals_the_dense_mask(length, window, block, c
     blocks = build_mask(mask_mod, 2, length, length, torch.device("cpu"), "sdpa")
     assert blocks.windowed == (window is not None and windows_save_work(window, length))
     q, k, v = qkv(2, length, length, seed=length * 100 + (window or 0))
-    if blocks.windowed:
-        kernel = attention_rows(q, k, v, blocks).grad_fn.name() == "_CPUWindowAttentionBackward"
-        assert kernel == cpu_kernel
+    kernel = "_CPUWindowAttentionBackward" if blocks.windowed else "_CPUCausalAttentionBackward"
+    assert (attention_rows(q, k, v, blocks).grad_fn.name() == kernel) == cpu_kernel
     sdpa, dense = run_both(mask_mod, q, k, v)
     for a, b in zip(sdpa, dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("window", "cpu_kernel"), [(None, False), (8, False), (8, True)],
-                         ids=["causal", "windowed_composed", "windowed_cpu_kernel"])
+@pytest.mark.parametrize(("window", "cpu_kernel"), [(None, False), (None, True), (8, False), (8, True)],
+                         ids=["causal_composed", "causal_cpu_kernel", "windowed_composed", "windowed_cpu_kernel"])
 def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_only(window, cpu_kernel, monkeypatch):
     """Under keeping_recipes (the models' forward), self-attention in blocks whose rows a projection reads keeps
     for backward q, k and v (padded to whole blocks where windowed), SDPA's outputs and log-sum-exps, and the
     boolean mask. The float masks SDPA adds, the copies of the keys each window meets and the heads laid side
-    by side for the projection are recipes over those, or (windowed, by the CPU kernel) are never made."""
+    by side for the projection are recipes over those, or (by the CPU kernels) are never made."""
     monkeypatch.setattr("blt_lightning.models.attention.BLOCK", 8)
     if not cpu_kernel:
         monkeypatch.setattr("blt_lightning.models.attention._by_the_cpu_kernel", lambda q, mask: False)
@@ -71,8 +70,8 @@ def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_
     kept.pop(projection.untyped_storage().data_ptr())
     floats = sum(n for dtype, n in kept.values() if dtype == torch.float32) // 4
     mask = sum(n for dtype, n in kept.values() if dtype == torch.bool)
-    if window is None:  # causal blocks: q, k and v as they are
-        assert not blocks.windowed and mask == B * L * L
+    if window is None:  # causal blocks: q, k and v as they are; the CPU kernel holds the mask, not through the hooks
+        assert not blocks.windowed and mask == (0 if cpu_kernel else B * L * L)
         assert floats == 3 * B * H * L * D + B * H * L * D + B * H * L
     elif not cpu_kernel:  # 5 blocks of 8, each against its own and 1 block before (a block of zeros before the first)
         assert blocks.windowed and mask == B * 5 * 8 * 16
@@ -85,11 +84,12 @@ def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_
                                            projection))
 
 
+@pytest.mark.parametrize("window", [9, None], ids=["windowed", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_windows_by_the_cpu_kernel_compute_what_the_composed_calls_do(dtype, monkeypatch):
-    """Rows with documents, calls of 3 blocks that span rows (the last padded), q, k and v strided views of one
-    projection: the same outputs, bitwise, with gradients or without, and gradients to rounding; under autocast
-    both compute in its dtype."""
+def test_blocks_by_the_cpu_kernels_compute_what_the_composed_calls_do(dtype, window, monkeypatch):
+    """Rows with documents, q, k and v strided views of one projection, the last block padded, windowed calls of 3
+    blocks that span rows: the same outputs, bitwise, with gradients or without, and gradients to rounding; under
+    autocast both compute in its dtype."""
     from blt_lightning.models import attention as attention_module
 
     monkeypatch.setattr(attention_module, "BLOCK", 4)
@@ -97,8 +97,10 @@ def test_windows_by_the_cpu_kernel_compute_what_the_composed_calls_do(dtype, mon
     B, H, L, D = 3, 2, 30, 8
     qkv_rows = torch.randn(B, L, 3, H, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
     doc_ids = (torch.arange(L) >= 11).long() + (torch.arange(L) >= 23).long()
-    blocks = build_mask(causal_documents(doc_ids.expand(B, L), 9), B, L, L, torch.device("cpu"), "sdpa")
-    assert blocks.windowed and blocks.allowed.shape[0] == B * 8  # 8 blocks a row: calls of 3 span rows
+    blocks = build_mask(causal_documents(doc_ids.expand(B, L), window), B, L, L, torch.device("cpu"), "sdpa")
+    assert blocks.windowed == (window is not None)
+    if blocks.windowed:
+        assert blocks.allowed.shape[0] == B * 8  # 8 blocks a row: calls of 3 span rows
     weights = torch.randn(B, L, H * D, generator=torch.Generator().manual_seed(1))
     results = []
     for kernel in (True, False):

@@ -207,8 +207,11 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x [B, L, dim] at the positions of `rope`; with a cache, the mask also covers its kept keys (first)."""
         B, L, D = x.shape
-        qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, L, head_dim]
-        (q, k), v = rope.rotate(qkv[:2]), qkv[2]
+        # Split and unbound, not indexed: backward then joins the parts' gradients in one copy, laid out as the
+        # product's output, where each index would fill a zero tensor of all three and the layout take a copy more.
+        qk, v = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
+        q, k = rope.rotate(qk.permute(2, 0, 3, 1, 4)).unbind()  # [B, H, L, head_dim] each
+        v = v.squeeze(2).transpose(1, 2)
         if torch.is_grad_enabled():
             v = v.contiguous()  # a storage of its own: a view would keep all of qkv for backward
         if cache is not None:
