@@ -115,10 +115,10 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     at that step, starts with the next, and the curves miss no step. (A SLURM job is requeued as soon as the
     checkpoint is written, before that validation, which SLURM's ending of the job may cut short: requeued only
     after it, a job whose time limit came first would not be requeued at all.) Lightning's own handlers, which this
-    callback's replace while training runs, would stop at the next batch, within an accumulation too (SIGTERM),
-    or save from inside the handler, wherever the step happens to be: an optimizer step half applied, ranks in
-    different collectives (SLURM's signal; Lightning issue #21406). (DataLoader workers and their forkserver never see
-    either signal: workers.py.)
+    callback's replace from the sanity check on, would stop at the next batch, within an accumulation too, or in a
+    validation on the signalled rank alone (SIGTERM), or save from inside the handler, wherever the step happens
+    to be: an optimizer step half applied, ranks in different collectives (SLURM's signal; Lightning issue #21406).
+    (DataLoader workers and their forkserver never see either signal: workers.py.)
     Exceptions save nothing: a run stopped by a non-finite loss keeps its last good checkpoint. Nor does a run
     without a ModelCheckpoint, or under fast_dev_run: SIGTERM ends it, and SLURM's signal only warns, as a
     requeued job would start the run over (and again at every time limit).
@@ -132,14 +132,24 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.requeue_requested = self.terminate_requested = False
         self._ending = None
+        self._handlers.clear()  # put back already, by teardown or on_exception, if an earlier run used this callback
         # SLURM's signal: before Lightning registers its handlers, which then leave that signal alone.
         environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
         if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \
                 and environment.requeue_signal is not None:
             self._handle(environment.requeue_signal, self._request_requeue)
 
+    # SIGTERM: after Lightning registered its handler (as the run starts), which this one replaces before the sanity
+    # check: Lightning's would end the check on the signalled rank alone, the others waiting for it in a collective.
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._take_over_sigterm(trainer)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        # SIGTERM: after Lightning registered its handler (at the start of the run), which this one replaces.
+        self._take_over_sigterm(trainer)  # where no sanity check ran
+
+    def _take_over_sigterm(self, trainer) -> None:
+        if signal.SIGTERM in self._handlers:
+            return
         launcher = trainer.strategy.launcher
 
         def request_termination(signum, frame) -> None:
@@ -148,9 +158,9 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
             self.terminate_requested = True
 
         self._handle(signal.SIGTERM, request_termination)
-        if trainer.received_sigterm:  # to Lightning's handler, before this one (setup, sanity check): taken over
+        if trainer.received_sigterm:  # to Lightning's handler, before this one: taken over
             self.terminate_requested = True
-            trainer._signal_connector.received_sigterm = False  # else Lightning stops after the first batch
+            trainer._signal_connector.received_sigterm = False  # else Lightning stops after the next batch
 
     def _handle(self, signum: int, handler) -> None:
         if threading.current_thread() is threading.main_thread():  # only there can Python set handlers

@@ -47,6 +47,17 @@ class SendSignal(Callback):
                 os.kill(os.getpid(), number)
 
 
+class SendSignalInTheSanityCheck(Callback):
+    """Send this process `signal` as the sanity check's first batch starts, on rank `rank` only."""
+
+    def __init__(self, signal: str, rank: int):
+        self.signal, self.rank = signal, rank
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking and batch_idx == 0 and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class DieWhileSaving(Callback):
     """SIGKILL this process halfway through writing the first checkpoint saved at or after step `step`."""
 

@@ -6,12 +6,14 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from blt_lightning.data import iter_documents, read_manifest
 from blt_lightning.streams import EvalStream, Shard, ShardError, TrainStream, shard_documents
@@ -120,14 +122,15 @@ def test_a_reader_whose_every_shard_is_bad_stops_instead_of_spinning(shards):
 
 
 def ddp_fit(root: Path, data_args: list[str]) -> subprocess.CompletedProcess:
-    """Two ranks of real DDP on CPU through the CLI and Lightning's launcher, a few steps."""
+    """Two ranks of real DDP on CPU through the CLI and Lightning's launcher, a few steps (probes.py importable)."""
     args = [sys.executable, "-m", "blt_lightning", "fit", "--config", str(ROOT / "configs/entropy/tiny.yaml"),
             "--trainer.default_root_dir", str(root), "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--data.sources", "null", "--data.seq_len", "32",
             "--data.batch_size", "2", "--data.num_workers", "0", "--model.init_args.model.dim", "16",
             "--model.init_args.model.n_layers", "1", *data_args]
-    return subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
 
 
 def test_ranks_with_unequal_shards_or_a_bad_shard_do_not_hang(shards, tmp_path):
@@ -142,3 +145,19 @@ def test_ranks_with_unequal_shards_or_a_bad_shard_do_not_hang(shards, tmp_path):
     truncate(val[2])  # rank 0's second validation shard: rank 0 fails, rank 1 must not wait for it forever
     run = ddp_fit(tmp_path / "bad", urls + ["--data.batches_per_epoch", "3"])
     assert run.returncode != 0 and f"blt-lightning: {val[2]}: corrupt shard" in run.stderr  # a message, last
+
+
+def test_a_sigterm_to_one_rank_in_the_sanity_check_saves_on_both_after_the_first_step(shards, tmp_path):
+    """Lightning's handler would end the sanity check on rank 1 alone, and rank 0 would wait for it forever;
+    CheckpointOnTerminate's, from the sanity check on, lets both ranks train the first step and save it."""
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(json.dumps({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": None}},
+        {"class_path": "blt_lightning.callbacks.LastCheckpoint"},
+        {"class_path": "blt_lightning.callbacks.CheckpointOnTerminate"},
+        {"class_path": "probes.SendSignalInTheSanityCheck", "init_args": {"signal": "SIGTERM", "rank": 1}}]}}))
+    run = ddp_fit(tmp_path, ["--data.manifest", str(shards / MANIFEST), "--config", str(callbacks),
+                             "--trainer.num_sanity_val_steps", "2", "--trainer.limit_val_batches", "3"])
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr[-3000:]
+    assert "SIGTERM: saved" in run.stderr + run.stdout
+    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)["global_step"] == 1

@@ -291,17 +291,26 @@ def test_an_infinite_gradient_stops_the_run_before_it_reaches_the_weights(shards
     assert all(torch.equal(probe.weights[k], v) for k, v in module.state_dict().items())
 
 
-def test_a_sigterm_before_training_starts_saves_after_the_first_optimizer_step(shards, tmp_path):
-    """It reaches Lightning's handler (in the sanity check), not yet CheckpointOnTerminate's."""
+@pytest.mark.parametrize("when", ["before_the_sanity_check", "in_the_sanity_check"])
+def test_a_sigterm_before_training_starts_saves_after_the_first_optimizer_step(when, shards, tmp_path):
+    """Sent as the sanity check starts, before CheckpointOnTerminate's hook there, it reaches Lightning's handler
+    (registered as the run starts); in the sanity check's first batch, CheckpointOnTerminate's. Either way the
+    sanity check runs to its end: Lightning would end it after that batch, on the signalled rank alone (under DDP
+    the other ranks would wait for it in a collective), and save nothing."""
 
-    class SigtermInTheSanityCheck(L.Callback):
+    class Sigterm(L.Callback):
         def on_sanity_check_start(self, trainer, pl_module):
-            os.kill(os.getpid(), signal.SIGTERM)
+            if when == "before_the_sanity_check":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if when == "in_the_sanity_check" and trainer.sanity_checking and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    callbacks = [ModelCheckpoint(tmp_path), CheckpointOnTerminate(), SigtermInTheSanityCheck()]
+    callbacks = [Sigterm(), ModelCheckpoint(tmp_path), CheckpointOnTerminate()]  # Sigterm's hooks run first
     module, data, trainer = tiny_fit(shards, callbacks, enable_checkpointing=True, accumulate_grad_batches=2,
-                                     limit_val_batches=1, num_sanity_val_steps=1)
+                                     limit_val_batches=2, num_sanity_val_steps=2)
     with pytest.raises(SIGTERMException):
         trainer.fit(module, data)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
