@@ -132,7 +132,7 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.requeue_requested = self.terminate_requested = False
         self._ending = None
-        self._handlers.clear()  # put back already, by teardown or on_exception, if an earlier run used this callback
+        self._handlers.clear()  # this run's own (an earlier run with this callback put back what it could)
         # SLURM's signal: before Lightning registers its handlers, which then leave that signal alone.
         environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal handling reads
         if stage == "fit" and isinstance(environment, SLURMEnvironment) and environment.auto_requeue \

@@ -87,8 +87,8 @@ def test_blocks_read_by_a_projection_keep_their_inputs_outputs_and_boolean_mask_
 @pytest.mark.parametrize("window", [9, None], ids=["windowed", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocks_by_the_cpu_kernels_compute_what_the_composed_calls_do(dtype, window, monkeypatch):
-    """Rows with documents, q, k and v strided views of one projection, the last block padded, windowed calls of 3
-    blocks that span rows: the same outputs, bitwise, with gradients or without, and gradients to rounding; under
+    """Rows with documents, q, k and v strided views of one projection, windowed calls of 3 blocks that span rows
+    (the last padded): the same outputs, bitwise, with gradients or without, and gradients to rounding; under
     autocast both compute in its dtype."""
     from blt_lightning.models import attention as attention_module
 
@@ -112,6 +112,7 @@ def test_blocks_by_the_cpu_kernels_compute_what_the_composed_calls_do(dtype, win
             with torch.no_grad():
                 y_without_grad = attention_rows(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), blocks)
         assert y.dtype == dtype and torch.equal(y, y_without_grad)
+        assert ("_CPU" in y.grad_fn.name()) == kernel
         results.append((y, *torch.autograd.grad((y.float() * weights).sum(), qkv_rows)))
     (kernel_y, kernel_grad), (composed_y, composed_grad) = results
     assert torch.equal(kernel_y, composed_y)
@@ -149,3 +150,21 @@ def test_queries_read_only_their_groups_slots():
     for a, b in zip(sdpa, dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (sdpa[0][1, :, :2] == 0).all()
+
+
+@pytest.mark.parametrize("window", [4, None], ids=["windowed", "causal"])
+def test_blocks_by_the_cpu_kernels_read_inputs_whose_rows_are_strided(window, monkeypatch):
+    """q, k and v whose D values of a position are not adjacent in memory (here a transpose of a transpose): the
+    kernels' op, called directly, would read them as if they were."""
+    monkeypatch.setattr("blt_lightning.models.attention.BLOCK", 4)
+    B, L = 2, 24
+    mask_mod = causal_documents((torch.arange(L) >= 10).long().expand(B, L), window)
+    blocks = build_mask(mask_mod, B, L, L, torch.device("cpu"), "sdpa")
+    assert blocks.windowed == (window is not None)
+    dense = build_mask(mask_mod, B, L, L, torch.device("cpu"), "dense")
+    q, k, v = qkv(B, L, L, seed=3)
+    strided = [x.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_() for x in (q, k, v)]
+    assert all(x.stride(-1) != 1 for x in strided)
+    y = attention_rows(*strided, blocks)
+    assert "_CPU" in y.grad_fn.name()
+    torch.testing.assert_close(y, attention(q, k, v, dense).transpose(1, 2).reshape(B, L, -1), rtol=1e-5, atol=1e-6)

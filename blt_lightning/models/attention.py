@@ -183,7 +183,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
 def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """attention() with each query's heads side by side, [B, Lq, H * D]: what an output projection reads.
     That product keeps its input for backward; here it keeps a recipe instead, over the results that the
-    attention keeps for itself (SDPA's outputs), so that they are not kept twice."""
+    attention keeps for itself (SDPA's outputs), or (the CPU kernels) the rows the attention keeps, so that they
+    are not kept twice."""
     B, H, Lq, D = q.shape
     if _by_the_cpu_kernel(q, mask):
         if torch.is_autocast_enabled("cpu"):  # autocast casts SDPA's inputs, not those of the kernel's own op
@@ -380,6 +381,8 @@ class _CPUCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
         B, H, L, D = q.shape
+        # The kernel's op reads a row's D values as if they were adjacent (SDPA checks that, and copies where not)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         results = [_FLASH(*_causal_operands(i, blocks.size, q, k, v), attn_mask=_causal_mask(i, blocks, q.dtype))
                    for i in range(0, L, blocks.size)]
         rows = _rows_along_the_row(B, L, H * D)(*(out for out, _ in results))
