@@ -10,7 +10,7 @@ FlexAttention takes. build_mask turns one into what attention() runs:
   the keys of the few blocks it reaches (cost ~ L * (W + block), not L^2), without one against the keys
   up to its block's end; the patch cross-attentions gather the few keys each query may read. The same
   results as dense, any device. (On the CPU the blocks run as one autograd function over torch's flash kernel,
-  _CPUWindowAttention or _CPUCausalAttention; elsewhere, and compiled, as SDPA calls composed through autograd.)
+  _CPUBlockAttention; elsewhere, and compiled, as SDPA calls composed through autograd.)
 - flex: a FlexAttention block mask, whose empty blocks a compiled kernel skips (GPU; on a CPU it runs
   eagerly, forward only, for tests and references).
 
@@ -189,7 +189,7 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> t
     if _by_the_cpu_kernel(q, mask):
         if torch.is_autocast_enabled("cpu"):  # autocast casts SDPA's inputs, not those of the kernel's own op
             q, k, v = (x.to(torch.get_autocast_dtype("cpu")) for x in (q, k, v))
-        return (_CPUWindowAttention if mask.windowed else _CPUCausalAttention).apply(q, k, v, mask)
+        return _CPUBlockAttention.apply(q, k, v, mask)
     if isinstance(mask, SelfAttentionBlocks):
         parts, rows = _attention_in_blocks(q, k, v, mask)
     else:
@@ -327,7 +327,7 @@ def _read_group_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: R
 
 
 def _by_the_cpu_kernel(q: torch.Tensor, mask) -> bool:
-    """Whether attention_rows runs as _CPUWindowAttention or _CPUCausalAttention: blocks on the CPU, eagerly
+    """Whether attention_rows runs as _CPUBlockAttention: blocks on the CPU, eagerly
     (compiled, Dynamo traces the composition of SDPA calls instead)."""
     return isinstance(mask, SelfAttentionBlocks) and q.device.type == "cpu" and not torch.compiler.is_compiling()
 
@@ -336,17 +336,17 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-class _CPUWindowAttention(torch.autograd.Function):
-    """Windowed blocks (SelfAttentionBlocks) as rows [B, L, H * D], run on the CPU by torch's flash-attention kernel,
-    which reads keys through any strides: each call reads its blocks' windows as an overlapping view of one
-    padded copy of the keys (not a copy a window), and backward adds the windows' gradients straight into the keys'.
-    Through autograd each slice of the keys would fill and add a zero tensor of all of them: at 1 x 8,192 bytes
-    and a window of 512 that took a byte layer's attention ~15% longer, forward and backward. The same outputs
+class _CPUBlockAttention(torch.autograd.Function):
+    """SelfAttentionBlocks as rows [B, L, H * D], run on the CPU by torch's flash-attention kernel in the calls of
+    _WindowCalls (windowed) or _CausalCalls, and backward adds each call's key and value gradients straight into
+    those of all the keys. Through autograd each slice of the keys would fill and add a zero tensor of all of them:
+    at 1 x 8,192 bytes and a window of 512 that took a byte layer's attention ~15% longer, forward and backward, and
+    in the global transformer (2,048 patches, causal) ~70 ms of a 3.9 s BLT training step. The same outputs
     bitwise; key and value gradients summed in another order."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
-        calls = _WindowCalls(blocks, *q.shape)
+        calls = (_WindowCalls if blocks.windowed else _CausalCalls)(blocks, *q.shape)
         q, k, v = calls.flat(q), calls.flat(k, calls.back), calls.flat(v, calls.back)  # laid out: kept for backward
         results = [_FLASH(*calls.operands(c, q, k, v), attn_mask=calls.mask(c, q.dtype)) for c in range(len(calls))]
         rows = calls.rows([out for out, _ in results])
@@ -359,69 +359,63 @@ class _CPUWindowAttention(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         calls = ctx.calls
         q, k, v, rows, *lses = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grads = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for c, grad_c, out_c, lse in zip(range(len(calls)), calls.by_call(grad), calls.by_call(rows), lses):
             q_c, k_c, v_c = calls.operands(c, q, k, v)
-            dq_c, dk_c, dv_c = _FLASH_BACKWARD(grad_c, q_c, k_c, v_c, out_c, lse, dropout_p=0.0, is_causal=False,
-                                               attn_mask=calls.mask(c, q.dtype))
-            calls.blocks_of(dq, c).copy_(dq_c)
-            for j in range(calls.back + 1):  # the j-th block of each window: keys `j` blocks on from its first
-                for d, d_c in ((dk, dk_c), (dv, dv_c)):
-                    calls.blocks_of(d, c, shift=j).add_(d_c[:, :, j * calls.S : (j + 1) * calls.S])
+            calls.add_gradients(c, grads, _FLASH_BACKWARD(grad_c, q_c, k_c, v_c, out_c, lse, dropout_p=0.0,
+                                                          is_causal=False, attn_mask=calls.mask(c, q.dtype)))
+        dq, dk, dv = grads
         return calls.unflat(dq), calls.unflat(dk, calls.back), calls.unflat(dv, calls.back), None
 
 
-class _CPUCausalAttention(torch.autograd.Function):
-    """Causal blocks (SelfAttentionBlocks, not windowed) as rows [B, L, H * D], run on the CPU by torch's flash-
-    attention kernel: each block of queries against the keys up to its end, slices of the keys as they are, and
-    backward adds each call's key gradients straight into those of all the keys. Through autograd each slice would
-    fill and add a zero tensor of all of them: at 1 x 8,192 bytes (2,048 patches), ~70 ms of a 3.9 s BLT training
-    step. The same outputs bitwise; key and value gradients summed in another order."""
+class _CausalCalls:
+    """How _CPUBlockAttention runs causal blocks: a call a block of S queries against the keys up to its end, q, k and
+    v [B, H, L, D] as they are (copied where a position's values are strided: the kernel's op, called directly, reads
+    them as adjacent, where SDPA checks)."""
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SelfAttentionBlocks) -> torch.Tensor:
-        B, H, L, D = q.shape
-        # The kernel's op reads a row's D values as if they were adjacent (SDPA checks that, and copies where not)
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        results = [_FLASH(*_causal_operands(i, blocks.size, q, k, v), attn_mask=_causal_mask(i, blocks, q.dtype))
-                   for i in range(0, L, blocks.size)]
-        rows = _rows_along_the_row(B, L, H * D)(*(out for out, _ in results))
-        ctx.blocks = blocks
-        ctx.save_for_backward(q, k, v, rows, *(lse for _, lse in results))
-        return rows
+    back = 0  # blocks of zeros before the keys: none
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        blocks, S = ctx.blocks, ctx.blocks.size
-        q, k, v, rows, *lses = ctx.saved_tensors
-        B, H, L, D = q.shape
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        by_block = lambda x, i: x[:, i : i + S].unflatten(2, (H, D)).transpose(1, 2)  # rows -> [B, H, S, D]
-        for i, lse in zip(range(0, L, S), lses):
-            q_i, k_i, v_i = _causal_operands(i, S, q, k, v)
-            dq_i, dk_i, dv_i = _FLASH_BACKWARD(by_block(grad, i), q_i, k_i, v_i, by_block(rows, i), lse, dropout_p=0.0,
-                                               is_causal=False, attn_mask=_causal_mask(i, blocks, q.dtype))
-            dq[:, :, i : i + S].copy_(dq_i)
-            dk[:, :, : i + S].add_(dk_i)
-            dv[:, :, : i + S].add_(dv_i)
-        return dq, dk, dv, None
+    def __init__(self, blocks: SelfAttentionBlocks, B: int, H: int, L: int, D: int):
+        self.blocks, self.S, self.B, self.H, self.L, self.D = blocks, blocks.size, B, H, L, D
 
+    def __len__(self) -> int:
+        return -(-self.L // self.S)
 
-def _causal_operands(i: int, S: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The queries of the causal block that starts at i, and the keys and values up to its end."""
-    return q[:, :, i : i + S], k[:, :, : i + S], v[:, :, : i + S]
+    def flat(self, x: torch.Tensor, front: int = 0) -> torch.Tensor:
+        return x if x.stride(-1) == 1 else x.contiguous()
 
+    def unflat(self, x: torch.Tensor, front: int = 0) -> torch.Tensor:
+        return x
 
-def _causal_mask(i: int, blocks: SelfAttentionBlocks, dtype: torch.dtype) -> torch.Tensor:
-    return _additive(blocks.allowed[:, :, i : i + blocks.size, : i + blocks.size], dtype)
+    def operands(self, c: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        start, end = c * self.S, (c + 1) * self.S
+        return q[:, :, start:end], k[:, :, :end], v[:, :, :end]
+
+    def mask(self, c: int, dtype: torch.dtype) -> torch.Tensor:
+        start, end = c * self.S, (c + 1) * self.S
+        return _additive(self.blocks.allowed[:, :, start:end, :end], dtype)
+
+    def rows(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        return _rows_along_the_row(self.B, self.L, self.H * self.D)(*outs)
+
+    def by_call(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Rows [B, L, H * D] (outputs or their gradients) as each call's [B, H, S, D]."""
+        return [rows[:, c * self.S : (c + 1) * self.S].unflatten(2, (self.H, self.D)).transpose(1, 2)
+                for c in range(len(self))]
+
+    def add_gradients(self, c: int, grads: tuple[torch.Tensor, ...], grads_c: tuple[torch.Tensor, ...]) -> None:
+        """Call c's gradients of its queries, keys and values into those of all of them."""
+        (dq, dk, dv), (dq_c, dk_c, dv_c), end = grads, grads_c, (c + 1) * self.S
+        dq[:, :, c * self.S : end].copy_(dq_c)
+        dk[:, :, :end].add_(dk_c)
+        dv[:, :, :end].add_(dv_c)
 
 
 class _WindowCalls:
-    """How _CPUWindowAttention lays out [B, H, L, D]: each head's positions of all rows end to end, [H, B * n * S, D]
-    (n blocks of S a row, the last padded), keys and values behind `back` blocks of zeros. The keys that block g
-    (counted over all rows) meets are then positions g * S to (g + back + 1) * S of the keys' layout: a window
-    that may reach into the row before, which the mask rules out as it does the zeros. Calls take
+    """How _CPUBlockAttention lays out windowed blocks' [B, H, L, D]: each head's positions of all rows end to end,
+    [H, B * n * S, D] (n blocks of S a row, the last padded), keys and values behind `back` blocks of zeros. The
+    keys that block g (counted over all rows) meets are then positions g * S to (g + back + 1) * S of the keys'
+    layout: a window that may reach into the row before, which the mask rules out as it does the zeros. Calls take
     WINDOW_CALL_BLOCKS consecutive blocks (the last fewer), which may span two rows. (Heads laid side by side
     instead, a key every H * D floats, the kernel ran ~4% slower.)"""
 
@@ -460,6 +454,15 @@ class _WindowCalls:
 
     def mask(self, c: int, dtype: torch.dtype) -> torch.Tensor:
         return _additive(self.blocks.allowed[self.starts[c] : self.starts[c + 1]], dtype)
+
+    def add_gradients(self, c: int, grads: tuple[torch.Tensor, ...], grads_c: tuple[torch.Tensor, ...]) -> None:
+        """Call c's gradients of its queries, and of its blocks' windows of keys and values, into those of all of
+        them (laid out)."""
+        (dq, dk, dv), (dq_c, dk_c, dv_c) = grads, grads_c
+        self.blocks_of(dq, c).copy_(dq_c)
+        for j in range(self.back + 1):  # the j-th block of each window: keys `j` blocks on from its first
+            for d, d_c in ((dk, dk_c), (dv, dv_c)):
+                self.blocks_of(d, c, shift=j).add_(d_c[:, :, j * self.S : (j + 1) * self.S])
 
     def rows(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """The calls' outputs [m, H, S, D] (in memory [m, S, H, D]) as rows [B, L, H * D]."""
