@@ -23,6 +23,7 @@ from blt_lightning.models import EntropyModelConfig
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.training import warmup_cosine
 from conftest import SLURM_ONE_TASK, command_on_path, free_port
+from probes import SendSignalInTheSanityCheck
 
 ROOT = Path(__file__).resolve().parents[1]
 # The model a run trains: its config and what shrinks it (stage one; stage two adds its entropy checkpoint).
@@ -298,17 +299,14 @@ def test_a_sigterm_before_training_starts_saves_after_the_first_optimizer_step(w
     sanity check runs to its end: Lightning would end it after that batch, on the signalled rank alone (under DDP
     the other ranks would wait for it in a collective), and save nothing."""
 
-    class Sigterm(L.Callback):
+    class SigtermAsTheSanityCheckStarts(L.Callback):
         def on_sanity_check_start(self, trainer, pl_module):
-            if when == "before_the_sanity_check":
-                os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
 
-        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            if when == "in_the_sanity_check" and trainer.sanity_checking and batch_idx == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-
+    sigterm = (SigtermAsTheSanityCheckStarts() if when == "before_the_sanity_check"
+               else SendSignalInTheSanityCheck("SIGTERM", rank=0))
     before = signal.getsignal(signal.SIGTERM)
-    callbacks = [Sigterm(), ModelCheckpoint(tmp_path), CheckpointOnTerminate()]  # Sigterm's hooks run first
+    callbacks = [sigterm, ModelCheckpoint(tmp_path), CheckpointOnTerminate()]  # sigterm's hooks run first
     module, data, trainer = tiny_fit(shards, callbacks, enable_checkpointing=True, accumulate_grad_batches=2,
                                      limit_val_batches=2, num_sanity_val_steps=2)
     with pytest.raises(SIGTERMException):

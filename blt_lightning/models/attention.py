@@ -327,8 +327,8 @@ def _read_group_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: R
 
 
 def _by_the_cpu_kernel(q: torch.Tensor, mask) -> bool:
-    """Whether attention_rows runs as _CPUBlockAttention: blocks on the CPU, eagerly
-    (compiled, Dynamo traces the composition of SDPA calls instead)."""
+    """Whether attention_rows runs as _CPUBlockAttention: blocks on the CPU, eagerly (compiled, Dynamo traces the
+    composition of SDPA calls instead)."""
     return isinstance(mask, SelfAttentionBlocks) and q.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
