@@ -9,7 +9,6 @@ Resuming: the training DataLoader is stateful; checkpoints hold its position (ba
 and a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from .errors import BadInput, MissingInput
-from .prepare import MANIFEST, Counts, PrepareOptions, expand_inputs, is_prepared, prepare, read_documents
+from .errors import BadInput
+from .prepare import (MANIFEST, Counts, PrepareOptions, expand_inputs, is_prepared, load_manifest, prepare,
+                      read_documents)
 from .streams import EvalStream, Shard, TrainStream, shard_documents
 from .workers import start_forkserver, worker_options
 
@@ -148,9 +148,10 @@ class ByteShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         manifest = self.manifest_path or (str(self._prepared_dir() / MANIFEST) if self.sources else None)
-        self.shards = read_manifest(manifest) if manifest else {}
+        record = load_manifest(manifest) if manifest else {}
+        self.shards = manifest_shards(record, manifest) if manifest else {}
         self.manifest_read = manifest
-        self.stored_entropies = json.loads(Path(manifest).read_text()).get("entropies") if manifest else None
+        self.stored_entropies = record.get("entropies")
         for split, urls in self.shard_urls.items():
             if urls:
                 self.shards[split] = [Shard(u) for u in expand_urls(urls)]
@@ -243,18 +244,18 @@ def expand_urls(urls: str | list[str]) -> list[str]:
 
 def read_manifest(path: str) -> dict[str, list[Shard]]:
     """The shards of each split named in a manifest, with their document and byte counts."""
+    return manifest_shards(load_manifest(path), path)
+
+
+def manifest_shards(manifest: dict, path: str) -> dict[str, list[Shard]]:
+    """The shards of each split of the manifest read from path, with their document and byte counts."""
+    base = Path(path).absolute().parent  # relative, a folder named `run:1` would read as a URL scheme
     try:
-        manifest = json.loads(Path(path).read_text())
-        base = Path(path).absolute().parent  # relative, a folder named `run:1` would read as a URL scheme
         stored = "entropies" in manifest
         return {
             split: [Shard(str(base / s["path"]), s["documents"], s["bytes"], stored, s.get("sha256"))
                     for s in info["shards"]]
             for split, info in manifest["splits"].items()
         }
-    except FileNotFoundError:
-        raise MissingInput(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
-    except IsADirectoryError:
-        raise BadInput(f"{path}: a directory; give the manifest.json in it") from None
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise BadInput(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .errors import BadInput
+from .errors import BadInput, MissingInput
 from .outputs import byte_progress, check_output_dir, write_atomically
 from .tool_parser import ToolParser
 
@@ -389,8 +389,23 @@ def is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> 
     """Whether `manifest` was written from these sources, unchanged, with these options."""
     if not manifest.is_file():
         return False
-    recorded = json.loads(manifest.read_text())
+    recorded = load_manifest(str(manifest))
     return recorded.get("inputs") == input_list(expand_inputs(sources)) and recorded.get("options") == asdict(options)
+
+
+def load_manifest(path: str) -> dict:
+    """A manifest's JSON object, or an error naming the file."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path}: a directory; give the manifest.json in it") from None
+    except ValueError as error:
+        raise BadInput(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None
+    if not isinstance(manifest, dict):
+        raise BadInput(f"{path}: not a manifest written by `blt-lightning prepare` (not a JSON object)")
+    return manifest
 
 
 def input_list(files: list[tuple[Path, str]]) -> list[dict]:

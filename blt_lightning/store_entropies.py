@@ -8,17 +8,16 @@ The new shards keep the names, keys and documents of the old; the new manifest r
 `prepare`'s, they take their names only once all are written: a run that fails leaves the output as it was.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .data import read_manifest
+from .data import manifest_shards
 from .outputs import byte_progress, check_output_dir
 from .patcher import entropy_window, load_entropy_model, weights_sha256
-from .prepare import MANIFEST, Document, PendingShards, ShardSlot
+from .prepare import MANIFEST, Document, PendingShards, ShardSlot, load_manifest
 from .streams import ENTROPY_MEMBER, UNKNOWN, Shard, shard_samples
 from .tool_parser import ToolParser
 from .vocab import encode
@@ -32,8 +31,8 @@ def store_entropies(checkpoint: str, manifest_path: str, output: str, device: st
     if out.resolve() == source.parent.resolve():
         raise ValueError(f"{output}: write the new shards to another directory than the manifest's")
     check_output_dir(out, overwrite)
-    shards = read_manifest(manifest_path)  # a clear error now, for a manifest that is not one
-    manifest = json.loads(source.read_text())
+    manifest = load_manifest(manifest_path)
+    shards = manifest_shards(manifest, manifest_path)  # a clear error now, for a manifest that is not one
     model, context = load_entropy_model(checkpoint, device)
     window = entropy_window(model.config, context)
     out.mkdir(parents=True, exist_ok=True)

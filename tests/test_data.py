@@ -194,6 +194,20 @@ def test_a_missing_manifest_is_a_clear_error(tmp_path, shards):
         data.test_dataloader()
 
 
+@pytest.mark.parametrize("text", ["{not json", "5", "[]", '{"splits": []}', '{"splits": {"train": {}}}'])
+def test_a_file_that_is_not_a_manifest_is_a_clear_error(tmp_path, corpus, text):
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: not a manifest written by `blt-lightning prepare`"):
+        ByteShardDataModule(manifest=str(path)).setup("fit")
+    # Preparing sources into its folder: an error too, where the manifest is no JSON object (one that is, with
+    # other inputs or options, is an earlier preparation's, which this one replaces).
+    if not text.startswith("{\""):
+        with pytest.raises(ValueError, match=f"{path}: not a manifest written by `blt-lightning prepare`"):
+            ByteShardDataModule(sources=[str(corpus)], shard_dir=str(tmp_path)).prepare_data()
+        assert path.read_text() == text
+
+
 def test_streams_run_in_spawned_workers(shards):
     """Spawned workers (the default on macOS and Windows) pickle the stream: it must hold no closures."""
     split = read_manifest(str(shards / MANIFEST))
