@@ -48,9 +48,12 @@ class OptimizerSteps:
 
 
 class LastCheckpoint(OptimizerSteps, Checkpoint):
-    """Keep last.ckpt at the newest step: write it after every validation while fitting and when training
-    ends, beside the run's ModelCheckpoint (where `--ckpt_path last` looks), so a resumed run continues
-    where this one stopped.
+    """Keep last.ckpt at the newest step: write it after every validation while fitting, at max_steps and when
+    training ends otherwise, beside the run's ModelCheckpoint (where `--ckpt_path last` looks), so a resumed run
+    continues where this one stopped. At max_steps it saves as that batch ends, a point Lightning resumes from
+    exactly; saved after training ends, a run extended from it (a larger max_steps) gained an epoch, and under
+    gradient accumulation grouped the batches after it into other steps. (A validation at that step saves
+    last.ckpt once more, with its top-k file.)
 
     Lightning's ModelCheckpoint(save_last=True) writes last.ckpt only at steps where it also writes a top-k
     checkpoint (since Lightning 2.6): monitoring val/bpb, only when it improves. A run resumed from it would
@@ -73,7 +76,7 @@ class LastCheckpoint(OptimizerSteps, Checkpoint):
                              "in trainer.callbacks (being a Checkpoint, it keeps Lightning from adding its own)")
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if self._pending and self.stepped(trainer):
+        if self.stepped(trainer) and (self._pending or _reached_max_steps(trainer)):
             self._save(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -95,6 +98,11 @@ class LastCheckpoint(OptimizerSteps, Checkpoint):
         if again or trainer.global_step != self._saved_step:
             save_last(trainer)
             self._saved_step = trainer.global_step
+
+
+def _reached_max_steps(trainer) -> bool:
+    """Whether the step just taken is the run's last (max_steps)."""
+    return trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
 
 
 class JobRequeued(SystemExit):

@@ -417,6 +417,31 @@ def test_a_run_as_long_as_its_epochs_resumes_mid_epoch_with_the_batches_it_would
     assert all(torch.equal(resumed.weights[k], v) for k, v in whole.weights.items())
 
 
+@pytest.mark.parametrize("first, accumulate", [(2, 2), (3, 1), (1, 2)])
+def test_a_run_extended_past_its_last_step_goes_on_as_one_run_to_the_new_last_step_would(first, accumulate, shards,
+                                                                                         tmp_path):
+    """Epochs of 3 batches: 2 steps of 2 batches (the last one short) or 3 of 1 end with an epoch, 1 of 2 within
+    one; no validation. last.ckpt is saved at the last step, where Lightning resumes from: saved after training
+    ended, a run extended from it got an extra epoch, and steps of other batches under accumulation."""
+    def run(max_steps: int, root: Path, ckpt_path: Path | None = None):
+        L.seed_everything(0)
+        digests = RecordDigests()
+        module, data, trainer = tiny_fit(shards, [digests, ModelCheckpoint(root), LastCheckpoint()],
+                                         max_steps=max_steps, accumulate_grad_batches=accumulate,
+                                         enable_checkpointing=True)
+        module.optimizer_config = replace(module.optimizer_config, warmup_steps=100)  # the same rate at any length
+        data.batches_per_epoch = 3
+        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+        return digests, trainer.current_epoch
+
+    whole, epochs = run(6, tmp_path / "whole")
+    head, _ = run(first, tmp_path / "cut")
+    rest, rest_epochs = run(6, tmp_path / "cut", tmp_path / "cut" / "last.ckpt")
+    assert head.trained + rest.trained == whole.trained  # (step, batch): the same batches in the same steps
+    assert rest_epochs == epochs
+    assert all(torch.equal(rest.weights[k], v) for k, v in whole.weights.items())
+
+
 @pytest.mark.parametrize("length", [{"max_steps": 8}, {"max_steps": -1, "max_epochs": 2}])
 def test_the_learning_rate_warms_up_then_decays_to_its_floor_at_the_last_step(length, shards):
     """Counted from max_steps, or (after warmup) from the epochs' batches."""
