@@ -29,21 +29,31 @@ class TrainLoader(DataLoader):
     resume) is the number of batches trained on, so a resumed run continues with the batch that the
     interrupted run would have trained on next.
 
-    That count, not Lightning's epoch counter, also says which epoch of the stream begins: after a
-    resume at an epoch's end Lightning may number epochs differently than the uninterrupted run did.
+    That count, not Lightning's epoch counter, also says which epoch of the stream begins, and where in it:
+    epochs are the stream's, or as many batches as Lightning trains an epoch where that is fewer
+    (limit_train_batches), each then the first batches of an epoch of the stream.
     """
 
-    def __init__(self, dataset: TrainStream, trained_batches, **kwargs):
+    def __init__(self, dataset: TrainStream, trained_batches, limit_batches, **kwargs):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.trained_batches = trained_batches  # () -> batches trained on so far, from the trainer's loop
+        self.limit_batches = limit_batches  # () -> the trainer's limit_train_batches: a count, or a fraction
         self.resume_from: int | None = None
 
     def __iter__(self):
         done = self.trained_batches() if self.resume_from is None else self.resume_from
         self.resume_from = None
-        per_epoch = self.dataset.batches_per_epoch
+        per_epoch = self._epoch_length()
         self.dataset.epoch, self.dataset.skip = divmod(done, per_epoch) if per_epoch else (0, done)
         return super().__iter__()  # workers copy the stream now, with its epoch and skip
+
+    def _epoch_length(self) -> int | None:
+        """Batches an epoch trains (None: endless), as Lightning counts them: an int limit is a count, a float a
+        fraction. (Lightning knows its count only after the first epoch's iterator is made.)"""
+        per_epoch, limit = self.dataset.batches_per_epoch, self.limit_batches()
+        if per_epoch is None:
+            return None
+        return min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
 
     def layout(self) -> dict:
         """The stream's layout and the readers per rank: each worker reads its own shards."""
@@ -178,7 +188,7 @@ class ByteShardDataModule(L.LightningDataModule):
             )
         stream = TrainStream(shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
                              self.shuffle_rows, self.mix_shards, self._batches_per_epoch(shards), self.skip_bad_shards)
-        return TrainLoader(stream, self._trained_batches, **worker_options(self.num_workers))
+        return TrainLoader(stream, self._trained_batches, self._limit_batches, **worker_options(self.num_workers))
 
     def _trained_batches(self) -> int:
         """Training batches this rank has trained on, from Lightning's loop counters: batches fetched
@@ -186,6 +196,9 @@ class ByteShardDataModule(L.LightningDataModule):
         if self.trainer is None:
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def _limit_batches(self) -> int | float:
+        return self.trainer.limit_train_batches if self.trainer is not None else 1.0
 
     def _batches_per_epoch(self, shards: list[Shard]) -> int | None:
         if self.batches_per_epoch is not None:

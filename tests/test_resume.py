@@ -442,6 +442,33 @@ def test_a_run_extended_past_its_last_step_goes_on_as_one_run_to_the_new_last_st
     assert all(torch.equal(rest.weights[k], v) for k, v in whole.weights.items())
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_epochs_cut_short_by_limit_train_batches_are_the_first_batches_of_the_streams_and_resume_exactly(
+        accumulate, shards, tmp_path):
+    """The stream's epochs are of 3 batches, Lightning's of 2 (limit_train_batches). The stream used to go on
+    into Lightning's next epoch, which then ended after its one batch, without a step under accumulation: the
+    step after took 3 batches."""
+    def run(max_steps: int, root: Path, ckpt_path: Path | None = None, **options):
+        L.seed_everything(0)
+        digests = RecordDigests()
+        every_step = ModelCheckpoint(root, every_n_train_steps=1, save_top_k=-1)
+        module, data, trainer = tiny_fit(shards, [digests, every_step], max_steps=max_steps,
+                                         enable_checkpointing=True, **options)
+        data.batches_per_epoch = 3
+        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+        return digests
+
+    streams_epochs = [batch for _, batch in run(9, tmp_path / "reference").trained]
+    cut = {"limit_train_batches": 2, "accumulate_grad_batches": accumulate}
+    whole = run(6 // accumulate, tmp_path / "whole", **cut)
+    assert [batch for _, batch in whole.trained] == [streams_epochs[i] for i in (0, 1, 3, 4, 6, 7)]
+    assert [step for step, _ in whole.trained] == [i // accumulate for i in range(6)]
+    (after_3_batches,) = (tmp_path / "whole").glob(f"*step={3 // accumulate}.ckpt")  # mid-epoch without accumulation
+    rest = run(6 // accumulate, tmp_path / "rest", after_3_batches, **cut)
+    assert rest.trained == whole.trained[accumulate * (3 // accumulate):]
+    assert all(torch.equal(rest.weights[k], v) for k, v in whole.weights.items())
+
+
 @pytest.mark.parametrize("length", [{"max_steps": 8}, {"max_steps": -1, "max_epochs": 2}])
 def test_the_learning_rate_warms_up_then_decays_to_its_floor_at_the_last_step(length, shards):
     """Counted from max_steps, or (after warmup) from the epochs' batches."""
