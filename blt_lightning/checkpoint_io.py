@@ -24,3 +24,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())  # on disk before it takes the name: a crash cannot leave a torn file named path
         os.replace(partial, path)
+        if os.name == "posix":  # the rename on disk too: after a power cut, path is the new file or the old one
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
