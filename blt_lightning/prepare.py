@@ -300,12 +300,13 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
     out = Path(output)
     for directory in (Path(i) for i in inputs if Path(i).is_dir()):
         if directory.resolve() in (out.resolve(), *out.resolve().parents):
-            raise ValueError(f"{output}: inside the input directory {directory}, which would then hold shards "
-                             "and a manifest that a later prepare of it reads as text")
+            raise PrepareError(f"{output}: inside the input directory {directory}, which would then hold shards "
+                               "and a manifest that a later prepare of it reads as text")
     for path, _ in files:
         if out.resolve() in path.resolve().parents:
-            raise ValueError(f"{path}: an input inside the output directory {output}, whose shards and manifest "
-                             "this run replaces")
+            raise PrepareError(f"{path}: an input inside the output directory {output}, whose shards and manifest "
+                               "this run replaces")
+    made = [d for d in (out, *out.parents) if not d.exists()]  # removed again if this fails: as it found them
     out.mkdir(parents=True, exist_ok=True)
 
     stats = {split: SplitStats() for split in SPLITS}
@@ -340,13 +341,15 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
             stats[slot_id[0]].shards.append(pending.finish(open_slots.pop(slot_id)))
     except BaseException:
         pending.discard()
+        for slot in open_slots.values():
+            slot.discard()
+        remove_empty(made)
         raise
     finally:
         bar.close()
-        for slot in open_slots.values():
-            slot.discard()
 
     if not any(s.documents for s in stats.values()):
+        remove_empty(made)
         raise PrepareError(f"no documents in {', '.join(inputs)} ({empty.documents} empty, {malformed.documents} "
                            "malformed lines skipped)")
     manifest = {
@@ -383,6 +386,15 @@ def remove_stale_shards(out: Path, manifest: dict, command: str = "prepare") -> 
         if SHARD_NAME.fullmatch(path.name) and path.name not in current or UNFINISHED_SHARD.fullmatch(path.name):
             print(f"{command}: removing {path}, left by an earlier run", file=sys.stderr)
             path.unlink()
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove these directories, deepest first, while they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> bool:

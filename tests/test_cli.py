@@ -353,6 +353,7 @@ def test_missing_data_or_weights_found_once_a_fit_runs_are_a_message(corpus, tmp
     for extra, message in [
         (["--data.sources", f"[{nothing}]"], f"{nothing}: no such file or directory"),
         (["--data.sources", "null", "--data.manifest", str(nothing / "manifest.json")], "no manifest here"),
+        (["--data.sources", f"[{tmp_path}]"], "shards: inside the input directory"),  # where shards would go
         (["--model.init_args.init_from", str(nothing / "weights.ckpt")], "weights.ckpt: init_from names no checkpoint"),
         (["--model.init_args.init_from", str(other)], f"{other}: its weights do not fit this model's config"),
     ]:
