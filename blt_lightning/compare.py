@@ -23,6 +23,7 @@ every entropy-patched run. A run kept is evaluated on any --eval file its row la
 
 import csv
 import hashlib
+import io
 import json
 import math
 import subprocess
@@ -136,16 +137,18 @@ def table_row(name: str, budget: float, run_settings: str, checkpoint: Path, sec
 
 
 def write_results(rows: list[dict], out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    """The table as JSON (what a rerun reads to go on), CSV and markdown, each written atomically."""
+    write_atomically(out / "results.json", json.dumps(rows, indent=2) + "\n")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out / "results.csv", table.getvalue())
     shown = [c for c in columns if c not in ("checkpoint", "settings")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(cell(c, row.get(c, "")) for c in shown) + " |" for row in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / "results.md", "\n".join(lines) + "\n")
     plot(rows, out / "bpb_vs_flops.png")
 
 
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     experiments = [Path(e) if e.endswith(".yaml") else CONFIGS / "experiments" / f"{e}.yaml" for e in args.experiments]
     if missing := [str(e) for e in experiments if not e.is_file()]:  # before any work
         parser.error(f"no experiment config {missing}")
+    if missing := [str(c) for c in (args.entropy_config, *args.config) if not c.is_file()]:
+        parser.error(f"no such config {missing} (--entropy-config, --config)")
     if missing := [f for f in args.eval if not Path(f).is_file()]:  # before training, which they would follow
         parser.error(f"no --eval file {missing}")
     if len({label(f) for f in args.eval}) < len(args.eval):

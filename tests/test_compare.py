@@ -179,3 +179,8 @@ def test_an_unknown_experiment_is_refused_before_any_work(tmp_path, corpus, caps
         compare(["--data", str(corpus), "--experiments", "bytes", "--output-dir", str(tmp_path / "out")])
     assert re.search(r"no experiment config \[.*experiments/bytes\.yaml'\]", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+    for option in ("--entropy-config", "--config"):
+        with pytest.raises(SystemExit):
+            compare(["--data", str(corpus), option, str(tmp_path / "none.yaml"), "--output-dir", str(tmp_path / "out")])
+        assert re.search(r"no such config \[.*none\.yaml'\]", capsys.readouterr().err)
+        assert not (tmp_path / "out").exists()
