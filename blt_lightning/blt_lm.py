@@ -86,10 +86,6 @@ class BLTLM(ByteLMModule):
         # frozen: no gradients, never in the optimizer
         self.entropy_model, self.entropy_context = entropy_model, context
         self.patcher = Patcher(patching, entropy_model, context)
-        # The patcher runs it over this model's rows, each position seeing the patcher's window.
-        self.entropy_flops_per_byte = (entropy_model_flops_per_byte(entropy_model.config, seq_len,
-                                                                    window=self.patcher.window)
-                                       if entropy_model else 0.0)
         self.model = ByteLatentTransformer(model)
         self.patch_budget, self.figure_text = patch_budget, figure_text
         self._figure_drawn = False
@@ -102,6 +98,14 @@ class BLTLM(ByteLMModule):
         # not a mean of batches' sizes, which a batch of a few long patches would sway.
         self.val_patch_size, self.test_patch_size = MeanMetric(), MeanMetric()
         self.val_patches_per_row, self.test_patches_per_row = MeanMetric(), MeanMetric()
+
+    @property
+    def entropy_flops_per_byte(self) -> float:
+        """The entropy model's forward FLOPs per byte: the patcher runs it over this model's rows (seq_len, which
+        evaluate may change), each position seeing the patcher's window."""
+        if self.entropy_model is None:
+            return 0.0
+        return entropy_model_flops_per_byte(self.entropy_model.config, self.seq_len, window=self.patcher.window)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, self.patch(ids, None, None))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from blt_lightning.evaluate import evaluate
-from blt_lightning.flops import blt_flops_per_byte
+from blt_lightning.flops import blt_flops_per_byte, entropy_model_flops_per_byte
 from blt_lightning.loading import load_lm
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.vocab import encode, is_byte
@@ -71,6 +71,14 @@ def test_blt_report_on_a_manifest_split_with_patches_and_flops(blt_checkpoint, s
     assert module.entropy_flops_per_byte > 0
     assert (blt_flops_per_byte(module.model.config, module.seq_len, report["mean_patch_size"]) < blt_flops
             < blt_flops_per_byte(module.model.config, module.seq_len, 1.0))
+
+
+def test_the_entropy_models_flops_are_counted_over_the_rows_evaluated(blt_checkpoint, shards, tmp_path):
+    module = load_lm(blt_checkpoint)
+    rows = module.seq_len // 2
+    report = evaluate(str(blt_checkpoint), [str(shards / MANIFEST)], tmp_path, split="validation", seq_len=rows, **CPU)
+    counted = entropy_model_flops_per_byte(module.entropy_model.config, rows, window=module.patcher.window)
+    assert report["entropy_model_flops_per_byte"] == counted != module.entropy_flops_per_byte
 
 
 def test_a_stage_two_checkpoint_carries_its_entropy_model(blt_checkpoint, tmp_path, recwarn):
