@@ -36,7 +36,7 @@ import yaml
 
 from .evaluate import evaluate
 from .outputs import output_problem, write_atomically
-from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare
+from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare, remove_empty
 from .tool_parser import ToolParser
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -217,10 +217,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.output_dir
     if problem := output_problem(out, folder=True):
         parser.error(problem)
+    made = [d for d in (out, *out.parents) if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "shards" / MANIFEST
     if not manifest.is_file():
-        prepare(args.data, manifest.parent, PREPARE)
+        try:
+            prepare(args.data, manifest.parent, PREPARE)
+        except BaseException:
+            remove_empty(made)  # a new --output-dir goes again, as after a usage error
+            raise
         print(f"prepared {args.data} under {manifest.parent}", flush=True)
     elif not is_prepared(manifest, args.data, PREPARE):  # its runs and results are of other data
         parser.error(f"{out} holds a comparison of other data than --data {' '.join(args.data)} (as the files are "

@@ -184,3 +184,6 @@ def test_an_unknown_experiment_is_refused_before_any_work(tmp_path, corpus, caps
             compare(["--data", str(corpus), option, str(tmp_path / "none.yaml"), "--output-dir", str(tmp_path / "out")])
         assert re.search(r"no such config \[.*none\.yaml'\]", capsys.readouterr().err)
         assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="none.txt: no such file or directory"):
+        compare(["--data", str(tmp_path / "none.txt"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
