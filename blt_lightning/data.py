@@ -56,8 +56,10 @@ class TrainLoader(DataLoader):
         return min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
 
     def layout(self) -> dict:
-        """The stream's layout and the readers per rank: each worker reads its own shards."""
-        return {**self.dataset.layout(), "workers": max(1, self.num_workers)}
+        """The stream's layout, the readers per rank (each worker reads its own shards) and the trainer's limit
+        of batches an epoch (which may cut the stream's epochs short)."""
+        return {**self.dataset.layout(), "workers": max(1, self.num_workers),
+                "limit_train_batches": self.limit_batches()}
 
     def state_dict(self) -> dict:
         return {"batches": self.trained_batches(), "layout": self.layout()}

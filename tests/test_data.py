@@ -110,6 +110,10 @@ def test_resuming_with_other_workers_or_batch_size_warns_that_the_batches_change
     for options, changed in [({"num_workers": 2}, "workers"), ({"batch_size": 8}, "batch_size")]:
         with pytest.warns(UserWarning, match=rf"different training data settings \([^)]*\b{changed}\b"):
             loader(**options).load_state_dict(saved)
+    limited = loader()
+    limited.limit_batches = lambda: 2  # a trainer's limit_train_batches: epochs of 2 batches
+    with pytest.warns(UserWarning, match=r"different training data settings \(limit_train_batches\)"):
+        limited.load_state_dict(saved)
     earlier_version = {**saved, "layout": {k: v for k, v in saved["layout"].items() if k != "workers"}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
