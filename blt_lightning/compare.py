@@ -35,8 +35,8 @@ import torch
 import yaml
 
 from .evaluate import evaluate
-from .outputs import output_problem, write_atomically
-from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare, remove_empty
+from .outputs import make_dirs, output_problem, remove_empty, write_atomically
+from .prepare import MANIFEST, PrepareOptions, is_prepared, prepare
 from .tool_parser import ToolParser
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.output_dir
     if problem := output_problem(out, folder=True):
         parser.error(problem)
-    made = [d for d in (out, *out.parents) if not d.exists()]
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_dirs(out)
     manifest = out / "shards" / MANIFEST
     if not manifest.is_file():
         try:

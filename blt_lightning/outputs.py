@@ -20,6 +20,23 @@ def check_output_dir(directory: str | os.PathLike, overwrite: bool) -> Path:
     return directory
 
 
+def make_dirs(directory: Path) -> list[Path]:
+    """Make directory and its missing parents; those it made, deepest first (for remove_empty, should what goes
+    in them fail)."""
+    made = [d for d in (directory, *directory.parents) if not d.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove these directories, deepest first, while they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def write_atomically(path: Path, text: str) -> None:
     """path's new contents, or (if this is interrupted) its old ones."""
     partial = path.with_name(f".{path.name}.partial")

@@ -30,7 +30,7 @@ from pathlib import Path
 import webdataset as wds
 
 from .errors import BadInput, MissingInput
-from .outputs import byte_progress, check_output_dir, write_atomically
+from .outputs import byte_progress, check_output_dir, make_dirs, remove_empty, write_atomically
 from .tool_parser import ToolParser
 
 MANIFEST = "manifest.json"
@@ -306,8 +306,7 @@ def prepare(inputs: list[str], output: str | os.PathLike, options: PrepareOption
         if out.resolve() in path.resolve().parents:
             raise PrepareError(f"{path}: an input inside the output directory {output}, whose shards and manifest "
                                "this run replaces")
-    made = [d for d in (out, *out.parents) if not d.exists()]  # removed again if this fails: as it found them
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_dirs(out)  # removed again if this fails: as it found them
 
     stats = {split: SplitStats() for split in SPLITS}
     open_slots: dict[tuple[str, int], ShardSlot] = {}
@@ -386,15 +385,6 @@ def remove_stale_shards(out: Path, manifest: dict, command: str = "prepare") -> 
         if SHARD_NAME.fullmatch(path.name) and path.name not in current or UNFINISHED_SHARD.fullmatch(path.name):
             print(f"{command}: removing {path}, left by an earlier run", file=sys.stderr)
             path.unlink()
-
-
-def remove_empty(directories: list[Path]) -> None:
-    """Remove these directories, deepest first, while they are empty."""
-    for directory in directories:
-        try:
-            directory.rmdir()
-        except OSError:
-            return
 
 
 def is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> bool:
