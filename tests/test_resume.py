@@ -417,6 +417,20 @@ def test_a_run_as_long_as_its_epochs_resumes_mid_epoch_with_the_batches_it_would
     assert all(torch.equal(resumed.weights[k], v) for k, v in whole.weights.items())
 
 
+def recorded_fit(shards: Path, callbacks: list, ckpt_path: Path | None = None, warmup_steps: int | None = None,
+                 **options) -> tuple[RecordDigests, L.Trainer]:
+    """tiny_fit from the same initial weights, with checkpoints, over epochs of 3 batches (from ckpt_path where
+    given), recording its batches; warmup_steps replaces the optimizer's."""
+    L.seed_everything(0)
+    digests = RecordDigests()
+    module, data, trainer = tiny_fit(shards, [digests, *callbacks], enable_checkpointing=True, **options)
+    if warmup_steps is not None:
+        module.optimizer_config = replace(module.optimizer_config, warmup_steps=warmup_steps)
+    data.batches_per_epoch = 3
+    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+    return digests, trainer
+
+
 @pytest.mark.parametrize("first, accumulate", [(2, 2), (3, 1), (1, 2)])
 def test_a_run_extended_past_its_last_step_goes_on_as_one_run_to_the_new_last_step_would(first, accumulate, shards,
                                                                                          tmp_path):
@@ -424,21 +438,13 @@ def test_a_run_extended_past_its_last_step_goes_on_as_one_run_to_the_new_last_st
     one; no validation. last.ckpt is saved at the last step, where Lightning resumes from: saved after training
     ended, a run extended from it got an extra epoch, and steps of other batches under accumulation."""
     def run(max_steps: int, root: Path, ckpt_path: Path | None = None):
-        L.seed_everything(0)
-        digests = RecordDigests()
-        module, data, trainer = tiny_fit(shards, [digests, ModelCheckpoint(root), LastCheckpoint()],
-                                         max_steps=max_steps, accumulate_grad_batches=accumulate,
-                                         enable_checkpointing=True)
-        module.optimizer_config = replace(module.optimizer_config, warmup_steps=100)  # the same rate at any length
-        data.batches_per_epoch = 3
-        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
-        return digests, trainer.current_epoch
+        return recorded_fit(shards, [ModelCheckpoint(root), LastCheckpoint()], ckpt_path, warmup_steps=100,
+                            max_steps=max_steps, accumulate_grad_batches=accumulate)  # the same rate at any length
 
-    whole, epochs = run(6, tmp_path / "whole")
-    head, _ = run(first, tmp_path / "cut")
-    rest, rest_epochs = run(6, tmp_path / "cut", tmp_path / "cut" / "last.ckpt")
+    (whole, whole_trainer), (head, _) = run(6, tmp_path / "whole"), run(first, tmp_path / "cut")
+    rest, rest_trainer = run(6, tmp_path / "cut", tmp_path / "cut" / "last.ckpt")
     assert head.trained + rest.trained == whole.trained  # (step, batch): the same batches in the same steps
-    assert rest_epochs == epochs
+    assert rest_trainer.current_epoch == whole_trainer.current_epoch
     assert all(torch.equal(rest.weights[k], v) for k, v in whole.weights.items())
 
 
@@ -449,14 +455,8 @@ def test_epochs_cut_short_by_limit_train_batches_are_the_first_batches_of_the_st
     into Lightning's next epoch, which then ended after its one batch, without a step under accumulation: the
     step after took 3 batches."""
     def run(max_steps: int, root: Path, ckpt_path: Path | None = None, **options):
-        L.seed_everything(0)
-        digests = RecordDigests()
         every_step = ModelCheckpoint(root, every_n_train_steps=1, save_top_k=-1)
-        module, data, trainer = tiny_fit(shards, [digests, every_step], max_steps=max_steps,
-                                         enable_checkpointing=True, **options)
-        data.batches_per_epoch = 3
-        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
-        return digests
+        return recorded_fit(shards, [every_step], ckpt_path, max_steps=max_steps, **options)[0]
 
     streams_epochs = [batch for _, batch in run(9, tmp_path / "reference").trained]
     cut = {"limit_train_batches": 2, "accumulate_grad_batches": accumulate}
