@@ -84,7 +84,9 @@ class ByteLMModule(L.LightningModule):
         self.test_groups = BitsPerByteByGroup()  # per source and language, when the batches say which
         self.test_report: dict = {}  # of the last test run: what `evaluate` writes
         self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes, patches) of recent batches
-        self._fit_counts, self._fit_start = collections.Counter(), None
+        # Of the batches after the first: counts, and the times of the first batch and the last (validation left out)
+        self._fit_counts, self._fit_start, self._fit_last = collections.Counter(), None, None
+        self._validation_start = 0.0
         # Of the last batch, set by cross_entropy: FLOPs on this device (ThroughputMonitor reads them), those
         # of the model being trained alone (not the frozen entropy model: what a FLOP budget counts), and
         # patches (None for models without patches).
@@ -283,19 +285,32 @@ class ByteLMModule(L.LightningModule):
             self._fit_start = now  # the first batch pays for warm-up: timing starts after it
         else:
             self._fit_counts.update(counts)
+        self._fit_last = now
         self._recent_batches.append((now, counts))
         if len(self._recent_batches) > 1:
             (start, _), *rest = self._recent_batches
             for key in counts:
                 self.log(f"train/{key}_per_sec", sum(c[key] for _, c in rest) / (now - start), batch_size=1)
 
+    def on_validation_start(self) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        """Validation, and the checkpoints its callbacks save, are no training: every time recorded so far moves on
+        by their duration, so no throughput counts them (as Lightning's ThroughputMonitor does not)."""
+        paused = time.perf_counter() - self._validation_start
+        if self._fit_start is not None:
+            self._fit_start, self._fit_last = self._fit_start + paused, self._fit_last + paused
+        recent = [(at + paused, counts) for at, counts in self._recent_batches]
+        self._recent_batches = collections.deque(recent, maxlen=THROUGHPUT_WINDOW)
+
     def on_train_end(self) -> None:
         if self._fit_start is not None and self._fit_counts["bytes"]:
-            elapsed = time.perf_counter() - self._fit_start
+            elapsed = self._fit_last - self._fit_start
             rates = ", ".join(f"{n / elapsed:,.0f} {key}/s" for key, n in self._fit_counts.items())
             # Lightning's logger, not self.print: the progress bar that self.print writes through is closed by now.
-            rank_zero_info(f"trained at {rates} ({self._fit_counts['bytes']:,} bytes in {elapsed:.1f} s, timed "
-                           "from the end of the first batch)")
+            rank_zero_info(f"trained at {rates} ({self._fit_counts['bytes']:,} bytes in {elapsed:.1f} s: the "
+                           "batches after the first, validation left out)")
 
     def on_validation_epoch_end(self) -> None:
         self._report("validation", self.val_bpb)
