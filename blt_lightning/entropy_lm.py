@@ -41,7 +41,11 @@ class EntropyLM(ByteLMModule):
         super().__init__(optimizer, seq_len, compile, flops_budget, init_from, activation_checkpointing)
         self.save_hyperparameters(logger=False)
         self.model = EntropyModel(model)
-        self.flops_per_byte = entropy_model_flops_per_byte(model, seq_len)  # forward; training is 3x
+
+    @property
+    def flops_per_byte(self) -> float:
+        """Forward FLOPs per byte over rows of the current seq_len (`evaluate --seq-len` changes it); training is 3x."""
+        return entropy_model_flops_per_byte(self.model.config, self.seq_len)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
