@@ -14,18 +14,20 @@ with an empty patch appended so that a row's last position reads what ours does 
 combined patching, and what else BltConfig cannot express, are refused, naming the field.
 """
 
+import os
 import sys
 from pathlib import Path
 
 from .blt_lm import BLTLM
 from .hf import PATCHER, blt_to_hf, entropy_names, hf_config_kwargs, to_hf, transformers_module
 from .loading import load_lm
-from .outputs import as_umask_allows, check_output_dir
+from .outputs import as_umask_allows, check_output_dir, write_atomically
 from .tool_parser import ToolParser
 
 
 def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
     """Write config.json and model.safetensors of a BLTLM checkpoint to `output`; returns it."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     lm = load_lm(checkpoint)
@@ -40,9 +42,18 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
         weights |= to_hf(lm.entropy_model.state_dict(), entropy_names(lm.entropy_model.config, PATCHER))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(output)
-    save_file(weights, output / "model.safetensors", metadata={"format": "pt"})  # the metadata transformers expects
-    as_umask_allows(output / "model.safetensors")
+    # Each file whole or not at all, the weights first: an export that fails on its weights leaves the folder as
+    # it was. (Over an earlier save in shards, transformers reads model.safetensors, not the index: so does import.)
+    partial = output / ".model.safetensors.partial"
+    try:
+        save_file(weights, partial, metadata={"format": "pt"})  # the metadata transformers expects
+        as_umask_allows(partial)
+        os.replace(partial, output / "model.safetensors")
+    except SafetensorError as error:
+        raise OSError(f"{output / 'model.safetensors'}: {error}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    write_atomically(output / "config.json", config.to_json_string(use_diff=True))  # what save_pretrained writes
     return output
 
 
@@ -54,6 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         output = export_hf(args.checkpoint, check_output_dir(args.output, args.overwrite))
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError) as error:
         sys.exit(f"export-hf: {error}")
     print(f"wrote {output / 'config.json'} and {output / 'model.safetensors'}")

@@ -17,6 +17,7 @@ How the two formats correspond, and what cannot be represented (refused, naming 
 
 import inspect
 import json
+import pickle
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -40,34 +41,43 @@ from .vocab import VOCAB_SIZE
 REFERENCE_WINDOW = 512  # the reference's loader gives its entropy model this window; params.json does not say it
 
 
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in `path`, which holds `what` (said when it does not)."""
+    try:
+        found = json.loads(path.read_text())
+    except ValueError as error:  # not JSON
+        raise ValueError(f"{path}: not {what} ({error})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: not {what} (a JSON object is expected)")
+    return found
+
+
 def read_config(directory: Path, model_type: str):
     """The BltConfig (model_type "blt") or BltPatcherConfig ("blt_patcher") of directory/config.json."""
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json here (download the model's folder first)")
-    try:
-        found = json.loads(path.read_text()).get("model_type")
-    except (ValueError, AttributeError) as error:  # not JSON, or not an object
-        raise ValueError(f"{path}: not a model config ({error})") from None
+    found = read_json(path, "a model config").get("model_type")
     require(found == model_type, str(path), "model_type", found, f"a {model_type} config is expected")
     classes = {"blt": "BltConfig", "blt_patcher": "BltPatcherConfig"}
     return getattr(transformers_module(), classes[model_type]).from_pretrained(directory)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the shards its index names."""
+    """Every tensor of model.safetensors or, without one, of the shards its index names: the file transformers'
+    from_pretrained reads where both are (as after an export over an earlier save in shards)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
+    if (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or no {tensor: file} weight_map
             raise ValueError(f"{index}: not a safetensors index (a JSON object whose weight_map maps tensor names "
                              "to files)") from None
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{directory}: no model.safetensors (nor model.safetensors.index.json) here")
     weights = {}
@@ -109,24 +119,28 @@ def reference_entropy_model(args: dict, field: str, where: str, window: int | No
     return config, args["max_seqlen"], from_hf(stored, names, tensors_at)
 
 
-def separate_entropy_model(directory: Path) -> tuple[EntropyModelConfig, int, dict[str, torch.Tensor]]:
+def separate_entropy_model(directory: Path) -> tuple[EntropyModelConfig, int, dict[str, torch.Tensor], str]:
     """--entropy-model, one of three folders: the reference's training output (params.json, consolidated.pth: as
     facebook/blt-1b's entropy_model/), the reference's save_pretrained (config.json of {"args": ...},
-    model.safetensors: facebook/blt-entropy), or BltPatcher.save_pretrained's (config.json, model.safetensors)."""
+    model.safetensors: facebook/blt-entropy), or BltPatcher.save_pretrained's (config.json, model.safetensors).
+    Also the file its weights came from."""
     params, config_json = directory / "params.json", directory / "config.json"
     if params.is_file():
         weights = directory / "consolidated.pth"
-        stored = torch.load(weights, map_location="cpu", weights_only=True)
-        args = json.loads(params.read_text()).get("entropy_model")
-        return reference_entropy_model(args, "entropy_model", str(params), REFERENCE_WINDOW,
-                                       stored.get("model", stored), str(weights))
+        try:
+            stored = torch.load(weights, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as error:  # cut short, or no torch.save file
+            raise ValueError(f"{weights}: not a readable checkpoint ({error})") from None
+        args = read_json(params, "the reference's params.json").get("entropy_model")
+        return (*reference_entropy_model(args, "entropy_model", str(params), REFERENCE_WINDOW,
+                                         stored.get("model", stored), str(weights)), str(weights))
     tensors_at = str(directory / "model.safetensors")
-    if config_json.is_file() and "args" in json.loads(config_json.read_text()):
-        args = json.loads(config_json.read_text())["args"]
-        return reference_entropy_model(args, "args", str(config_json), args.get("sliding_window"),
-                                       read_safetensors(directory), tensors_at)
+    if config_json.is_file() and "args" in read_json(config_json, "a model config"):
+        args = read_json(config_json, "a model config")["args"]
+        return (*reference_entropy_model(args, "args", str(config_json), args.get("sliding_window"),
+                                         read_safetensors(directory), tensors_at), tensors_at)
     config, context = entropy_config_from_hf(read_config(directory, "blt_patcher"), str(config_json), "config")
-    return config, context, from_hf(read_safetensors(directory), entropy_names(config, ""), tensors_at)
+    return config, context, from_hf(read_safetensors(directory), entropy_names(config, ""), tensors_at), tensors_at
 
 
 def plain(value):
@@ -161,7 +175,7 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
         entropy = separate_entropy_model(Path(entropy_model))
     elif hf.patch_in_forward:
         e_config, context = entropy_config_from_hf(hf.patcher_config, where)
-        entropy = e_config, context, from_hf(weights, entropy_names(e_config, PATCHER), tensors_at)
+        entropy = e_config, context, from_hf(weights, entropy_names(e_config, PATCHER), tensors_at), tensors_at
     patching = patching_from_hf(hf, where, entropy is not None)
     state = blt_from_hf(weights, config, tensors_at)
     unused = sorted(n for n in set(weights) - blt_hf_names(config) if not n.startswith(PATCHER))
@@ -170,14 +184,14 @@ def import_hf(model_dir: str | Path, output: str | Path, entropy_model: str | Pa
     with torch.device("meta"):
         check_shapes(ByteLatentTransformer(config), state, tensors_at)
         if entropy is not None:
-            check_shapes(EntropyModel(entropy[0]), entropy[2], tensors_at)
+            check_shapes(EntropyModel(entropy[0]), entropy[2], entropy[3])
     state = parts_as_stacked(state)  # the checkpoints hold our layout
 
     output.mkdir(parents=True, exist_ok=True)
     written = {"blt": output / "blt.ckpt", "finetune": output / "finetune.yaml"}
     blt_state, carried, entropy_checkpoint = prefixed("model.", state), None, None
     if entropy is not None:
-        e_config, context, e_state = entropy
+        e_config, context, e_state, _ = entropy
         e_state = parts_as_stacked(e_state)  # the checkpoints hold our layout
         written["entropy"] = output / "entropy.ckpt"
         torch.save(lightning_checkpoint(EntropyLM, prefixed("model.", e_state), model=e_config, seq_len=context),

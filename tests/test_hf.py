@@ -256,6 +256,7 @@ def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut/model.safetensors: not a readable safetensors file"):
         import_hf(cut, tmp_path / "out")
+    (cut / "model.safetensors").unlink()  # an index is read only where there is no model.safetensors
     for index in ("{not json", '{"metadata": {}}', '{"weight_map": ["model.safetensors"]}'):
         (cut / "model.safetensors.index.json").write_text(index)
         with pytest.raises(ValueError, match=r"cut/model.safetensors.index.json: not a safetensors index"):
@@ -264,6 +265,57 @@ def test_what_the_other_side_cannot_compute_is_refused(hf_blt, tmp_path):
         hf_config_kwargs(BLTConfig(), PatchingConfig("static"), None, 1024, "x.ckpt")
     with pytest.raises(ValueError, match=r"x.ckpt: patching.mode = 'monotonic': BltConfig has no such patching"):
         hf_config_kwargs(BLTConfig(doubled_cross_attn_residual=True), PatchingConfig("monotonic"), None, 1024, "x.ckpt")
+
+
+def test_a_separate_entropy_models_bad_files_are_named(hf_blt, tmp_path):
+    _, hf = hf_blt
+    patcher = tmp_path / "patcher"
+    hf.model.patcher.save_pretrained(patcher)
+    weights = load_file(patcher / "model.safetensors")
+    weights["layers.0.mlp.up_proj.weight"] = weights["layers.0.mlp.up_proj.weight"][:, :-1].contiguous()
+    save_file(weights, patcher / "model.safetensors")
+    with pytest.raises(ValueError, match=r"patcher/model.safetensors: tensors = \['layers.0.feed_forward.w3.weight"):
+        import_hf(hf_blt[0], tmp_path / "out", entropy_model=patcher)
+    (patcher / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"patcher/config.json: not a model config"):
+        import_hf(hf_blt[0], tmp_path / "out", entropy_model=patcher)
+    reference = tmp_path / "reference"  # the reference code's training output
+    reference.mkdir()
+    (reference / "params.json").write_text("[]")
+    (reference / "consolidated.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"reference/consolidated.pth: not a readable checkpoint"):
+        import_hf(hf_blt[0], tmp_path / "out", entropy_model=reference)
+    torch.save({"model": {}}, reference / "consolidated.pth")
+    with pytest.raises(ValueError, match=r"reference/params.json: not the reference's params.json \(a JSON object"):
+        import_hf(hf_blt[0], tmp_path / "out", entropy_model=reference)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_beside_an_index_of_shards_are_read_as_transformers_reads_them(hf_blt, imported, ids, tmp_path):
+    """As after an export over an earlier save in shards: model.safetensors, not the stale index and its shards."""
+    folder, hf = hf_blt
+    stale = shutil.copytree(folder, tmp_path / "stale")
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: torch.zeros_like(w) for name, w in weights.items()}, stale / "model-00001-of-00001.safetensors")
+    (stale / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(weights, "model-00001-of-00001.safetensors")}))
+    with torch.no_grad():
+        assert torch.equal(transformers.BltForCausalLM.from_pretrained(stale).eval()(ids).logits, hf(ids).logits)
+    first = torch.load(imported["blt"], weights_only=False)["state_dict"]
+    again = torch.load(import_hf(stale, tmp_path / "out")["blt"], weights_only=False)["state_dict"]
+    assert first.keys() == again.keys() and all(torch.equal(w, again[name]) for name, w in first.items())
+
+
+def test_an_export_that_cannot_write_its_weights_leaves_the_folder_as_it_was(imported, tmp_path):
+    from blt_lightning import hf_export
+
+    taken = tmp_path / "taken"
+    (taken / "model.safetensors").mkdir(parents=True)  # where the weights must go
+    (taken / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"export-hf: .*taken/model.safetensors"):
+        hf_export.main(["--checkpoint", str(imported["blt"]), "--output", str(taken), "--overwrite"])
+    assert sorted(p.name for p in taken.iterdir()) == ["config.json", "model.safetensors"]
+    assert (taken / "config.json").read_text() == "{}"
 
 
 def test_evaluate_and_generate_run_on_an_imported_checkpoint(imported, small_corpus, tmp_path, capsysbinary):
