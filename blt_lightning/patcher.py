@@ -162,12 +162,14 @@ class IncrementalPatcher:
     def _rule(self, offset: int) -> bool:
         mode = self.config.mode
         if mode in ENTROPY_MODES:
-            h2, h1 = self.previous_entropies
+            # In float32, as patch_starts compares its entropies: as doubles, a threshold within float32 rounding
+            # of an entropy made a boundary the batch patcher does not.
+            h2, h1 = torch.tensor(self.previous_entropies, dtype=torch.float32)
             ok = True
             if mode in ("entropy", "combined"):
-                ok &= h1 > self.config.threshold
+                ok &= bool(h1 > self.config.threshold)
             if mode in ("monotonic", "combined"):
-                ok &= (h1 - h2) > self.config.relative_threshold
+                ok &= bool((h1 - h2) > self.config.relative_threshold)
             return ok
         if mode == "static":
             return (offset - 1) % self.config.patch_size == 0

@@ -209,6 +209,22 @@ def test_incremental_decides_what_the_batch_patcher_decides(config):
     assert 0.1 < batch.float().mean() < 0.9, "a test of boundaries needs boundaries"
 
 
+@pytest.mark.parametrize("config", [
+    PatchingConfig(threshold=1.25 - 1e-9),  # 1.25 in float32: the entropy 1.25 is not above it
+    PatchingConfig(mode="monotonic", relative_threshold=1.0 - 1e-9),  # 1.0 in float32: 1.25 - 0.25 is not above it
+], ids=lambda c: c.mode)
+def test_incremental_compares_with_the_thresholds_as_the_batch_patcher_does(config):
+    """In float32, also for a threshold within float32 rounding of an entropy (or of a difference of two)."""
+    entropies = torch.tensor([[0.5, 0.25, 1.25, 0.5, 0.25, 1.25, 2.0, 0.5, 0.5]])
+    ids = torch.tensor([[BOS, *b"patching"]])
+    batch = patch_starts(ids, config, entropies)[0]
+    incremental = Patcher(config, sharp_model(window=None), context=48).incremental()
+    given = iter(entropies[0].tolist())
+    incremental._entropy = lambda next_id: next(given)  # the batch's entropies, not the model's
+    assert [incremental.append(i) for i in ids[0].tolist()] == batch.tolist()
+    assert not batch[3] and not batch[6]  # after the entropies 1.25 (at 2 and 5): no patch in either
+
+
 def test_empty_rows_and_batches():
     for ids in (torch.empty(2, 0, dtype=torch.long), torch.empty(0, 5, dtype=torch.long)):
         patches = patch(ids, PatchingConfig(mode="byte"))
