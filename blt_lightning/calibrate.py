@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output",
                         help="YAML snippet to write (default: patching-MODE-TARGET.yaml beside the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_device_argument()
     args = parser.parse_args(argv)
     if args.sample_bytes < 1 or (args.seq_len is not None and args.seq_len < 1):
         parser.error("--sample_bytes and --seq_len must be at least 1")

@@ -59,7 +59,7 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     logits = (logits - logits.max()) / sampling.temperature  # the largest at 0: a tiny temperature makes no inf - inf
     if sampling.top_k is not None:
         logits[logits < logits.topk(sampling.top_k).values[-1]] = float("-inf")
-    if sampling.top_p is not None:
+    if sampling.top_p is not None and sampling.top_p < 1:  # at 1 every id: float32 sums may reach 1 before the last
         ordered, order = logits.sort(descending=True)
         probs = ordered.softmax(-1)
         outside = probs.cumsum(-1) - probs >= sampling.top_p  # the ids before it already hold p (never the first)
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="draw among the most likely bytes holding p of the probability")
     parser.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a random one)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default: cuda if there is one")
+    parser.add_device_argument()
     args = parser.parse_args(argv)
     for wrong, problem in (
         (not 0 <= args.temperature < math.inf, f"--temperature {args.temperature}: a finite 0 or more"),
@@ -179,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     ):
         if wrong:
             parser.error(problem)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     try:
         new_stream = load(args.checkpoint, args.device)

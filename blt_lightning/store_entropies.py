@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="stage-one (entropy model) checkpoint")
     parser.add_argument("--manifest", required=True, help="manifest.json of the shards to annotate")
     parser.add_argument("--output", "-o", required=True, help="directory for the new shards and manifest")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_device_argument()
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")
     args = parser.parse_args(argv)
     try:

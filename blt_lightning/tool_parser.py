@@ -44,6 +44,22 @@ class ToolParser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(unknown)}")
         return super().parse_args(args, namespace)
 
+    def add_device_argument(self) -> None:
+        """--device: where the models run, a device torch has here (default: cuda if there is one)."""
+        import torch
+
+        def device(text: str) -> str:
+            try:
+                found = torch.device(text)
+            except RuntimeError as error:
+                raise argparse.ArgumentTypeError(f"{text}: not a torch device ({error})") from None
+            if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+                raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA devices here")
+            return text
+
+        self.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="default: cuda if there is one")
+
     def _spelled(self, argument: str) -> str:
         """`--an-option[=value]` as this parser spells the option (`--an_option`), if that is how it knows it.
         An argument with a space is a value (a --text of "--a-b=c d"), as argparse takes it."""

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_patch_length", type=int)
     parser.add_argument("--plot", help="also draw the entropy figure to this image file (PNG, SVG, PDF)")
     parser.add_argument("--plot_bytes", type=int, default=160, help="bytes shown in the figure (default: 160)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_device_argument()
     args = parser.parse_args(argv)
     if args.plot and (problem := output_problem(args.plot)):
         parser.error(problem)

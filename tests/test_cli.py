@@ -440,6 +440,13 @@ def test_numbers_out_of_range_and_empty_input_are_messages_before_any_work(tmp_p
         (["patch", "--checkpoint", checkpoint, "--text", "x", "--plot", "f.png", "--plot_bytes", "0"],
          "--plot_bytes must be at least 1"),
         (["generate", "--checkpoint", checkpoint, "--top-k", "300"], "--top-k 300: from 1 to 260"),
+        # a device torch does not know, or does not have here: named as such, not as a checkpoint that does not load
+        (["generate", "--checkpoint", checkpoint, "--device", "bogus"], "--device: bogus: not a torch device"),
+        (["calibrate", "--checkpoint", checkpoint, "--data", manifest, "--target", "3", "--device", "cuda:9"],
+         f"--device: cuda:9: torch sees {torch.cuda.device_count()} CUDA devices here"),
+        (["entropies", "--checkpoint", checkpoint, "--manifest", manifest, "--output", str(tmp_path / "c"), "--device",
+          "bogus"], "--device: bogus: not a torch device"),
+        (["patch", "--checkpoint", checkpoint, "--text", "x", "--device", "bogus"], "--device: bogus: not a torch"),
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--devices", "0"], "--devices must be at least 1"),
         # Where a file stands in for a folder of the output's path: found now, not after the work.
         (["evaluate", "--checkpoint", checkpoint, "--data", manifest, "--json", f"{checkpoint}/report.json"],

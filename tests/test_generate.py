@@ -145,6 +145,16 @@ def test_sampling_options():
     assert run(Sampling(temperature=1e-45), seed=2) == greedy  # the smallest float32: no inf - inf, no NaN
 
 
+def test_top_p_of_one_keeps_every_id(monkeypatch):
+    """Also where the float32 running sum of the sorted probabilities reaches 1 before the last id."""
+    drawn_from = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: drawn_from.append(probs) or OFFSET)
+    logits = torch.randn(VOCAB_SIZE, generator=torch.Generator().manual_seed(0)) * 8  # peaked: the sum gets there
+    sample(logits, Sampling(top_p=1.0), None)
+    sample(logits, Sampling(), None)
+    assert torch.equal(*drawn_from)
+
+
 def test_sampling_never_draws_padding_bos_or_the_reserved_id():
     logits = torch.zeros(VOCAB_SIZE)
     logits[[PAD, BOS, RESERVED]] = 100.0
