@@ -25,6 +25,7 @@ from .callbacks import FlopBudget
 from .errors import BadInput, Diverged, InputError, MissingInput, weights_misfit
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import FeedForwardRecompute, TransformerBlock, holds_parts, set_activation_checkpointing
+from .models.lean_backward import RMSNorm
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
@@ -121,6 +122,10 @@ class ByteLMModule(L.LightningModule):
                 self._init_from_error = error
 
     def configure_model(self) -> None:
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's model summary would run its example row after FSDP wraps the model, outside its root
+            # unit, where the weights are flat shards (Lightning issue 20255): the summary counts weights alone.
+            self.example_input_array = None
         set_activation_checkpointing(self.model, self.activation_checkpointing)
         for module in self.model.modules():
             if isinstance(module, TransformerBlock) and self.compile_blocks:
@@ -171,8 +176,11 @@ class ByteLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
-        matrices = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        others = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        # Weights of products and embeddings decay, norms' gains do not: told by module, not by shape, as under FSDP
+        # the optimizer is made after wrapping, where every weight is a 1-D slice of its unit's flat shard.
+        gains = {id(p) for module in self.modules() if isinstance(module, RMSNorm) for p in module.parameters()}
+        matrices = [p for p in self.parameters() if p.requires_grad and id(p) not in gains]
+        others = [p for p in self.parameters() if p.requires_grad and id(p) in gains]
         # One fused kernel over all weights where torch has one: on a 2-core CPU it steps the 48M BLT of
         # bench/training.py in 21 ms against 94 ms for the default loop (5% of a 4 x 1024-byte step). Not under
         # fp16's gradient scaler: a fused step unscales the gradients itself, after clipping has seen them scaled.

@@ -1,4 +1,4 @@
-"""Real DDP on CPU, in a subprocess: 2 ranks x 2 DataLoader workers."""
+"""Real DDP on CPU, in a subprocess: 2 ranks x 2 DataLoader workers; and Lightning's FSDP, on CPU through a probe."""
 
 import json
 import re
@@ -13,8 +13,10 @@ from blt_lightning.data import read_manifest
 from blt_lightning.prepare import MANIFEST
 from blt_lightning.streams import shard_documents
 from blt_lightning.vocab import BOS, encode
+from fsdp_probe import MODELS
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
+FSDP_PROBE = Path(__file__).with_name("fsdp_probe.py")
 
 
 def test_ranks_and_workers_read_disjoint_data_covering_validation_once(shards, tmp_path):
@@ -72,3 +74,20 @@ def _contains(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
         return False
     windows = haystack.unfold(0, n, 1)
     return bool((windows == needle).all(-1).any())
+
+
+@pytest.mark.parametrize("stage", ["entropy", "blt"])
+def test_fsdp_trains_with_lightnings_model_summary_and_decays_the_same_weights(stage, shards, tmp_path):
+    """Lightning's FSDP (on CPU through tests/fsdp_probe.py): its model summary runs after the wrapping, and the
+    optimizer is made then too, where every weight is a 1-D slice of a flat shard; yet the matrices decay and
+    the norms' gains do not, as without FSDP."""
+    result = subprocess.run([sys.executable, str(FSDP_PROBE), str(tmp_path), str(shards / MANIFEST), stage],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["step"] for r in ranks] == [2, 2]
+    model = MODELS[stage]()
+    gains = sum(p.numel() for name, p in model.named_parameters() if name.endswith("norm.weight"))
+    decayed = sum(p.numel() for p in model.parameters()) - gains
+    for decay, expected in ((0.1, decayed), (0.0, gains)):  # each rank holds its shard of every weight
+        assert sum(g["elements"] for r in ranks for g in r["groups"] if g["weight_decay"] == decay) == expected
