@@ -178,8 +178,7 @@ class CheckpointOnTerminate(OptimizerSteps, Callback):
         self.requeue_requested = True
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        unfinished = trainer.max_steps == -1 or trainer.global_step < trainer.max_steps
-        if not (self.stepped(trainer) and unfinished and self._handlers):
+        if not (self.stepped(trainer) and not _reached_max_steps(trainer) and self._handlers):
             return
         requeue, terminate = self.requeue_requested, self.terminate_requested
         if trainer.world_size > 1:  # any rank's signal stops every rank

@@ -5,6 +5,7 @@ import math
 import torch
 from torchmetrics import Metric
 
+from .streams import GROUP_KINDS
 from .vocab import is_byte
 
 
@@ -52,19 +53,18 @@ class BitsPerByteByGroup:
     the Lightning strategy, so any number of groups, named on any rank, comes out whole.
     """
 
-    def __init__(self, kinds: tuple[str, ...] = ("source", "lang")):
-        self.kinds = kinds
+    def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.totals: dict[str, dict[str, list]] = {kind: {} for kind in self.kinds}  # kind -> name -> [nats, bytes]
+        self.totals: dict[str, dict[str, list]] = {kind: {} for kind in GROUP_KINDS}  # kind -> name -> [nats, bytes]
 
     def update(self, cross_entropy: torch.Tensor, targets: torch.Tensor, keys: dict[str, torch.Tensor],
                names: dict[int, str]) -> None:
         """keys[kind]: [B, L] group key of each target (as cross_entropy); names: key -> group name."""
         counted = is_byte(targets)
         nats = cross_entropy.double()[counted]
-        for kind in self.kinds:
+        for kind in GROUP_KINDS:
             groups, inverse = keys[kind][counted].unique(return_inverse=True)
             sums = torch.zeros(len(groups), dtype=torch.float64, device=nats.device).index_add_(0, inverse, nats)
             counts = torch.bincount(inverse, minlength=len(groups))
@@ -75,7 +75,7 @@ class BitsPerByteByGroup:
 
     def gathered(self, strategy) -> dict[str, dict[str, dict]]:
         """{kind: {name: {"bpb", "bytes"}}} over all ranks; every rank must call it."""
-        merged = {kind: {} for kind in self.kinds}
+        merged = {kind: {} for kind in GROUP_KINDS}
         for rank in range(strategy.world_size):
             for kind, groups in strategy.broadcast(self.totals, src=rank).items():
                 for name, (n, b) in groups.items():

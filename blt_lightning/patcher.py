@@ -98,10 +98,6 @@ class Patcher:
         self.config, self.model = config, model
         self.window = entropy_window(model.config, context) if model is not None else None
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, config: PatchingConfig, map_location="cpu") -> "Patcher":
-        return cls(config, *load_entropy_model(checkpoint, map_location))
-
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] next-byte entropies of rows of ids [B, L]; a row's never depend on another row."""

@@ -236,6 +236,7 @@ def group_key(name: str) -> int:
 
 
 UNKNOWN = "unknown"  # the group of documents that name no source or language
+GROUP_KINDS = ("source", "lang")  # what evaluation splits the bpb by: the documents' fields of these names
 
 
 def evaluation_groups(sample: Sample, names: dict[int, str]) -> Side:
@@ -243,7 +244,7 @@ def evaluation_groups(sample: Sample, names: dict[int, str]) -> Side:
     names are added to `names`): what per-source and per-language bpb are summed by."""
     length = len(sample.data) + 2
     side = stored_entropies(sample)
-    for kind in ("source", "lang"):
+    for kind in GROUP_KINDS:
         name = str(sample.meta.get(kind) or UNKNOWN)
         names[group_key(name)] = name
         side[kind] = torch.full((length,), group_key(name), dtype=torch.long)
@@ -387,7 +388,7 @@ class EvalStream(IterableDataset):
         reader, readers = current_reader(self.rank, self.world_size)
         assert readers == self.world_size * self.workers, "the stream was made for another number of workers"
         with_entropies = self.sizes_known() and any(s.entropies for s in self.shards)  # a manifest says so
-        planned_keys = ("entropies",) * with_entropies + ("source", "lang")
+        planned_keys = ("entropies",) * with_entropies + GROUP_KINDS
         bad, batch, names = BadShards(self.skip_bad_shards), [], {}
 
         def batch_of(rows, keys):
@@ -437,6 +438,6 @@ class EvalStream(IterableDataset):
 
 
 def _empty_row(seq_len: int, side_keys) -> tuple[torch.Tensor, Side]:
-    side = {key: torch.zeros(seq_len + 1, dtype=torch.long if key in ("source", "lang") else torch.float32)
+    side = {key: torch.zeros(seq_len + 1, dtype=torch.long if key in GROUP_KINDS else torch.float32)
             for key in side_keys}
     return torch.full((seq_len + 1,), PAD, dtype=torch.long), side

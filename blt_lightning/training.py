@@ -5,6 +5,7 @@ torch.compile of the transformer blocks, the TensorBoard HParams, and fine-tunin
 weights (init_from)."""
 
 import collections
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, is_dataclass
@@ -26,6 +27,7 @@ from .errors import BadInput, Diverged, InputError, MissingInput, weights_misfit
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import FeedForwardRecompute, TransformerBlock, holds_parts, set_activation_checkpointing
 from .models.lean_backward import RMSNorm
+from .streams import GROUP_KINDS
 from .vocab import BOS, PAD
 
 THROUGHPUT_WINDOW = 20  # batches
@@ -84,7 +86,7 @@ class ByteLMModule(L.LightningModule):
         self.val_bpb, self.test_bpb = BitsPerByte(), BitsPerByte()
         self.test_groups = BitsPerByteByGroup()  # per source and language, when the batches say which
         self.test_report: dict = {}  # of the last test run: what `evaluate` writes
-        self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, bytes, patches) of recent batches
+        self._recent_batches = collections.deque(maxlen=THROUGHPUT_WINDOW)  # (time, {bytes, patches}) of recent batches
         # Of the batches after the first: counts, and the times of the first batch and the last (validation left out)
         self._fit_counts, self._fit_start, self._fit_last = collections.Counter(), None, None
         self._validation_start = 0.0
@@ -161,7 +163,7 @@ class ByteLMModule(L.LightningModule):
         cross_entropy, targets = self.cross_entropy(batch)
         self.test_bpb.update(cross_entropy, targets)
         if "group_names" in batch:
-            keys = {kind: batch[kind][:, 1:] for kind in self.test_groups.kinds}
+            keys = {kind: batch[kind][:, 1:] for kind in GROUP_KINDS}
             self.test_groups.update(cross_entropy, targets, keys, batch["group_names"])
         self.log("test/bpb", self.test_bpb, batch_size=len(batch["ids"]))
 
@@ -193,18 +195,17 @@ class ByteLMModule(L.LightningModule):
             raise BadInput(NO_SCHEDULE_LENGTH)
         # The schedule's length is counted once warmup is over, not here: counting an epoch's batches starts the
         # training stream, which before a checkpoint restores its position would begin again at batch 0
-        # (Lightning issue 20550). Warmup does not need it.
-        length = []
+        # (Lightning issue 20550). Warmup, and the cosine's first step (its top), do not need it.
+        @functools.cache
+        def total_steps() -> int:
+            total = self.trainer.estimated_stepping_batches
+            if not 0 < total < math.inf:  # an endless stream, max_epochs and no max_steps
+                raise BadInput(NO_SCHEDULE_LENGTH)
+            return int(total)
 
         def multiplier(step: int) -> float:
-            if step <= cfg.warmup_steps:
-                return warmup_cosine(step, cfg.warmup_steps, step, cfg.min_lr_ratio)
-            if not length:
-                total = self.trainer.estimated_stepping_batches
-                if not 0 < total < math.inf:  # an endless stream, max_epochs and no max_steps
-                    raise BadInput(NO_SCHEDULE_LENGTH)
-                length.append(int(total))
-            return warmup_cosine(step, cfg.warmup_steps, length[0], cfg.min_lr_ratio)
+            total = total_steps() if step > cfg.warmup_steps else cfg.warmup_steps
+            return warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

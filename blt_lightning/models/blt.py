@@ -311,9 +311,8 @@ class LocalDecoder(nn.Module):
         reading slot_keys (of slot_keys()) under cross_mask; with a cache (generation), the self-attention
         continues what it holds."""
         for i, layer in enumerate(self.layers):
-            if i == 0 or self.config.decoder_cross_attn_all_layers:
-                j = i if self.config.decoder_cross_attn_all_layers else 0
-                update = self.cross_attn[j].attend(h, slot_keys[j], cross_mask)
+            if i < len(self.cross_attn):  # before every layer, or (decoder_cross_attn_all_layers off) the first
+                update = self.cross_attn[i].attend(h, slot_keys[i], cross_mask)
                 h = (2 * h if self.config.doubled_cross_attn_residual else h) + update
             h = layer(h, self_mask, rope, cache, i)
         return self.output(self.norm(h))

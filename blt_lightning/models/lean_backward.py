@@ -13,13 +13,11 @@
 3. swiglu_recomputed: the feed-forward's hidden [gate, up] itself is recomputed in backward from its
    input (one more product with w13): the option for long rows, where it is the largest thing kept.
 
-bench/training.py's 48M BLT training on a 1 x 8192-byte row holds 2,113 MB at its peak without any of these, 1,823
-MB with (1), 1,522 MB with (1) and (2) at the same speed, and 1,364 MB with (3) in the blocks over bytes too, for
-3-5% of the speed; 1,261 MB since (3) remakes the hidden a chunk of rows at a time and attention keeps its masks
-and output rows as recipes; 1,253 MB since windowed attention on the CPU reads views of one copy of the keys
-(attention.py) instead of a copy for each window; 1,157 MB when the global transformer's blocks remake their hidden
-too ("feed_forward"), at about the same speed. (The demo's tiny BLT, where little is kept, runs ~4% slower with
-(2): remaking costs it more than it saves.) On the CPU, forward results are bitwise those of torch's operations;
+What each gives, measured on bench/training.py's 48M BLT training on a 1 x 8192-byte row: its tensors peak at
+2,113 MB without any of these, 1,823 MB with (1), 1,522 MB with (1) and (2) at the same speed, and (with
+attention's masks and output rows as recipes and the hidden remade a chunk of rows at a time) 1,157 MB with (3) in
+every block ("feed_forward"), at about the same speed. (The demo's tiny BLT, where little is kept, runs ~4% slower
+with (2): remaking costs it more than it saves.) On the CPU, forward results are bitwise those of torch's operations;
 gradients agree to rounding (with recipes, bitwise); second derivatives raise. Without gradients the modules take
 torch's own paths and nothing is marked.
 """
