@@ -13,7 +13,6 @@ rows of 256, PyTorch's FLOP counter found 12% more than the count), so MFU on su
 
 from .models.blt import BLTConfig
 from .models.entropy import EntropyModelConfig
-from .models.layers import swiglu_hidden
 from .vocab import VOCAB_SIZE
 
 
@@ -50,26 +49,20 @@ def blt_flops_per_byte(config: BLTConfig, seq_len: int, mean_patch_size: float, 
     patches = 1 / mean_patch_size  # per byte
     on = 1 if attention else 0
 
-    def hidden(dim: int, configured: int | None) -> int:
-        return configured or swiglu_hidden(dim, c.ffn_multiple_of)
-
     local_keys = on * mean_keys(seq_len, c.local_window)
     patch_keys = on * mean_keys(max(1, round(seq_len * patches)), None)
 
-    encoder = c.encoder_layers * block_flops(c.encoder_dim, hidden(c.encoder_dim, c.encoder_ffn_hidden), local_keys)
-    encoder_cross = c.encoder_layers if c.encoder_cross_attn_all_layers else 1
-    encoder += encoder_cross * cross_attention_flops(c.encoder_dim, patches * k, 1, on * mean_patch_size)
+    encoder = c.encoder_layers * block_flops(c.encoder_dim, c.encoder_hidden, local_keys)
+    encoder += c.encoder_cross_attns * cross_attention_flops(c.encoder_dim, patches * k, 1, on * mean_patch_size)
     encoder += patches * 2 * c.encoder_dim * c.encoder_dim * k if k > 1 else 0  # pooled patch -> k slots
 
     width_in = k * c.encoder_dim
-    global_ = patches * (c.global_layers * block_flops(c.global_dim, hidden(c.global_dim, c.global_ffn_hidden),
-                                                       patch_keys)
+    global_ = patches * (c.global_layers * block_flops(c.global_dim, c.global_hidden, patch_keys)
                          + (2 * width_in * c.global_dim if width_in != c.global_dim else 0))
 
     d = c.decoder_dim
-    decoder = c.decoder_layers * block_flops(d, hidden(d, c.decoder_ffn_hidden), local_keys)
-    decoder_cross = c.decoder_layers if c.decoder_cross_attn_all_layers else 1
-    decoder += decoder_cross * cross_attention_flops(d, 1, patches * k, on * k)
+    decoder = c.decoder_layers * block_flops(d, c.decoder_hidden, local_keys)
+    decoder += c.decoder_cross_attns * cross_attention_flops(d, 1, patches * k, on * k)
     decoder += patches * 2 * c.global_dim * d * k  # global output -> k slots
     decoder += 2 * c.encoder_dim * d if c.encoder_dim != d else 0
     decoder += 2 * d * VOCAB_SIZE

@@ -101,10 +101,8 @@ def blt_names(c: BLTConfig) -> Names:
     names |= _blocks("encoder.layers", "model.local_encoder.layers", c.encoder_layers, c.encoder_heads)
     names |= _blocks("global_transformer.layers", "model.global_transformer.layers", c.global_layers, c.global_heads)
     names |= _blocks("decoder.layers", "model.local_decoder.layers", c.decoder_layers, c.decoder_heads)
-    names |= _cross_attention("encoder.cross_attn", "model.local_encoder.cross_attn_layers",
-                              c.encoder_layers if c.encoder_cross_attn_all_layers else 1)
-    return names | _cross_attention("decoder.cross_attn", "model.local_decoder.cross_attn_layers",
-                                    c.decoder_layers if c.decoder_cross_attn_all_layers else 1)
+    names |= _cross_attention("encoder.cross_attn", "model.local_encoder.cross_attn_layers", c.encoder_cross_attns)
+    return names | _cross_attention("decoder.cross_attn", "model.local_decoder.cross_attn_layers", c.decoder_cross_attns)
 
 
 def entropy_names(c: EntropyModelConfig, prefix: str) -> Names:
@@ -293,7 +291,7 @@ def hf_config_kwargs(c: BLTConfig, patching: PatchingConfig, entropy: tuple[Entr
 
     def part(dim, layers, heads, hidden):
         return {"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
-                "intermediate_size": hidden or swiglu_hidden(dim, c.ffn_multiple_of), "rms_norm_eps": c.norm_eps,
+                "intermediate_size": hidden, "rms_norm_eps": c.norm_eps,
                 "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
 
     def local(dim, layers, heads, hidden, all_layers):
@@ -309,11 +307,11 @@ def hf_config_kwargs(c: BLTConfig, patching: PatchingConfig, entropy: tuple[Entr
         encoder_hash_byte_group_nb_functions=c.hash_functions,
         patching_mode=patching.mode, patch_in_forward=patching.mode == "entropy", patch_size=patching.patch_size,
         max_patch_length=patching.max_patch_length,
-        encoder_config=local(c.encoder_dim, c.encoder_layers, c.encoder_heads, c.encoder_ffn_hidden,
+        encoder_config=local(c.encoder_dim, c.encoder_layers, c.encoder_heads, c.encoder_hidden,
                              c.encoder_cross_attn_all_layers),
-        decoder_config=local(c.decoder_dim, c.decoder_layers, c.decoder_heads, c.decoder_ffn_hidden,
+        decoder_config=local(c.decoder_dim, c.decoder_layers, c.decoder_heads, c.decoder_hidden,
                              c.decoder_cross_attn_all_layers),
-        global_config=part(c.global_dim, c.global_layers, c.global_heads, c.global_ffn_hidden))
+        global_config=part(c.global_dim, c.global_layers, c.global_heads, c.global_hidden))
     if patching.mode == "entropy":
         e, context = entropy
         kwargs["patching_threshold"] = patching.threshold

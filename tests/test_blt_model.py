@@ -9,7 +9,7 @@ from conftest import kept_for_backward
 
 from blt_lightning.models import EntropyModel, EntropyModelConfig
 from blt_lightning.models.blt import BLTConfig, ByteLatentTransformer, decoder_patch_ids, ngram_hashes
-from blt_lightning.models.layers import TransformerBlock, swiglu_hidden
+from blt_lightning.models.layers import TransformerBlock
 from blt_lightning.patcher import Patcher
 from blt_lightning.patching import PatchingConfig
 from blt_lightning.vocab import BOS, EOS, OFFSET, PAD, VOCAB_SIZE, encode
@@ -266,14 +266,14 @@ def test_activation_checkpointing_gives_the_same_gradients_keeping_less_for_back
         True, False, False, True, True]  # encoder, global (2), decoder (2)
     for name, grad in plain.items():
         torch.testing.assert_close(hidden[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    gate_up_bytes = ids[:, :-1].numel() * 2 * swiglu_hidden(TINY.encoder_dim, TINY.ffn_multiple_of) * 4
+    gate_up_bytes = ids[:, :-1].numel() * 2 * TINY.encoder_hidden * 4
     assert plain_kept - hidden_kept == 3 * gate_up_bytes  # three blocks over bytes, all of the same width
     # every block's: the global transformer's too, over its patches
     every, every_kept, model = gradients_and_kept_bytes("feed_forward")
     assert all(b.feed_forward.recompute_hidden for b in model.modules() if isinstance(b, TransformerBlock))
     for name, grad in plain.items():
         torch.testing.assert_close(every[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    global_gate_up_bytes = patches.lengths.numel() * 2 * swiglu_hidden(TINY.global_dim, TINY.ffn_multiple_of) * 4
+    global_gate_up_bytes = patches.lengths.numel() * 2 * TINY.global_hidden * 4
     assert hidden_kept - every_kept == TINY.global_layers * global_gate_up_bytes
     with pytest.raises(ValueError, match="activation_checkpointing"):
         BLTLM(TINY, activation_checkpointing="attention")

@@ -101,6 +101,33 @@ class BLTConfig:
         if self.hash_functions > len(HASH_PRIMES):
             raise ValueError(f"at most {len(HASH_PRIMES)} hash functions")
 
+    # What the shape implies, stated once (for the model, its FLOPs and the Hugging Face format alike)
+
+    @property
+    def encoder_hidden(self) -> int:
+        """SwiGLU hidden width of the encoder's blocks: encoder_ffn_hidden, or derived from its width."""
+        return self.encoder_ffn_hidden or swiglu_hidden(self.encoder_dim, self.ffn_multiple_of)
+
+    @property
+    def global_hidden(self) -> int:
+        """SwiGLU hidden width of the global transformer's blocks: global_ffn_hidden, or derived from its width."""
+        return self.global_ffn_hidden or swiglu_hidden(self.global_dim, self.ffn_multiple_of)
+
+    @property
+    def decoder_hidden(self) -> int:
+        """SwiGLU hidden width of the decoder's blocks: decoder_ffn_hidden, or derived from its width."""
+        return self.decoder_ffn_hidden or swiglu_hidden(self.decoder_dim, self.ffn_multiple_of)
+
+    @property
+    def encoder_cross_attns(self) -> int:
+        """Cross-attentions that pool bytes into patch slots: after every encoder layer, or after the last."""
+        return self.encoder_layers if self.encoder_cross_attn_all_layers else 1
+
+    @property
+    def decoder_cross_attns(self) -> int:
+        """Cross-attentions that read the patch slots: before every decoder layer, or before the first."""
+        return self.decoder_layers if self.decoder_cross_attn_all_layers else 1
+
 
 def ngram_hashes(ids: torch.Tensor, keys: tuple[tuple[int, int], ...], table_size: int,
                  doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,8 +200,7 @@ class CrossAttention(nn.Module):
         return self.wo(attention_rows(q, *keys, mask))
 
 
-def _blocks(dim: int, n_layers: int, n_heads: int, hidden: int | None, config: BLTConfig) -> nn.ModuleList:
-    hidden = hidden or swiglu_hidden(dim, config.ffn_multiple_of)
+def _blocks(dim: int, n_layers: int, n_heads: int, hidden: int, config: BLTConfig) -> nn.ModuleList:
     return nn.ModuleList(TransformerBlock(dim, n_heads, hidden, config.norm_eps) for _ in range(n_layers))
 
 
@@ -187,11 +213,10 @@ class LocalEncoder(nn.Module):
         self.ngram_embeddings = (HashNgramEmbedding(d, config.ngram_sizes, config.ngram_table_size,
                                                     config.hash_functions)
                                  if config.ngram_sizes else None)
-        self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config.encoder_ffn_hidden, config)
+        self.layers = _blocks(d, config.encoder_layers, config.encoder_heads, config.encoder_hidden, config)
         self.patch_projection = Linear(d, d * k) if k > 1 else None
-        n_cross = config.encoder_layers if config.encoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.encoder_heads, config.norm_eps)
-                                        for _ in range(n_cross))
+                                        for _ in range(config.encoder_cross_attns))
 
     def forward(self, ids: torch.Tensor, doc_ids: torch.Tensor, self_mask,
                 patches: Patches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +266,7 @@ class GlobalTransformer(nn.Module):
         width_in = config.cross_attn_k * config.encoder_dim
         self.config = config
         self.input_projection = Linear(width_in, config.global_dim) if width_in != config.global_dim else None
-        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config.global_ffn_hidden,
-                              config)
+        self.layers = _blocks(config.global_dim, config.global_layers, config.global_heads, config.global_hidden, config)
 
     def forward(self, patch_vectors: torch.Tensor, patch_doc_ids: torch.Tensor) -> torch.Tensor:
         """[B, P, d_glob]: patch p sees patches <= p of its own document."""
@@ -271,10 +295,9 @@ class LocalDecoder(nn.Module):
         self.config = config
         self.input_projection = Linear(config.encoder_dim, d) if config.encoder_dim != d else None
         self.patch_projection = Linear(config.global_dim, d * k)  # present even when the widths match, as released
-        n_cross = config.decoder_layers if config.decoder_cross_attn_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(d, config.decoder_heads, config.norm_eps)
-                                        for _ in range(n_cross))
-        self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config.decoder_ffn_hidden, config)
+                                        for _ in range(config.decoder_cross_attns))
+        self.layers = _blocks(d, config.decoder_layers, config.decoder_heads, config.decoder_hidden, config)
         self.norm = RMSNorm(d, eps=config.norm_eps)
         self.output = Linear(d, VOCAB_SIZE)
 
