@@ -100,6 +100,12 @@ class LastCheckpoint(OptimizerSteps, Checkpoint):
             self._saved_step = trainer.global_step
 
 
+def global_batch_bytes(trainer, seq_len: int) -> int:
+    """Bytes of an optimizer step, all ranks together: the DataModule's rows of seq_len, of every rank and
+    accumulated batch."""
+    return trainer.datamodule.batch_size * seq_len * trainer.world_size * trainer.accumulate_grad_batches
+
+
 def _reached_max_steps(trainer) -> bool:
     """Whether the step just taken is the run's last (max_steps)."""
     return trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
@@ -317,7 +323,7 @@ class FlopBudget(Callback):
         if isinstance(measured, str):
             raise BadInput(f"flops_budget: rank 0 could not measure the mean patch size: {measured}")
         per_byte, patch_size = measured
-        step_bytes = data.batch_size * pl_module.seq_len * trainer.world_size * trainer.accumulate_grad_batches
+        step_bytes = global_batch_bytes(trainer, pl_module.seq_len)
         steps = max(1, round(self.flops / (per_byte * step_bytes)))
         trainer.fit_loop.epoch_loop.max_steps = steps  # before configure_optimizers, which sizes the schedule by it
         rank_zero_info(f"FLOP budget {self.flops:.3g}: {per_byte / 1e6:.3f} MFLOPs per trained byte "

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
-from .callbacks import FlopBudget
+from .callbacks import FlopBudget, global_batch_bytes
 from .errors import BadInput, Diverged, InputError, MissingInput, weights_misfit
 from .metrics import BitsPerByte, BitsPerByteByGroup
 from .models.layers import FeedForwardRecompute, TransformerBlock, holds_parts, set_activation_checkpointing
@@ -350,10 +350,10 @@ class ByteLMModule(L.LightningModule):
         data = self.trainer.datamodule
         global_batch = None
         if data is not None and hasattr(data, "batch_size"):
-            accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
-            global_batch = data.batch_size * self.seq_len * world * accumulate
-            rank_zero_info(f"global batch: {data.batch_size} rows x {self.seq_len} bytes x {world} ranks x "
-                           f"{accumulate} accumulated = {global_batch:,} bytes per optimizer step")
+            global_batch = global_batch_bytes(self.trainer, self.seq_len)
+            rank_zero_info(f"global batch: {data.batch_size} rows x {self.seq_len} bytes x {self.trainer.world_size} "
+                           f"ranks x {self.trainer.accumulate_grad_batches} accumulated = {global_batch:,} bytes per "
+                           "optimizer step")
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
                 params = flatten_hparams(dict(self.hparams)) | ({"global_batch_bytes": global_batch}
