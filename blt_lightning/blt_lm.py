@@ -128,15 +128,15 @@ class BLTLM(ByteLMModule):
             split = "train" if self.training else "test" if self.trainer.testing else "val"
             # Rows of data only: not the all-padding rows that fill a last batch or even out ranks' batches.
             patches_of_data_rows = patches_per_row[(ids != PAD).any(-1)].float()
-            mean_patch_size, mean_patches_per_row = patches.mean_size, patches_of_data_rows.mean()
-            if split != "train":  # over all ranks' rows of the whole run, not a mean of batches' means
-                mean_patch_size = self.test_patch_size if split == "test" else self.val_patch_size
-                mean_patch_size.update(patches.mean_size, patches.byte_patches)
-                mean_patches_per_row = self.test_patches_per_row if split == "test" else self.val_patches_per_row
-                mean_patches_per_row.update(patches_of_data_rows)
-            self.log(f"{split}/mean_patch_size", mean_patch_size, batch_size=len(ids))
-            if split != "train" or len(patches_of_data_rows):
-                self.log(f"{split}/patches_per_row", mean_patches_per_row, batch_size=len(ids))
+            if split == "train":
+                self.log("train/mean_patch_size", patches.mean_size, batch_size=len(ids))
+                if len(patches_of_data_rows):
+                    self.log("train/patches_per_row", patches_of_data_rows.mean(), batch_size=len(ids))
+            else:  # over all ranks' rows of the whole run, not a mean of batches' means: logged at the epoch's end
+                (self.test_patch_size if split == "test" else self.val_patch_size).update(patches.mean_size,
+                                                                                          patches.byte_patches)
+                (self.test_patches_per_row if split == "test" else self.val_patches_per_row).update(
+                    patches_of_data_rows)
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
         entropy_model_ran = self.entropy_model is not None and "entropies" not in batch
@@ -180,6 +180,11 @@ class BLTLM(ByteLMModule):
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._tested.zero_()
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self.log("test/mean_patch_size", self.test_patch_size)
+        self.log("test/patches_per_row", self.test_patches_per_row)
 
     def inference_cost(self) -> dict:
         """The test run's mean patch size (bytes per patch that holds bytes, as the paper counts) and its forward
@@ -239,6 +244,8 @@ class BLTLM(ByteLMModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        self.log("val/mean_patch_size", self.val_patch_size)
+        self.log("val/patches_per_row", self.val_patches_per_row)
         if (self.entropy_model is None or self._figure_drawn or self.trainer.sanity_checking
                 or not self.trainer.is_global_zero):
             return

@@ -157,7 +157,6 @@ class ByteLMModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_bpb.update(*self.cross_entropy(batch))
-        self.log("val/bpb", self.val_bpb, prog_bar=True, batch_size=len(batch["ids"]))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         cross_entropy, targets = self.cross_entropy(batch)
@@ -165,7 +164,6 @@ class ByteLMModule(L.LightningModule):
         if "group_names" in batch:
             keys = {kind: batch[kind][:, 1:] for kind in GROUP_KINDS}
             self.test_groups.update(cross_entropy, targets, keys, batch["group_names"])
-        self.log("test/bpb", self.test_bpb, batch_size=len(batch["ids"]))
 
     def on_test_epoch_start(self) -> None:
         self.test_groups.reset()
@@ -321,11 +319,17 @@ class ByteLMModule(L.LightningModule):
             rank_zero_info(f"trained at {rates} ({self._fit_counts['bytes']:,} bytes in {elapsed:.1f} s: the "
                            "batches after the first, validation left out)")
 
+    # Metrics are logged here, at the epoch's end, where every rank logs them: logged in a step, they would be
+    # synced at the end by the ranks that ran one, and a rank with no rows (shard URLs, fewer than the ranks) left
+    # the others waiting.
+
     def on_validation_epoch_end(self) -> None:
         self._report("validation", self.val_bpb)
+        self.log("val/bpb", self.val_bpb, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
         bpb, n_bytes = self._report(self.test_label, self.test_bpb)
+        self.log("test/bpb", self.test_bpb)
         groups = self.test_groups.gathered(self.trainer.strategy)  # on every rank: it gathers
         self.test_report = {"bpb": bpb, "bytes": n_bytes, "byte_perplexity": 2**bpb,
                             "per_source": groups["source"], "per_lang": groups["lang"], **self.inference_cost()}

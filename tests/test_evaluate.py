@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -157,3 +159,25 @@ def test_two_ranks_report_what_one_does(blt_checkpoint, shards, tmp_path):
     assert two["bpb"] == pytest.approx(one["bpb"], rel=1e-6)
     for kind in ("per_source", "per_lang"):
         assert {k: g["bytes"] for k, g in two[kind].items()} == {k: g["bytes"] for k, g in one[kind].items()}
+
+
+def test_two_ranks_of_which_one_gets_no_rows_report_what_one_does(blt_checkpoint, shards, tmp_path):
+    """A shard given as a URL (no manifest to even out the ranks' batches) on two ranks: one reads it, the other
+    no row at all, and still takes part in every sync of the metrics (it used to leave the other waiting)."""
+    shard = str(sorted(shards.glob("test-*.tar"))[0])
+    one = evaluate(str(blt_checkpoint), [shard], tmp_path, **CPU)
+    out = tmp_path / "two.json"
+    process = subprocess.Popen([sys.executable, "-m", "blt_lightning", "evaluate", "--checkpoint", str(blt_checkpoint),
+                                "--data", shard, "--json", str(out), "--output-dir", str(tmp_path),
+                                "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # both ranks: the second is the first's child
+        process.communicate()
+        raise AssertionError("the ranks hung") from None
+    assert process.returncode == 0, stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["bytes"] == one["bytes"] > 0 and two["bpb"] == pytest.approx(one["bpb"], rel=1e-6)
+    assert two["mean_patch_size"] == pytest.approx(one["mean_patch_size"], rel=1e-6)
