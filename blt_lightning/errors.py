@@ -1,7 +1,9 @@
 """Errors a command ends with as their message alone: in what the user gave, or a run that diverged. Any other error
 shows its traceback (a bug to report)."""
 
+import json
 import re
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -20,6 +22,17 @@ class BadInput(InputError, ValueError):
 class Diverged(FloatingPointError):
     """A run's training loss or gradients stopped being finite: a fact about the run, not a bug, so a command ends
     with its message alone (which step, and that the checkpoints written so far are kept)."""
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in the file `path`, which should hold `what` (the error says it does not)."""
+    try:
+        found = json.loads(path.read_text())
+    except ValueError as error:  # not JSON, or not text
+        raise BadInput(f"{path}: not {what} ({error})") from None
+    if not isinstance(found, dict):
+        raise BadInput(f"{path}: not {what} (a JSON object is expected)")
+    return found
 
 
 def weights_misfit(error: RuntimeError) -> str:

@@ -28,6 +28,7 @@ import yaml
 
 from .blt_lm import BLTLM
 from .entropy_lm import EntropyLM
+from .errors import read_json_object
 from .hf import (PATCHER, blt_config_from_hf, blt_from_hf, blt_hf_names, entropy_config_from_hf, entropy_names,
                  ffn_multiple_of, from_hf, patching_from_hf, require, transformers_module)
 from .models import EntropyModel, EntropyModelConfig
@@ -41,23 +42,12 @@ from .vocab import VOCAB_SIZE
 REFERENCE_WINDOW = 512  # the reference's loader gives its entropy model this window; params.json does not say it
 
 
-def read_json(path: Path, what: str) -> dict:
-    """The JSON object in `path`, which holds `what` (said when it does not)."""
-    try:
-        found = json.loads(path.read_text())
-    except ValueError as error:  # not JSON
-        raise ValueError(f"{path}: not {what} ({error})") from None
-    if not isinstance(found, dict):
-        raise ValueError(f"{path}: not {what} (a JSON object is expected)")
-    return found
-
-
 def read_config(directory: Path, model_type: str):
     """The BltConfig (model_type "blt") or BltPatcherConfig ("blt_patcher") of directory/config.json."""
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json here (download the model's folder first)")
-    found = read_json(path, "a model config").get("model_type")
+    found = read_json_object(path, "a model config").get("model_type")
     require(found == model_type, str(path), "model_type", found, f"a {model_type} config is expected")
     classes = {"blt": "BltConfig", "blt_patcher": "BltPatcherConfig"}
     return getattr(transformers_module(), classes[model_type]).from_pretrained(directory)
@@ -131,12 +121,12 @@ def separate_entropy_model(directory: Path) -> tuple[EntropyModelConfig, int, di
             stored = torch.load(weights, map_location="cpu", weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError) as error:  # cut short, or no torch.save file
             raise ValueError(f"{weights}: not a readable checkpoint ({error})") from None
-        args = read_json(params, "the reference's params.json").get("entropy_model")
+        args = read_json_object(params, "the reference's params.json").get("entropy_model")
         return (*reference_entropy_model(args, "entropy_model", str(params), REFERENCE_WINDOW,
                                          stored.get("model", stored), str(weights)), str(weights))
     tensors_at = str(directory / "model.safetensors")
-    if config_json.is_file() and "args" in read_json(config_json, "a model config"):
-        args = read_json(config_json, "a model config")["args"]
+    if config_json.is_file() and "args" in (saved := read_json_object(config_json, "a model config")):
+        args = saved["args"]
         return (*reference_entropy_model(args, "args", str(config_json), args.get("sliding_window"),
                                          read_safetensors(directory), tensors_at), tensors_at)
     config, context = entropy_config_from_hf(read_config(directory, "blt_patcher"), str(config_json), "config")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .errors import BadInput, MissingInput
+from .errors import BadInput, MissingInput, read_json_object
 from .outputs import byte_progress, check_output_dir, make_dirs, remove_empty, write_atomically
 from .tool_parser import ToolParser
 
@@ -398,16 +398,11 @@ def is_prepared(manifest: Path, sources: list[str], options: PrepareOptions) -> 
 def load_manifest(path: str) -> dict:
     """A manifest's JSON object, or an error naming the file."""
     try:
-        manifest = json.loads(Path(path).read_text())
+        return read_json_object(Path(path), "a manifest written by `blt-lightning prepare`")
     except FileNotFoundError:
         raise MissingInput(f"{path}: no manifest here (write one with `blt-lightning prepare`)") from None
     except IsADirectoryError:
         raise BadInput(f"{path}: a directory; give the manifest.json in it") from None
-    except ValueError as error:
-        raise BadInput(f"{path}: not a manifest written by `blt-lightning prepare` ({error!r})") from None
-    if not isinstance(manifest, dict):
-        raise BadInput(f"{path}: not a manifest written by `blt-lightning prepare` (not a JSON object)")
-    return manifest
 
 
 def input_list(files: list[tuple[Path, str]]) -> list[dict]:
