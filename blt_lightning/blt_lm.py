@@ -133,10 +133,10 @@ class BLTLM(ByteLMModule):
                 if len(patches_of_data_rows):
                     self.log("train/patches_per_row", patches_of_data_rows.mean(), batch_size=len(ids))
             else:  # over all ranks' rows of the whole run, not a mean of batches' means: logged at the epoch's end
-                (self.test_patch_size if split == "test" else self.val_patch_size).update(patches.mean_size,
-                                                                                          patches.byte_patches)
-                (self.test_patches_per_row if split == "test" else self.val_patches_per_row).update(
-                    patches_of_data_rows)
+                size, per_row = ((self.test_patch_size, self.test_patches_per_row) if split == "test"
+                                 else (self.val_patch_size, self.val_patches_per_row))
+                size.update(patches.mean_size, patches.byte_patches)
+                per_row.update(patches_of_data_rows)
         logits = self.model(ids, patches, doc_ids)
         targets = batch["ids"][:, 1:]
         entropy_model_ran = self.entropy_model is not None and "entropies" not in batch

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,16 +146,28 @@ def test_json_lines_of_another_field_with_a_malformed_line(entropy_checkpoint, t
     assert report["bytes"] == len("the first document") + len("and a second, longer one")
 
 
+def evaluate_on_two_ranks(checkpoint: Path, data: str, tmp_path: Path, *options: str) -> dict:
+    """`evaluate` under DDP on two CPU ranks through the command line: its JSON report. Ranks that hang fail the
+    test (both are killed: the second is the first's child)."""
+    out = tmp_path / "two.json"
+    process = subprocess.Popen([sys.executable, "-m", "blt_lightning", "evaluate", "--checkpoint", str(checkpoint),
+                                "--data", data, "--json", str(out), "--output-dir", str(tmp_path),
+                                "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError("the ranks hung") from None
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_two_ranks_report_what_one_does(blt_checkpoint, shards, tmp_path):
     """DDP on CPU through the command line: the groups each rank saw are merged, nothing counted twice."""
     one = evaluate(str(blt_checkpoint), [str(shards / MANIFEST)], tmp_path, **CPU)
-    out = tmp_path / "two.json"
-    result = subprocess.run([sys.executable, "-m", "blt_lightning", "evaluate", "--checkpoint", str(blt_checkpoint),
-                             "--data", str(shards / MANIFEST), "--json", str(out), "--output-dir", str(tmp_path),
-                             "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "1"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads(out.read_text())
+    two = evaluate_on_two_ranks(blt_checkpoint, str(shards / MANIFEST), tmp_path, "--num-workers", "1")
     assert two["bytes"] == one["bytes"] and two["patches"] == one["patches"]
     assert two["bpb"] == pytest.approx(one["bpb"], rel=1e-6)
     for kind in ("per_source", "per_lang"):
@@ -166,18 +179,6 @@ def test_two_ranks_of_which_one_gets_no_rows_report_what_one_does(blt_checkpoint
     no row at all, and still takes part in every sync of the metrics (it used to leave the other waiting)."""
     shard = str(sorted(shards.glob("test-*.tar"))[0])
     one = evaluate(str(blt_checkpoint), [shard], tmp_path, **CPU)
-    out = tmp_path / "two.json"
-    process = subprocess.Popen([sys.executable, "-m", "blt_lightning", "evaluate", "--checkpoint", str(blt_checkpoint),
-                                "--data", shard, "--json", str(out), "--output-dir", str(tmp_path),
-                                "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--num-workers", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # both ranks: the second is the first's child
-        process.communicate()
-        raise AssertionError("the ranks hung") from None
-    assert process.returncode == 0, stderr[-3000:]
-    two = json.loads(out.read_text())
+    two = evaluate_on_two_ranks(blt_checkpoint, shard, tmp_path, "--num-workers", "0")
     assert two["bytes"] == one["bytes"] > 0 and two["bpb"] == pytest.approx(one["bpb"], rel=1e-6)
     assert two["mean_patch_size"] == pytest.approx(one["mean_patch_size"], rel=1e-6)
